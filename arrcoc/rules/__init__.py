@@ -3,7 +3,16 @@
 Knows nothing of ViTs or ARR-COC: every rule works on any ``nn.Module`` it can train.
 """
 
-from . import backprop, frozen  # noqa: F401  (registers the rules)
+from . import (  # noqa: F401  (importing a rule module registers it)
+    backprop,
+    bcm,
+    contrastive_hebbian,
+    direct_feedback_alignment,
+    feedback_alignment,
+    frozen,
+    infonce_hebbian,
+    oja,
+)
 from .base import (
     LOSSES,
     RULES,
@@ -15,6 +24,7 @@ from .base import (
     build_rule,
     register_rule,
 )
+from .diagnostics import feedback_weight_alignment, true_gradient, update_angles
 
 __all__ = [
     "LOSSES",
@@ -25,5 +35,8 @@ __all__ = [
     "RuleContext",
     "available_rules",
     "build_rule",
+    "feedback_weight_alignment",
     "register_rule",
+    "true_gradient",
+    "update_angles",
 ]

@@ -41,14 +41,12 @@ class RuleContext:
     output_error:  dC/d(output) handed in from outside (a downstream error, a reward-modulated
                    signal); when given it is used instead of ``target`` + the loss.
     loss_fn:       C(output, target); overrides the rule's configured loss.
-    negative_inputs: inputs of a negative phase (contrastive rules), e.g. mismatched pairs.
     """
 
     inputs: Tensor
     target: Tensor | None = None
     output_error: Tensor | None = None
     loss_fn: LossFn | None = None
-    negative_inputs: Tensor | None = None
 
 
 LOSSES: dict[str, LossFn] = {
@@ -135,8 +133,16 @@ class LearningRule(nn.Module):
         return err
 
     def compute_update(self, ctx: RuleContext) -> dict[nn.Parameter, Tensor]:
-        """Return {parameter: update} with the sign of a gradient. Must not touch ``.grad``."""
+        """Return {parameter: update} with the sign of a gradient.
+
+        Must not touch ``.grad`` nor the rule's state (diagnostics call it freely); state that
+        the step changes (running thresholds, persistent states) is kept pending and applied by
+        :meth:`advance_state` once the update was accepted.
+        """
         raise NotImplementedError
+
+    def advance_state(self) -> None:
+        """Apply the state change prepared by the last :meth:`compute_update` (if the rule has any)."""
 
     def step(self, ctx: RuleContext) -> None:
         """Compute the local update and add it to ``.grad`` (accumulating, like autograd)."""
@@ -153,6 +159,7 @@ class LearningRule(nn.Module):
                 p.grad = u.clone()
             else:
                 p.grad.add_(u)
+        self.advance_state()
 
     def extra_repr(self) -> str:
         fields = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))

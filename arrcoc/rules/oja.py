@@ -1,0 +1,53 @@
+"""Oja's rule and its multi-unit forms: Hebbian learning of principal components, label-free.
+
+single unit / "subspace":  dW = y^T (x - y W)            (Oja 1982; Oja's subspace rule)
+"sanger":                  dW = y^T x - tril(y^T y) W     (generalized Hebbian algorithm, Sanger 1989):
+                           unit k learns the k-th principal component, not just the subspace.
+"soft-wta":                y = softmax(u / T), dW_k = y_k (x - u_k W_k)   (soft winner-take-all
+                           Oja rule, "SoftHebb", Moraitis et al. 2022): units compete and become
+                           prototypes of input clusters instead of principal directions.
+All averaged over the batch; y = W x (the bias, if any, is not used and not learned).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import RuleConfig, RuleContext, register_rule
+from .hebbian import Activity, HebbianRule
+
+FORMS = ("sanger", "subspace", "soft-wta")
+
+
+@dataclass
+class OjaConfig(RuleConfig):
+    form: str = "sanger"
+    temperature: float = 1.0  # of the soft winner-take-all competition
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.form not in FORMS:
+            raise ValueError(f"hebbian-oja form must be one of {FORMS}, got {self.form!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+@register_rule
+class Oja(HebbianRule):
+    name = "hebbian-oja"
+    Config = OjaConfig
+
+    def layer_update(self, layer: int, activity: Activity, ctx: RuleContext) -> tuple[Tensor, None]:
+        weight, x = self.layers[layer].weight, activity.x
+        n = x.shape[0]
+        y = x @ weight.T  # pure Wx: Oja's analysis assumes no bias
+        if self.config.form == "soft-wta":
+            r = torch.softmax(y / self.config.temperature, dim=-1)
+            return (r.T @ x - (r * y).sum(0)[:, None] * weight) / n, None
+        correlation = y.T @ y
+        if self.config.form == "sanger":
+            correlation = torch.tril(correlation)
+        return (y.T @ x - correlation @ weight) / n, None
