@@ -1,0 +1,65 @@
+"""Backbone adapters and token-budget mechanics for frozen ViTs.
+
+Takes token indices and scores, never policies: what to keep is decided elsewhere.
+"""
+
+from .adapters import (
+    AttentionStats,
+    BackboneAdapter,
+    HFViTAdapter,
+    PatchGrid,
+    TimmViTAdapter,
+    adapt_backbone,
+    register_adapter,
+    supported_families,
+)
+from .baselines import (
+    BASELINES,
+    BEFORE_BLOCKS,
+    GridScorer,
+    ToMe,
+    TopK,
+    ats_scores,
+    cls_attention_scores,
+    make_baseline,
+    random_scores,
+    run_reduced,
+)
+from .tiers import MERGED, NORMAL, REFINED, TierCounts, assign_tiers, region_scores, tiered_tokens
+from .tokens import FUSED, TokenSet, bipartite_merge, check_index, keep_top_k, num_kept, select, top_k
+
+__all__ = [
+    "MERGED",
+    "NORMAL",
+    "REFINED",
+    "TierCounts",
+    "assign_tiers",
+    "region_scores",
+    "tiered_tokens",
+    "BASELINES",
+    "BEFORE_BLOCKS",
+    "GridScorer",
+    "ToMe",
+    "TopK",
+    "ats_scores",
+    "cls_attention_scores",
+    "make_baseline",
+    "random_scores",
+    "run_reduced",
+    "FUSED",
+    "AttentionStats",
+    "BackboneAdapter",
+    "HFViTAdapter",
+    "PatchGrid",
+    "TimmViTAdapter",
+    "TokenSet",
+    "adapt_backbone",
+    "bipartite_merge",
+    "check_index",
+    "keep_top_k",
+    "num_kept",
+    "register_adapter",
+    "select",
+    "supported_families",
+    "top_k",
+]

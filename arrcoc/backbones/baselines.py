@@ -1,0 +1,171 @@
+"""Baseline token reducers, built from the same pieces a learned allocator uses.
+
+A *scorer* maps the running :class:`TokenSet` (and, at a layer, the block's :class:`AttentionStats`) to
+per-patch scores (B, T); :class:`TopK` hands them to :func:`keep_top_k`, the shared budget machinery.
+A learned relevance module is just another scorer. ToMe merges instead of scoring (:class:`ToMe`).
+
+    reducer = make_baseline("evit", budget=0.25, depth=adapter.depth, grid=adapter.grid())
+    state = run_reduced(adapter, images, reducer)
+    logits = adapter.head(state)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+
+import torch
+from torch import Tensor
+
+from .adapters import AttentionStats, BackboneAdapter, PatchGrid
+from .tokens import Dropped, TokenSet, bipartite_merge, keep_top_k, num_kept
+
+BEFORE_BLOCKS = -1  # a stage index meaning "on the embedded tokens, before block 0"
+
+Scorer = Callable[[TokenSet, AttentionStats | None], Tensor]
+
+
+def random_scores(state: TokenSet, stats: AttentionStats | None = None) -> Tensor:
+    """Uniform random scores: random-K selection."""
+    return torch.rand(state.tokens.shape[0], state.num_patch_tokens, device=state.tokens.device)
+
+
+@cache
+def _progressive_grid_order(height: int, width: int) -> tuple[int, ...]:
+    # bit-reversed Morton (Z-order) code: any prefix of this order is an even, strided cover of the grid
+    # (e.g. the first quarter of a 14x14 grid is exactly every other row and column)
+    bits = max(1, math.ceil(math.log2(max(height, width))))
+
+    def key(row: int, col: int) -> int:
+        morton = 0
+        for b in range(bits):
+            morton |= ((row >> b) & 1) << (2 * b + 1) | ((col >> b) & 1) << (2 * b)
+        return int(f"{morton:0{2 * bits}b}"[::-1], 2)
+
+    return tuple(key(r, c) for r in range(height) for c in range(width))
+
+
+@dataclass
+class GridScorer:
+    """Uniform strided grid: scores that prefer coarse lattice points first, so top-K is evenly spread."""
+
+    grid: PatchGrid
+
+    def __call__(self, state: TokenSet, stats: AttentionStats | None = None) -> Tensor:
+        order = _progressive_grid_order(self.grid.height, self.grid.width)
+        order = torch.tensor(order, device=state.tokens.device)
+        # summary tokens (patch_index -1) rank last
+        rank = torch.where(state.patch_index >= 0, order[state.patch_index.clamp_min(0)], order.numel() + 1)
+        return -rank.float()
+
+
+def cls_attention_scores(state: TokenSet, stats: AttentionStats | None) -> Tensor:
+    """EViT: attention of the CLS query to each patch token, averaged over heads."""
+    return _require_cls(state, stats).cls_attention()[:, state.num_prefix :]
+
+
+def ats_scores(state: TokenSet, stats: AttentionStats | None) -> Tensor:
+    """ATS significance: CLS attention times the norm of each token's value."""
+    stats = _require_cls(state, stats)
+    return stats.cls_attention()[:, state.num_prefix :] * stats.value_norm()[:, state.num_prefix :]
+
+
+def _require_cls(state: TokenSet, stats: AttentionStats | None) -> AttentionStats:
+    if stats is None:
+        raise ValueError("scorer reads a block's attention: use it at a layer >= 0, not before block 0")
+    if state.num_prefix == 0:
+        raise ValueError("CLS-attention scores need a class token; this backbone has no prefix tokens")
+    return stats
+
+
+@dataclass
+class TopK:
+    """After each block in ``layers`` (``BEFORE_BLOCKS`` = on the embedded tokens), keep the top-K patch
+    tokens by ``scorer``; K = ``num_kept(keep, current patch tokens)`` at each stage."""
+
+    scorer: Scorer
+    keep: float | int
+    layers: tuple[int, ...] = (BEFORE_BLOCKS,)
+    dropped: Dropped = "discard"
+    needs_attention: bool = False
+
+    def __call__(self, state: TokenSet, stats: AttentionStats | None, layer: int) -> TokenSet:
+        return keep_top_k(state, self.scorer(state, stats), self.keep, self.dropped)
+
+
+@dataclass
+class ToMe:
+    """ToMe: after block ``i`` merge ``r[i]`` token pairs by bipartite soft matching on the block's keys."""
+
+    r: Sequence[int]
+    layers: tuple[int, ...] = field(init=False)
+    needs_attention: bool = True
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(i for i, r in enumerate(self.r) if r > 0)
+
+    def __call__(self, state: TokenSet, stats: AttentionStats | None, layer: int) -> TokenSet:
+        return bipartite_merge(state, stats.key_metric()[:, state.num_prefix :], self.r[layer])
+
+
+Reducer = TopK | ToMe
+
+
+def run_reduced(
+    adapter: BackboneAdapter, images: Tensor, reducer: Reducer | None, trace: list[int] | None = None
+) -> TokenSet:
+    """Embed ``images``, run every block, reducing tokens at the reducer's stages; return the final tokens.
+
+    trace: if given, receives the number of tokens each block ran on.
+    """
+    state = adapter.tokens(images)
+    stages = set() if reducer is None else set(reducer.layers)
+    if BEFORE_BLOCKS in stages:
+        state = reducer(state, None, BEFORE_BLOCKS)
+    start = 0
+    for layer in sorted(stages - {BEFORE_BLOCKS}):
+        if trace is not None:
+            trace.extend([state.tokens.shape[1]] * (layer + 1 - start))
+        state = adapter.run_blocks(state, start, layer)
+        state, stats = adapter.run_block(layer, state, capture=reducer.needs_attention)
+        state, start = reducer(state, stats, layer), layer + 1
+    if trace is not None:
+        trace.extend([state.tokens.shape[1]] * (adapter.depth - start))
+    return adapter.run_blocks(state, start)
+
+
+def _stages(depth: int, count: int) -> tuple[int, ...]:
+    # EViT's 4/7/10-of-12 layout, scaled to the depth: reduce after blocks depth*i/(count+1)
+    return tuple(sorted({min(depth - 1, depth * i // (count + 1)) for i in range(1, count + 1)}))
+
+
+def make_baseline(name: str, budget: float, depth: int, grid: PatchGrid) -> Reducer | None:
+    """A baseline whose last stage keeps ``num_kept(budget, N)`` patch tokens (ToMe: about as many).
+
+    full: no reduction (None). random / grid: select before block 0. evit: CLS-attention top-K at three
+    stages with the rest fused (keep rate budget^(1/3) per stage). ats: CLS attention x value norm,
+    one stage after the first quarter of the blocks. tome: bipartite merging after every block.
+    """
+    n = grid.num_patches
+    if name == "full":
+        return None
+    if name == "random":
+        return TopK(random_scores, budget)
+    if name == "grid":
+        return TopK(GridScorer(grid), budget)
+    if name == "evit":
+        stages = _stages(depth, 3)
+        return TopK(cls_attention_scores, budget ** (1 / len(stages)), stages, "fuse", needs_attention=True)
+    if name == "ats":
+        return TopK(ats_scores, budget, _stages(depth, 3)[:1], needs_attention=True)
+    if name == "tome":
+        merges = n - num_kept(budget, n)
+        steps = max(1, depth - 1)  # merging after the last block saves nothing
+        per_step = [merges // steps + (i < merges % steps) for i in range(steps)]
+        return ToMe(per_step + [0] * (depth - steps))
+    raise ValueError(f"unknown baseline {name!r}; expected one of {BASELINES}")
+
+
+BASELINES: tuple[str, ...] = ("full", "random", "grid", "evit", "ats", "tome")

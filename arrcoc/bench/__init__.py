@@ -1,0 +1,1 @@
+"""Benchmarks: commands that measure (speed, memory, accuracy) and write results files."""

@@ -1,0 +1,163 @@
+"""Baselines: scorers and reducers in the allocator's interface; EViT / ATS / ToMe against references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_backbones import build, images
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
+
+from arrcoc.backbones import (
+    BASELINES,
+    FUSED,
+    GridScorer,
+    PatchGrid,
+    TokenSet,
+    ToMe,
+    TopK,
+    adapt_backbone,
+    ats_scores,
+    cls_attention_scores,
+    make_baseline,
+    num_kept,
+    run_reduced,
+)
+
+ATTENTION_FAMILIES = ["timm-vit-eager", "timm-deit3-layerscale-reg-qknorm", "hf-vit-cls", "hf-dinov2-registers"]
+
+
+def reference_attention(adapter, block_index: int, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(CLS attention averaged over heads, value norms), recomputed from the block's own weights."""
+    block = adapter.blocks[block_index]
+    if isinstance(adapter.model, VisionTransformer):
+        attn = block.attn
+        qkv = attn.qkv(block.norm1(x)).unflatten(-1, (3, attn.num_heads, -1)).permute(2, 0, 3, 1, 4)
+        q, k, v = attn.q_norm(qkv[0]), attn.k_norm(qkv[1]), qkv[2]
+    else:
+        attn = block.attention
+        norm = block.layernorm_before if hasattr(block, "layernorm_before") else block.norm1
+        h = norm(x)
+        heads = adapter.core.config.num_attention_heads
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        q, k, v = (proj(h).unflatten(-1, (heads, -1)).transpose(1, 2) for proj in projections)
+    cls = (q[:, :, :1] @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1).mean(1)[:, 0]
+    return cls, v.transpose(1, 2).flatten(2).norm(dim=-1)
+
+
+@pytest.mark.parametrize("name", ATTENTION_FAMILIES)
+def test_evit_keeps_exactly_the_top_k_by_cls_attention_and_fuses_the_rest(name: str) -> None:
+    adapter = adapt_backbone(build(name))
+    x = images()
+    with torch.no_grad():
+        block_input = adapter.run_blocks(adapter.tokens(x), 0, 1)
+        cls, _ = reference_attention(adapter, 1, block_input.tokens)
+        after = adapter.run_blocks(block_input, 1, 2)
+        reducer = TopK(cls_attention_scores, 5, layers=(1,), dropped="fuse", needs_attention=True)
+        _, stats = adapter.run_block(1, block_input, capture=True)
+        out = reducer(after, stats, 1)
+    p = adapter.num_prefix_tokens
+    assert (stats.cls_attention() - cls).abs().max() <= 1e-5
+    assert out.num_patch_tokens == 6 and (out.patch_index[:, -1] == FUSED).all()
+    patch_attention = cls[:, p:]
+    for b in range(x.shape[0]):
+        top = set(patch_attention[b].topk(5).indices.tolist())
+        assert set(out.patch_index[b, :-1].tolist()) == top
+        gone = [i for i in range(patch_attention.shape[1]) if i not in top]
+        w = patch_attention[b, gone] / patch_attention[b, gone].sum()
+        fused = (w[:, None] * after.patches[b, gone]).sum(0)
+        assert (out.tokens[b, -1] - fused).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ATTENTION_FAMILIES)
+def test_ats_scores_are_cls_attention_times_value_norm(name: str) -> None:
+    adapter = adapt_backbone(build(name))
+    x = images()
+    with torch.no_grad():
+        state = adapter.tokens(x)
+        cls, value_norm = reference_attention(adapter, 0, state.tokens)
+        _, stats = adapter.run_block(0, state, capture=True)
+        scores = ats_scores(state, stats)
+    p = adapter.num_prefix_tokens
+    assert (scores - cls[:, p:] * value_norm[:, p:]).abs().max() <= 1e-5
+
+
+def test_cls_scorers_explain_what_they_need() -> None:
+    adapter = adapt_backbone(build("hf-siglip"))
+    state = adapter.tokens(images())
+    _, stats = adapter.run_block(0, state, capture=True)
+    with pytest.raises(ValueError, match="class token"):
+        cls_attention_scores(state, stats)
+    with pytest.raises(ValueError, match="block's attention"):
+        cls_attention_scores(adapter.tokens(images()), None)
+    with pytest.raises(ValueError, match="unknown baseline 'foo'"):
+        make_baseline("foo", 0.5, 2, adapter.grid())
+
+
+def test_grid_scores_pick_an_even_strided_lattice() -> None:
+    adapter = adapt_backbone(build("timm-vit"))  # 4 x 4 patches
+    reducer = make_baseline("grid", 0.25, adapter.depth, adapter.grid())
+    state = reducer(adapter.tokens(images()), None, -1)
+    assert (state.patch_index == torch.tensor([0, 2, 8, 10])).all()
+    # ViT-B/16 at 224: a quarter of the 14 x 14 grid is every other row and column
+    grid = PatchGrid(14, 14, (16, 16))
+    scores = GridScorer(grid)(TokenSet.from_embedded(torch.zeros(1, 197, 1), 1))
+    kept = scores.topk(num_kept(0.25, 196)).indices[0]
+    assert kept.numel() == 49 and ((kept // 14) % 2 == 0).all() and ((kept % 14) % 2 == 0).all()
+
+
+@pytest.mark.parametrize("family", ["timm-vit", "timm-deit-distilled", "hf-clip", "hf-dinov2-registers"])
+@pytest.mark.parametrize("method", BASELINES)
+def test_every_baseline_runs_with_its_budget(family: str, method: str) -> None:
+    torch.manual_seed(0)
+    model = build(family)
+    adapter = adapt_backbone(model)
+    x = images()
+    n, p = adapter.grid(x).num_patches, adapter.num_prefix_tokens
+    reducer = make_baseline(method, 0.5, adapter.depth, adapter.grid(x))
+    trace: list[int] = []
+    with torch.no_grad():
+        state = run_reduced(adapter, x, reducer, trace)
+        out = adapter.head(state)
+    assert len(trace) == adapter.depth and torch.isfinite(out).all()
+    if method in ("full", "random", "grid"):
+        assert trace == [p + (n if method == "full" else num_kept(0.5, n))] * adapter.depth
+    if method == "tome":
+        assert state.num_patch_tokens == num_kept(0.5, n)
+        assert torch.allclose(state.size.sum(1), torch.full((3,), float(n + p)))
+    if method == "full":
+        with torch.no_grad():
+            assert (out - adapter(x)).abs().max() == 0
+
+
+def test_random_scores_differ_per_image() -> None:
+    adapter = adapt_backbone(build("timm-vit"))
+    state = run_reduced(adapter, images(batch=4), make_baseline("random", 0.25, 2, adapter.grid()))
+    rows = {tuple(r) for r in state.patch_index.tolist()}
+    assert len(rows) > 1
+
+
+def test_tome_schedule_reaches_the_budget() -> None:
+    reducer = make_baseline("tome", 0.25, 12, PatchGrid(14, 14, (16, 16)))
+    assert isinstance(reducer, ToMe)
+    assert sum(reducer.r) == 196 - 49 and reducer.r[-1] == 0 and max(reducer.r) - min(reducer.r[:-1]) <= 1
+
+
+def test_throughput_benchmark_command_writes_its_results(tmp_path) -> None:
+    import json
+
+    from arrcoc.bench import throughput
+
+    threads = torch.get_num_threads()
+    try:
+        out = throughput.main(["--models", "vit_tiny", "--methods", "scores", "evit", "tome", "--budgets", "0.5",
+                               "--batch", "1", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                               "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((out / "throughput.json").read_text())
+    rows = result["results"]["vit_tiny"]["rows"]
+    assert {r["method"] for r in rows} == {"scores", "evit", "tome"}
+    assert all(r["speedup"] > 0 and 0 < r["mean_token_fraction"] <= 1 for r in rows)
+    assert {"device", "torch", "timm", "threads"} <= result["meta"].keys()
+    assert (out / "throughput.md").is_file() and (out / "throughput.png").is_file()
