@@ -1,5 +1,6 @@
 """Hebbian rules learn what the theory says they learn."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,7 +59,11 @@ def test_oja_subspace_rule_spans_the_principal_subspace():
     assert torch.allclose(w @ projector, w, atol=0.05)  # rows lie in the top-3 subspace
 
 
-def test_soft_winner_take_all_units_become_cluster_prototypes():
+@pytest.mark.parametrize("rule", [
+    {"name": "hebbian-oja", "form": "soft-wta", "temperature": 0.05},
+    {"name": "hebbian-oja", "form": "rank-wta", "anti_hebbian_rank": 2, "anti_hebbian_strength": 0.2},
+])
+def test_competitive_units_become_cluster_prototypes(rule):
     g = torch.Generator().manual_seed(1)
     centers = F.normalize(torch.randn(4, 16, generator=g), dim=1)
 
@@ -67,8 +72,7 @@ def test_soft_winner_take_all_units_become_cluster_prototypes():
         return F.normalize(centers[idx] + 0.1 * torch.randn(n, 16, generator=g), dim=1)
 
     layer = nn.Linear(16, 8, bias=False)  # more units than clusters, as in competitive learning
-    train_unsupervised({"name": "hebbian-oja", "form": "soft-wta", "temperature": 0.05},
-                       layer, sample, steps=1500, lr=0.05)
+    train_unsupervised(rule, layer, sample, steps=1500, lr=0.05)
     similarity = F.normalize(layer.weight.detach(), dim=1) @ centers.T
     assert (similarity.max(dim=0).values >= 0.95).all()  # every cluster has a prototype unit
 

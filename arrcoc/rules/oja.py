@@ -3,9 +3,12 @@
 single unit / "subspace":  dW = y^T (x - y W)            (Oja 1982; Oja's subspace rule)
 "sanger":                  dW = y^T x - tril(y^T y) W     (generalized Hebbian algorithm, Sanger 1989):
                            unit k learns the k-th principal component, not just the subspace.
-"soft-wta":                y = softmax(u / T), dW_k = y_k (x - u_k W_k)   (soft winner-take-all
+"soft-wta":                r = softmax(u / T), dW_k = r_k (x - u_k W_k)   (soft winner-take-all
                            Oja rule, "SoftHebb", Moraitis et al. 2022): units compete and become
                            prototypes of input clusters instead of principal directions.
+"rank-wta":                the same with r = +1 for the most active unit, -strength for the
+                           rank-th (Krotov & Hopfield 2019): the runner-up is pushed away, so
+                           units spread over the data instead of collapsing onto one prototype.
 All averaged over the batch; y = W x (the bias, if any, is not used and not learned).
 """
 
@@ -19,13 +22,15 @@ from torch import Tensor
 from .base import RuleConfig, RuleContext, register_rule
 from .hebbian import Activity, HebbianRule
 
-FORMS = ("sanger", "subspace", "soft-wta")
+FORMS = ("sanger", "subspace", "soft-wta", "rank-wta")
 
 
 @dataclass
 class OjaConfig(RuleConfig):
     form: str = "sanger"
     temperature: float = 1.0  # of the soft winner-take-all competition
+    anti_hebbian_rank: int = 2  # rank-wta: which runner-up is pushed away
+    anti_hebbian_strength: float = 0.4
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -33,6 +38,8 @@ class OjaConfig(RuleConfig):
             raise ValueError(f"hebbian-oja form must be one of {FORMS}, got {self.form!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.anti_hebbian_rank < 2:
+            raise ValueError(f"anti_hebbian_rank must be >= 2, got {self.anti_hebbian_rank}")
 
 
 @register_rule
@@ -44,10 +51,19 @@ class Oja(HebbianRule):
         weight, x = self.layers[layer].weight, activity.x
         n = x.shape[0]
         y = x @ weight.T  # pure Wx: Oja's analysis assumes no bias
-        if self.config.form == "soft-wta":
-            r = torch.softmax(y / self.config.temperature, dim=-1)
+        if self.config.form in ("soft-wta", "rank-wta"):
+            r = self.competition(y)
             return (r.T @ x - (r * y).sum(0)[:, None] * weight) / n, None
         correlation = y.T @ y
         if self.config.form == "sanger":
             correlation = torch.tril(correlation)
         return (y.T @ x - correlation @ weight) / n, None
+
+    def competition(self, y: Tensor) -> Tensor:
+        """How much each unit learns from each sample (N, units)."""
+        if self.config.form == "soft-wta":
+            return torch.softmax(y / self.config.temperature, dim=-1)
+        ranked = y.topk(self.config.anti_hebbian_rank, dim=-1).indices
+        r = torch.zeros_like(y)
+        r.scatter_(1, ranked[:, :1], 1.0)
+        return r.scatter_(1, ranked[:, -1:], -self.config.anti_hebbian_strength)

@@ -1,0 +1,30 @@
+"""The ``arrcoc`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS = {
+    "rules": "arrcoc.bench.rules_mnist",  # every learning rule on 5,000 real MNIST digits
+    "alignment": "arrcoc.bench.alignment",  # energy-based rules vs. backprop as the nudge shrinks
+    "throughput": "arrcoc.bench.throughput",  # token budgets vs. speed on timm ViTs
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="arrcoc", description="ARR-COC: query-aware token budgets for ViTs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    bench = commands.add_parser(
+        "bench",
+        help="run a benchmark (writes JSON + Markdown + PNG)",
+        description="Run a benchmark; options after the suite name go to it (see `arrcoc bench SUITE --help`).",
+    )
+    bench.add_argument("suite", nargs="?", default="rules", choices=sorted(BENCHMARKS))
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        importlib.import_module(BENCHMARKS[args.suite]).main(rest)
+
+
+if __name__ == "__main__":
+    main()
