@@ -6,12 +6,17 @@ Knows nothing of ViTs or ARR-COC: every rule works on any ``nn.Module`` it can t
 from . import (  # noqa: F401  (importing a rule module registers it)
     backprop,
     bcm,
+    chl,
     contrastive_hebbian,
     direct_feedback_alignment,
+    equilibrium_propagation,
     feedback_alignment,
     frozen,
+    gait_prop,
     infonce_hebbian,
     oja,
+    predictive_coding,
+    target_propagation,
 )
 from .base import (
     LOSSES,

@@ -1,0 +1,263 @@
+"""Energy-based models and their relaxation to equilibrium (Millidge et al., ICLR 2023).
+
+An :class:`Energy` defines a per-sample energy ``E(states, params; x)`` (shape ``(B,)``) over a list
+of state tensors, an initial state, a read-out ``output(states)`` and a default cost
+``C(output, target)``. :func:`relax` descends ``F = sum_b E + beta * C`` in the states, batched
+(one autograd call per step for the whole batch), and knows nothing of MLPs: any energy over any
+states (e.g. a relevance field over image patches) relaxes the same way.
+
+Two layered energies over a flat ``nn.Sequential`` MLP are provided:
+
+* :class:`PredictionErrorEnergy` (default): ``E = sum_l 1/2 ||s_l - f_l(s_{l-1})||^2``. Its free
+  equilibrium *is* the feedforward pass, so a network trained through it is used as ``model(x)``.
+* :class:`HopfieldEnergy`: the layered Hopfield energy of Scellier & Bengio (2017); its free
+  equilibrium is a recurrent fixed point, not ``model(x)``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+Cost = Callable[[Tensor, Tensor], Tensor]
+
+
+class RelaxationDiverged(FloatingPointError):
+    """States became non-finite or the energy rose while relaxing; nothing was updated."""
+
+    def __init__(self, step: int, energy_trace: list[float], reason: str):
+        self.step, self.energy_trace = step, energy_trace
+        super().__init__(
+            f"relaxation diverged at step {step} ({reason}); last energies "
+            f"{[f'{e:.4g}' for e in energy_trace[-3:]]}. Lower the relaxation step_size."
+        )
+
+
+@dataclass
+class RelaxationReport:
+    """How a relaxation ended. ``energy`` is ``sum_b E + beta * C`` at the returned states."""
+
+    steps: int  # state updates made
+    energy: float
+    residual: float  # max |dF/ds| over all state entries at the returned states
+    converged: bool  # residual < tol
+    energy_trace: list[float] = field(repr=False, default_factory=list)
+
+
+class Energy(ABC):
+    """An energy over a list of state tensors, parameterised by an owned module's parameters."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    @abstractmethod
+    def init_states(self, x: Tensor) -> list[Tensor]:
+        """Where a free relaxation starts."""
+
+    @abstractmethod
+    def energy(self, states: list[Tensor], x: Tensor) -> Tensor:
+        """Per-sample energy, shape ``(B,)``; ``x`` is clamped."""
+
+    @abstractmethod
+    def output(self, states: list[Tensor]) -> Tensor:
+        """The read-out the cost is applied to."""
+
+    def cost(self, output: Tensor, target: Tensor) -> Tensor:
+        """Default nudging cost: squared error, per sample."""
+        return 0.5 * (output - target).pow(2).flatten(1).sum(1)
+
+
+def relax(
+    model: Energy,
+    x: Tensor,
+    beta: float = 0.0,
+    target: Tensor | None = None,
+    *,
+    steps: int = 500,
+    tol: float = 1e-5,
+    step_size: float = 0.2,
+    cost: Cost | None = None,
+    states: list[Tensor] | None = None,
+    momentum: float = 0.0,
+    rise_tol: float = 1e-3,
+) -> tuple[list[Tensor], RelaxationReport]:
+    """Gradient descent of ``F = sum_b E(states; x) + beta * sum C(output(states), target)``.
+
+    ``momentum`` > 0 adds heavy-ball momentum, reset whenever it points uphill (the gradient
+    restart of O'Donoghue & Candes 2015): ill-conditioned layered energies then need far fewer
+    steps (~sqrt of the condition number instead of linear in it).
+
+    The free phase has ``target=None, beta=0``; a nudged phase a target and ``beta != 0``. Stops
+    after ``steps`` updates or once the residual ``max |dF/ds|`` is below ``tol``. Raises
+    :class:`RelaxationDiverged` if the states become non-finite or a plain gradient step (one
+    without momentum) raises ``F`` by more than ``rise_tol`` (relative): with a stable step size
+    it never climbs; a momentum step that climbs just resets the momentum. Parameters and
+    ``.grad`` are never touched. Returns detached states and a report.
+    """
+    if steps <= 0:
+        raise ValueError(f"relax needs steps > 0, got {steps}")
+    if step_size <= 0 or tol < 0 or not 0 <= momentum < 1:
+        raise ValueError(
+            f"relax needs step_size > 0, tol >= 0, 0 <= momentum < 1; got {step_size}, {tol}, {momentum}"
+        )
+    if target is not None and beta == 0:
+        raise ValueError("a nudged phase (target given) needs beta != 0; for the free phase pass target=None")
+    if target is None and beta != 0:
+        raise ValueError(f"beta={beta} nudges towards a target, but target is None")
+    cost = model.cost if cost is None else cost
+    x = x.detach()
+    states = [s.detach().clone() for s in (model.init_states(x) if states is None else states)]
+
+    trace: list[float] = []
+    velocity = [torch.zeros_like(s) for s in states]
+    coasting = False  # whether the last update carried momentum
+    with torch.enable_grad():
+        for step in range(steps + 1):
+            states = [s.requires_grad_(True) for s in states]
+            total = model.energy(states, x).sum()
+            if target is not None:
+                total = total + beta * cost(model.output(states), target).sum()
+            grads = torch.autograd.grad(total, states)
+            energy = total.item()
+            trace.append(energy)
+            residual = max(g.abs().max().item() for g in grads)
+            if not (math.isfinite(energy) and math.isfinite(residual)):
+                raise RelaxationDiverged(step, trace, "non-finite states or energy")
+            restart = False
+            if step > 0 and energy > trace[-2] + rise_tol * max(abs(trace[-2]), abs(trace[0]), 1e-12):
+                if not coasting:  # a plain gradient step with a stable step size never climbs
+                    raise RelaxationDiverged(step, trace, "energy rose")
+                restart = True
+            if residual < tol or step == steps:
+                break
+            # restart when momentum overshot or points uphill (O'Donoghue & Candes 2015)
+            if restart or sum((v * g).sum() for v, g in zip(velocity, grads)) > 0:
+                velocity = [torch.zeros_like(v) for v in velocity]
+            coasting = momentum > 0 and any(bool(v.any()) for v in velocity)
+            velocity = [momentum * v - step_size * g for v, g in zip(velocity, grads)]
+            states = [(s + v).detach() for s, v in zip(states, velocity)]
+    report = RelaxationReport(step, energy, residual, residual < tol, trace)
+    return [s.detach() for s in states], report
+
+
+@dataclass(frozen=True)
+class MLPLayer:
+    """One layer of a flat ``nn.Sequential`` MLP: ``activation(linear(pre(h)))``."""
+
+    linear: nn.Linear
+    activation: nn.Module  # the modules after the Linear (identity if none)
+    pre: nn.Module  # modules before the first Linear (e.g. Flatten); identity elsewhere
+
+    def __call__(self, h: Tensor) -> Tensor:
+        return self.activation(self.linear(self.pre(h)))
+
+    def parameters(self) -> list[nn.Parameter]:
+        modules = (self.pre, self.linear, self.activation)
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+
+def _flattened(module: nn.Module) -> list[nn.Module]:
+    if isinstance(module, nn.Sequential):
+        return [leaf for child in module for leaf in _flattened(child)]
+    return [module]
+
+
+def mlp_layers(module: nn.Module, rule: str) -> list[MLPLayer]:
+    """Split an MLP (an ``nn.Linear``, or ``nn.Sequential``s of Linear layers and activations, nested
+    or flat) into Linear layers, each with the activations that follow it."""
+    groups: list[list[nn.Module]] = [[]]
+    for m in _flattened(module):
+        if isinstance(m, nn.Linear):
+            groups.append([m])
+        elif any(isinstance(x, nn.Linear) for x in m.modules()):
+            raise TypeError(f"rule {rule!r} needs an MLP of nn.Sequential blocks; {type(m).__name__} hides Linears")
+        else:
+            groups[-1].append(m)
+    pre, blocks = groups[0], groups[1:]
+    if not blocks:
+        raise TypeError(f"rule {rule!r} trains nn.Linear layers, but {type(module).__name__} has none")
+    return [
+        MLPLayer(b[0], nn.Sequential(*b[1:]), nn.Sequential(*(pre if i == 0 else ())))
+        for i, b in enumerate(blocks)
+    ]
+
+
+class LayeredEnergy(Energy):
+    """An energy over the layers of an MLP: one state per Linear layer, the last is the output."""
+
+    def __init__(self, module: nn.Module, name: str = "energy"):
+        super().__init__(module)
+        self.layers = mlp_layers(module, name)
+
+    def init_states(self, x: Tensor) -> list[Tensor]:
+        states, h = [], x
+        with torch.no_grad():
+            for layer in self.layers:
+                h = layer(h)
+                states.append(h)
+        return states
+
+    def output(self, states: list[Tensor]) -> Tensor:
+        return states[-1]
+
+
+class PredictionErrorEnergy(LayeredEnergy):
+    """``E = sum_l 1/2 ||s_l - f_l(s_{l-1})||^2``, ``s_0 = x``: zero at the feedforward pass."""
+
+    def energy(self, states: list[Tensor], x: Tensor) -> Tensor:
+        below = [x, *states[:-1]]
+        return sum(
+            0.5 * (s - layer(h)).pow(2).flatten(1).sum(1) for layer, h, s in zip(self.layers, below, states)
+        )
+
+
+class HopfieldEnergy(LayeredEnergy):
+    """Layered Hopfield energy (Scellier & Bengio 2017), with rho_l the activation after Linear l:
+
+    ``E = sum_l 1/2 ||s_l||^2 - rho_l(s_l) . (W_l rho_{l-1}(s_{l-1}) + b_l)``, ``rho_0(s_0) = pre(x)``.
+    Needs bounded hidden activations (tanh, sigmoid, hardtanh) to be bounded below.
+    """
+
+    def __init__(self, module: nn.Module, name: str = "energy"):
+        super().__init__(module, name)
+        self.input_transform = self.layers[0].pre
+
+    def energy(self, states: list[Tensor], x: Tensor) -> Tensor:
+        rates = [self.input_transform(x), *(layer.activation(s) for layer, s in zip(self.layers, states))]
+        quadratic = sum(0.5 * s.pow(2).flatten(1).sum(1) for s in states)
+        coupling = sum(
+            (rate * layer.linear(below)).flatten(1).sum(1)
+            for layer, below, rate in zip(self.layers, rates[:-1], rates[1:])
+        )
+        return quadratic - coupling
+
+
+class OutputClamped(Energy):
+    """A layered energy with its output state held fixed (the clamped phase of CHL)."""
+
+    def __init__(self, base: LayeredEnergy, clamped_output: Tensor):
+        super().__init__(base.module)
+        self.base, self.clamped_output = base, clamped_output.detach()
+
+    def init_states(self, x: Tensor) -> list[Tensor]:
+        return self.base.init_states(x)[:-1]
+
+    def energy(self, states: list[Tensor], x: Tensor) -> Tensor:
+        return self.base.energy([*states, self.clamped_output], x)
+
+    def output(self, states: list[Tensor]) -> Tensor:
+        return self.clamped_output
+
+
+ENERGIES: dict[str, type[LayeredEnergy]] = {
+    "prediction-error": PredictionErrorEnergy,
+    "hopfield": HopfieldEnergy,
+}
