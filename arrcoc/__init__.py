@@ -1,3 +1,6 @@
 """arrcoc: query-aware patch-token allocation for pretrained ViTs, learned with local rules."""
 
+from .relevance import ARRCOC, RelevanceConfig, attach
+
 __version__ = "0.1.0"
+__all__ = ["ARRCOC", "RelevanceConfig", "attach"]

@@ -53,6 +53,9 @@ LOSSES: dict[str, LossFn] = {
     "cross-entropy": F.cross_entropy,
     # summed over features, averaged over the batch: its gradient is (y - t) / B, the delta rule
     "mse": lambda out, tgt: 0.5 * (out - tgt).pow(2).sum() / out.shape[0],
+    # targets in [0, 1] (e.g. how relevant a patch is) for outputs that are logits
+    "binary-cross-entropy": lambda out, tgt: F.binary_cross_entropy_with_logits(out, tgt, reduction="sum")
+    / out.shape[0],
 }
 
 

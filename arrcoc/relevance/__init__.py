@@ -1,0 +1,19 @@
+"""The ARR-COC relevance module: three ways of knowing, a relevance field, an allocator."""
+
+from .attach import ARRCOC, AdaptationConfig, AdaptReport, RelevanceMaps, attach
+from .field import RelevanceField
+from .module import DEFAULT_RULES, SUBNETWORKS, RelevanceConfig, RelevanceModule, RelevanceOutput
+
+__all__ = [
+    "ARRCOC",
+    "AdaptReport",
+    "AdaptationConfig",
+    "DEFAULT_RULES",
+    "RelevanceConfig",
+    "RelevanceField",
+    "RelevanceMaps",
+    "RelevanceModule",
+    "RelevanceOutput",
+    "SUBNETWORKS",
+    "attach",
+]

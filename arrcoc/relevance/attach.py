@@ -1,0 +1,349 @@
+"""``arrcoc.attach``: wrap a frozen ViT so that it runs on the tokens the relevance module allocates.
+
+    model = arrcoc.attach(timm.create_model("vit_small_patch16_224", pretrained=True), budget=0.25)
+    logits = model(images)                       # or model(images, query=embeddings_or_strings)
+    model.learn(images, query)                   # one step of every sub-network's local rule
+    model.adapt(images)                          # label-free online adaptation, with rollback
+    model.save_pretrained("dir"); ARRCOC.from_pretrained("dir", backbone)
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from arrcoc.backbones import TokenSet, adapt_backbone, keep_top_k, num_kept, top_k
+from arrcoc.rules import RuleContext, build_rule
+
+from .knowing import ParticipatoryKnowing
+from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
+from .targets import attention_target, box_target, perturbation_target
+
+SCHEMA_VERSION = 1
+QueryInput = Tensor | str | Sequence[str] | None
+
+
+@dataclass
+class RelevanceMaps:
+    """Per-patch maps for one batch, each (B, grid_h, grid_w), plus the kept patch indices (B, K)."""
+
+    relevance: Tensor
+    propositional: Tensor
+    perspectival: Tensor
+    participatory: Tensor
+    logits: Tensor
+    kept: Tensor
+
+
+@dataclass
+class AdaptationConfig:
+    lr: float = 1e-3
+    max_grad_norm: float = 1.0  # bounds every online update: |step| <= lr * max_grad_norm
+    proxy_momentum: float = 0.9  # running agreement of the reduced with the full-token prediction
+    rollback_drop: float = 0.05  # roll back when the running proxy falls this far below its best
+
+
+@dataclass
+class AdaptReport:
+    agreement: float  # fraction of images whose reduced prediction equals the full-token one
+    running_agreement: float
+    rolled_back: bool
+
+
+class ARRCOC(nn.Module):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: RelevanceConfig | None = None,
+        text_encoder: Callable[[list[str]], Tensor] | None = None,
+        adaptation: AdaptationConfig | None = None,
+    ):
+        super().__init__()
+        self.config = config or RelevanceConfig()
+        self.adapter = adapt_backbone(model)  # frozen, eval mode
+        self.text_encoder = text_encoder
+        self.adaptation = adaptation or AdaptationConfig()
+        probe = torch.zeros(1, self.adapter.in_chans, *self.adapter.image_size)
+        with torch.no_grad():
+            token_dim = self.adapter.embed(probe).shape[-1]
+        self.relevance = RelevanceModule(self.config, token_dim, self.adapter.patch_size)
+        self.rules = nn.ModuleDict({
+            name: build_rule(self._rule_config(name), subnet) for name, subnet in self.relevance.subnetworks().items()
+        })
+        self.optimizer = self._make_optimizer(self.config.optimizer)
+        self._running_agreement: float | None = None
+        self._best_agreement = 0.0
+        self._last_good: dict[str, Tensor] | None = None
+        self.eval()  # ready for inference; learn() switches to training mode only while it runs
+
+    # ---- set-up -----------------------------------------------------------------------------
+    def _rule_config(self, name: str) -> dict[str, Any]:
+        rule = dict(self.config.rules[name])
+        if name == "field" and rule["name"] in ("ep", "chl"):  # the field relaxes the same way everywhere
+            relaxation = self.config.relaxation
+            for key in ("steps", "step_size", "momentum", "tol"):
+                rule.setdefault(key, getattr(relaxation, key))
+        return rule
+
+    def _make_optimizer(self, spec: dict[str, Any]) -> torch.optim.Optimizer:
+        kinds = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+        if spec.get("name") not in kinds:
+            raise ValueError(f"optimizer name must be one of {sorted(kinds)}, got {spec.get('name')!r}")
+        return kinds[spec["name"]](self.relevance.parameters(), lr=float(spec.get("lr", 1e-3)))
+
+    # ---- inputs -------------------------------------------------------------------------------
+    def encode_query(self, query: QueryInput, batch: int) -> Tensor | None:
+        if query is None:
+            return None
+        if isinstance(query, str):
+            query = [query] * batch
+        if not isinstance(query, Tensor):
+            if self.text_encoder is None:
+                raise ValueError("a text query needs a text encoder: attach(..., text_encoder=...) or pass embeddings")
+            query = self.text_encoder(list(query))
+        if query.ndim != 2 or query.shape[-1] != self.config.query_dim:
+            raise ValueError(f"query embeddings must be (batch, {self.config.query_dim}), got {tuple(query.shape)}")
+        if query.shape[0] != batch:
+            raise ValueError(f"{query.shape[0]} queries for {batch} images: give one query per image")
+        if not torch.isfinite(query).all():
+            raise ValueError("query embeddings contain NaN or Inf")
+        return query
+
+    def check_images(self, images: Tensor) -> None:
+        self.adapter.check_images(images)
+        if images.shape[0] == 0:
+            raise ValueError("empty batch: images has 0 images")
+        if not torch.isfinite(images).all():
+            raise ValueError("images contain NaN or Inf")
+
+    # ---- the pass -----------------------------------------------------------------------------
+    def _relevance(self, images: Tensor, query: QueryInput) -> tuple[RelevanceOutput, TokenSet, tuple[int, int]]:
+        self.check_images(images)
+        q = self.encode_query(query, images.shape[0])
+        grid = self.adapter.grid(images)
+        with torch.no_grad():
+            state = self.adapter.tokens(images)
+            out = self.relevance(images, state.patches, (grid.height, grid.width), q)
+        return out, state, (grid.height, grid.width)
+
+    def forward(self, images: Tensor, query: QueryInput = None) -> Tensor:
+        if self.config.budget == 1.0:  # the identity: every token, the original computation
+            self.check_images(images)
+            self.encode_query(query, images.shape[0])
+            return self.adapter(images)
+        out, state, _ = self._relevance(images, query)
+        scores = torch.sigmoid(out.logits).to(state.tokens.dtype)  # non-negative, for EViT-style fusion
+        reduced = keep_top_k(state, scores, self._budget(), dropped=self.config.dropped, metric=state.patches)
+        return self.adapter.head(self.adapter.run_blocks(reduced))
+
+    def _budget(self) -> float | int:
+        budget = self.config.budget
+        return budget if budget <= 1 else int(budget)
+
+    @torch.no_grad()
+    def relevance_map(self, images: Tensor, query: QueryInput = None) -> RelevanceMaps:
+        out, _, (h, w) = self._relevance(images, query)
+        k = num_kept(self._budget(), h * w)
+
+        def grid(t: Tensor) -> Tensor:
+            return t.reshape(t.shape[0], h, w)
+
+        return RelevanceMaps(grid(out.relevance), *(grid(out.evidence[..., i]) for i in range(3)),
+                             grid(out.logits), top_k(out.logits, k))
+
+    # ---- learning -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def relevance_target(self, images: Tensor, boxes: Tensor | None = None) -> Tensor:
+        """(B, N) the configured forward-only target (see :mod:`arrcoc.relevance.targets`)."""
+        grid = self.adapter.grid(images)
+        if self.config.target == "box":
+            if boxes is None:
+                raise ValueError("target 'box' needs boxes (batch, 4) for every image")
+            return box_target(boxes, (grid.height, grid.width), self.adapter.patch_size)
+        state = self.adapter.tokens(images)
+        if self.config.target == "attention":
+            return attention_target(self.adapter, state)
+        return perturbation_target(self.adapter, state, (grid.height, grid.width))
+
+    def rule_contexts(self, out: RelevanceOutput, target: Tensor) -> dict[str, RuleContext]:
+        """What each sub-network's rule sees in one step (only the sub-networks in use)."""
+        cfg, relevance = self.config, self.relevance
+        contexts: dict[str, RuleContext] = {}
+        if cfg.perspectival:
+            contexts["perspectival_encoder"] = RuleContext(out.context)
+            responses = relevance.perspectival.responses(out.context)
+            contexts["perspectival_readout"] = RuleContext(responses, target=target[..., None])
+        if cfg.participatory and out.query is not None:
+            key = ParticipatoryKnowing.queried_content(out.context, target)
+            contexts["participatory"] = RuleContext(out.query, target=key)
+        if cfg.field:
+            contexts["field"] = RuleContext(out.field_input, target=target)
+        # d(binary cross-entropy)/d(logit) of the whole allocator output (its MLP plus the field's logit)
+        error = (torch.sigmoid(out.logits) - target) / target.shape[0]
+        contexts["allocator"] = RuleContext(out.allocator_input, output_error=error[..., None])
+        return contexts
+
+    def learn(self, images: Tensor, query: QueryInput = None, target: Tensor | None = None,
+              boxes: Tensor | None = None, optimizer: torch.optim.Optimizer | None = None,
+              max_grad_norm: float | None = None) -> dict[str, float]:
+        """One step: every sub-network's rule fills its .grad, then the optimizer steps.
+
+        If any rule fails (a diverging relaxation, a non-finite update), every .grad is cleared and
+        no weight changes; the error is raised.
+        """
+        was_training = self.relevance.training
+        self.relevance.train()  # feature statistics follow the training stream
+        try:
+            out, _, (h, w) = self._relevance(images, query)
+        finally:
+            self.relevance.train(was_training)
+        if target is None:
+            target = self.relevance_target(images, boxes)
+        if target.shape != out.logits.shape:
+            raise ValueError(f"target must be (batch, patches) = {tuple(out.logits.shape)}, got {tuple(target.shape)}")
+        optimizer = optimizer or self.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            for name, ctx in self.rule_contexts(out, target.to(out.logits.dtype)).items():
+                self.rules[name].step(ctx)
+        except Exception:
+            optimizer.zero_grad(set_to_none=True)
+            raise
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.relevance.parameters(), max_grad_norm)
+        optimizer.step()
+        k = num_kept(self._budget(), h * w)
+        chosen = torch.zeros_like(out.logits).scatter_(1, top_k(out.logits, k), 1.0)
+        wanted = torch.zeros_like(target).scatter_(1, top_k(target, k), 1.0)
+        return {"target_overlap": ((chosen * wanted).sum(1) / k).mean().item()}
+
+    # ---- online adaptation ---------------------------------------------------------------------
+    @torch.no_grad()
+    def agreement(self, images: Tensor, query: QueryInput = None) -> Tensor:
+        """(B,) 1 where the prediction at the budget equals the full-token prediction: a label-free proxy."""
+        return (self(images, query).argmax(-1) == self.adapter(images).argmax(-1)).float()
+
+    def adapt(self, images: Tensor, query: QueryInput = None) -> AdaptReport:
+        """Label-free online step: the self-supervised target is perturbation importance against the
+        full-token prediction. Updates are bounded; if the running proxy (agreement of the reduced with
+        the full prediction) falls ``rollback_drop`` below its best, the last good weights come back."""
+        cfg = self.adaptation
+        with torch.no_grad():
+            agreement = self.agreement(images, query).mean().item()
+            running = self._running_agreement
+            m = cfg.proxy_momentum
+            running = agreement if running is None else m * running + (1 - m) * agreement
+            self._running_agreement = running
+            rolled_back = False
+            if running >= self._best_agreement or self._last_good is None:
+                self._best_agreement = max(self._best_agreement, running)
+                self._last_good = copy.deepcopy(self.relevance.state_dict())
+            elif running < self._best_agreement - cfg.rollback_drop:
+                self.relevance.load_state_dict(self._last_good)
+                self._running_agreement, rolled_back = self._best_agreement, True
+        if not rolled_back:
+            state = self.adapter.tokens(images)
+            grid = self.adapter.grid(images)
+            target = perturbation_target(self.adapter, state, (grid.height, grid.width))
+            sgd = torch.optim.SGD(self.relevance.parameters(), lr=cfg.lr)
+            self.learn(images, query, target=target, optimizer=sgd, max_grad_norm=cfg.max_grad_norm)
+        return AdaptReport(agreement, self._running_agreement, rolled_back)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """safetensors weights + ``config.json`` (schema version, checksum), crash-safe.
+
+        The weights go to a new file named by their hash; only then is ``config.json`` atomically
+        replaced to point at it, and the old weights removed. A crash at any moment leaves a
+        ``config.json`` that points at complete weights.
+        """
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {f"relevance.{k}": v for k, v in self.relevance.state_dict().items()}
+        tensors.update({f"rules.{k}": v for k, v in self.rules.state_dict().items()})
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        staging = path / "relevance.safetensors.partial"
+        _atomic_write(staging, lambda tmp: save_file(tensors, tmp))
+        digest = _sha256(staging)
+        weights = path / f"relevance-{digest[:16]}.safetensors"
+        os.replace(staging, weights)
+        config_file = path / "config.json"
+        previous = json.loads(config_file.read_text()).get("weights") if config_file.is_file() else None
+        meta = {
+            "schema_version": SCHEMA_VERSION,
+            "config": self.config.to_dict(),
+            "backbone": type(self.adapter.model).__name__,
+            "weights": weights.name,
+            "weights_sha256": digest,
+        }
+        _atomic_write(config_file, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+        if previous and previous != weights.name and (path / previous).is_file():
+            (path / previous).unlink()
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, model: nn.Module, **kwargs: Any) -> ARRCOC:
+        path = Path(directory)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file} is missing: not an arrcoc checkpoint folder")
+        try:
+            meta = json.loads(config_file.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config_file} is not valid JSON: {err}") from err
+        weights = path / str(meta.get("weights", ""))
+        if not weights.is_file():
+            raise FileNotFoundError(f"weights file {weights} named in {config_file} is missing")
+        if meta.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"checkpoint schema version {meta.get('schema_version')} != supported {SCHEMA_VERSION}")
+        if _sha256(weights) != meta.get("weights_sha256"):
+            raise ValueError(f"{weights} does not match the checksum in {config_file}: corrupted or replaced")
+        wrapped = cls(model, RelevanceConfig.from_dict(meta["config"]), **kwargs)
+        tensors = load_file(weights)
+        for prefix, module in (("relevance.", wrapped.relevance), ("rules.", wrapped.rules)):
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            try:
+                module.load_state_dict(state)
+            except RuntimeError as err:
+                raise ValueError(
+                    f"checkpoint {path} does not fit this backbone ({type(model).__name__}; it was saved for "
+                    f"{meta.get('backbone')}): {err}"
+                ) from err
+        return wrapped
+
+
+def attach(model: nn.Module, budget: float = 0.25, config: RelevanceConfig | dict | None = None,
+           **kwargs: Any) -> ARRCOC:
+    """Wrap a timm / transformers ViT: ``attach(model, budget=0.25)(images, query=None)``."""
+    if isinstance(config, dict):
+        config = RelevanceConfig.from_dict(config)
+    config = config or RelevanceConfig()
+    if budget != config.budget:
+        config = RelevanceConfig.from_dict({**config.to_dict(), "budget": budget})
+    return ARRCOC(model, config, **kwargs)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,101 @@
+"""The relevance field: relevance is the equilibrium of an energy over the patches.
+
+    E(r) = sum_i 1/2 r_i^2 - sum_i rho_i h_i - 1/2 sum_ij rho_i L_ij rho_j + gamma / (2N) (sum_i rho_i - K)^2
+
+with rho = sigmoid(r) the relevance of each patch. Opponent processing is in the terms:
+  h_i = sum_k alpha_k e_ik + b     the three ways of knowing, balanced by alpha (exploit the evidence);
+                                    alpha adapts per query (alpha_k = a_k * 2 sigmoid(A q)_k) or is fixed;
+  L_ij = w exp(-d_ij^2 / 2)         neighbours excite each other: local coherence (particularize) vs.
+                                    the evidence of single patches (compress);
+  gamma (sum rho - K)^2            all patches compete for a budget of K tokens: focus vs. diversify.
+The free phase relaxes E; the nudged phase E + beta C(rho, target); equilibrium propagation
+contrasts dE/dtheta between them ("relevance realization as free-energy minimisation").
+Patch positions come in with the evidence, so any grid (or tier layout) works.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from arrcoc.rules.energy import Energy
+
+EVIDENCE = 3  # propositional, perspectival, participatory
+POSITION = 2
+
+
+class RelevanceField(nn.Module):
+    """Parameters of the field; :meth:`as_energy` gives the energy the EP rule relaxes."""
+
+    def __init__(self, query_dim: int, budget: float, adaptive_balance: bool = True):
+        super().__init__()
+        self.query_dim, self.budget = query_dim, budget  # a fraction of the patches, or a count if > 1
+        self.evidence_weight = nn.Parameter(torch.ones(EVIDENCE))
+        self.evidence_bias = nn.Parameter(torch.zeros(()))
+        self.coherence = nn.Parameter(torch.tensor(0.1))
+        self.competition = nn.Parameter(torch.tensor(0.0))  # gamma = softplus(.)
+        self.balance = nn.Linear(query_dim, EVIDENCE) if adaptive_balance else None
+        if self.balance is not None:
+            nn.init.zeros_(self.balance.weight), nn.init.zeros_(self.balance.bias)
+
+    @staticmethod
+    def pack(evidence: Tensor, positions: Tensor, query: Tensor | None, query_dim: int) -> Tensor:
+        """Everything the field holds clamped, as one (B, N, 3 + 2 + Dq) tensor (query zeros if none)."""
+        b, n, _ = evidence.shape
+        q = evidence.new_zeros(b, query_dim) if query is None else query.to(evidence.dtype)
+        return torch.cat([evidence, positions.to(evidence).expand(b, n, POSITION), q[:, None].expand(b, n, -1)], -1)
+
+    def drive(self, x: Tensor) -> Tensor:
+        """(B, N) external input h: the balanced evidence."""
+        evidence, query = x[..., :EVIDENCE], x[:, 0, EVIDENCE + POSITION:]
+        weight = self.evidence_weight
+        if self.balance is not None:
+            weight = weight * 2 * torch.sigmoid(self.balance(query))  # (B, 3): per query
+            return torch.einsum("bnk,bk->bn", evidence, weight) + self.evidence_bias
+        return evidence @ weight + self.evidence_bias
+
+    def lateral(self, x: Tensor) -> Tensor:
+        """(B, N, N) lateral weights from patch distances (in patches), no self-connection."""
+        positions = x[..., EVIDENCE:EVIDENCE + POSITION]
+        distance2 = torch.cdist(positions, positions).pow(2)
+        kernel = self.coherence * torch.exp(-0.5 * distance2)
+        return kernel - torch.diag_embed(torch.diagonal(kernel, dim1=-2, dim2=-1))
+
+    def energy(self, r: Tensor, x: Tensor) -> Tensor:
+        rho = torch.sigmoid(r)
+        n = r.shape[-1]
+        coupling = torch.einsum("bi,bij,bj->b", rho, self.lateral(x), rho)
+        gamma = F.softplus(self.competition)
+        tokens = self.budget * n if self.budget <= 1 else self.budget
+        budget_pressure = gamma / (2 * n) * (rho.sum(-1) - tokens).pow(2)
+        return 0.5 * r.pow(2).sum(-1) - (rho * self.drive(x)).sum(-1) - 0.5 * coupling + budget_pressure
+
+    def as_energy(self) -> FieldEnergy:
+        return FieldEnergy(self)
+
+
+class FieldEnergy(Energy):
+    """The field as an :class:`~arrcoc.rules.energy.Energy`: one state, r (B, N)."""
+
+    def __init__(self, field: RelevanceField):
+        super().__init__(field)
+
+    def init_states(self, x: Tensor) -> list[Tensor]:
+        return [self.module.drive(x).detach()]  # start from the evidence alone
+
+    def energy(self, states: list[Tensor], x: Tensor) -> Tensor:
+        return self.module.energy(states[0], x)
+
+    def output(self, states: list[Tensor]) -> Tensor:
+        return torch.sigmoid(states[0])
+
+    def cost(self, output: Tensor, target: Tensor) -> Tensor:
+        return 0.5 * (output - target).pow(2).sum(-1)
+
+
+def grid_positions(height: int, width: int, device=None) -> Tensor:
+    """(1, N, 2) patch centres in patch units, row-major."""
+    ys, xs = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
+    return torch.stack([ys.flatten(), xs.flatten()], -1).float()[None]
+

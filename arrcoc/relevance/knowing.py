@@ -1,0 +1,55 @@
+"""The three ways of knowing: what each patch offers as evidence of relevance.
+
+propositional   information content of the patch itself (entropy of its lightness); no learning.
+perspectival    salience: a Hebbian-learned attention map. An encoder learns label-free (Oja/Sanger,
+                BCM, ...) which directions of patch features vary across patches; a one-unit readout
+                of its responses, learned by a contrastive Hebbian rule where a relevance target
+                exists, says which responses mark relevant patches.
+participatory   query-patch coupling: a bilinear score f_i . (W q) between the patch's features and
+                the query embedding, W learned by the InfoNCE-style Hebbian rule. Off without a query.
+Each returns a (B, N) score; the relevance field balances them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def standardize_per_image(score: Tensor) -> Tensor:
+    """Zero mean, unit std over each image's patches, so evidence of different kinds is comparable."""
+    return (score - score.mean(-1, keepdim=True)) / score.std(-1, keepdim=True, correction=0).clamp_min(1e-6)
+
+
+class PerspectivalKnowing(nn.Module):
+    def __init__(self, feature_dim: int, units: int):
+        super().__init__()
+        self.encoder = nn.Linear(feature_dim, units, bias=False)
+        self.readout = nn.Linear(units, 1)
+        nn.init.orthogonal_(self.encoder.weight)  # start as a random orthonormal projection, as Oja ends
+
+    def responses(self, context: Tensor) -> Tensor:
+        """(B, N, units) responses to each patch's features relative to its image (centre-surround)."""
+        return torch.tanh(self.encoder(context))
+
+    def forward(self, context: Tensor) -> Tensor:
+        return self.readout(self.responses(context)).squeeze(-1)
+
+
+class ParticipatoryKnowing(nn.Module):
+    def __init__(self, query_dim: int, feature_dim: int, temperature: float = 0.1):
+        super().__init__()
+        self.query_map = nn.Linear(query_dim, feature_dim, bias=False)
+        nn.init.zeros_(self.query_map.weight)  # no coupling until learned
+        self.temperature = temperature
+
+    def forward(self, features: Tensor, query: Tensor) -> Tensor:
+        """(B, N) coupling of every patch with its image's query."""
+        return torch.einsum("bnf,bf->bn", features, self.query_map(query)) / self.temperature
+
+    @staticmethod
+    def queried_content(features: Tensor, target: Tensor) -> Tensor:
+        """(B, F) the features of the relevant patches (target-weighted mean): the key a query should
+        retrieve; the other images of the batch give the negatives."""
+        weights = target / target.sum(-1, keepdim=True).clamp_min(1e-6)
+        return torch.einsum("bn,bnf->bf", weights, features)

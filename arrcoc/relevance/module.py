@@ -1,0 +1,195 @@
+"""The relevance module: patch features -> three ways of knowing -> relevance field -> allocator.
+
+    image, patch tokens --> features (tokens + texture stack, standardised)
+        propositional (entropy), perspectival (Hebbian attention), participatory (query coupling)
+        --> evidence (B, N, 3) --> relevance field, relaxed to equilibrium (B, N) in (0, 1)
+        --> allocator --> budget logits (B, N); the top K patches get tokens.
+
+Every sub-network has its own learning rule (see ``SUBNETWORKS`` and ``DEFAULT_RULES``); the
+backbone is only read, never trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from arrcoc.rules.energy import relax
+
+from .allocator import Allocator
+from .field import RelevanceField, grid_positions
+from .knowing import ParticipatoryKnowing, PerspectivalKnowing, standardize_per_image
+from .texture import NUM_FEATURES, patch_entropy, texture_features
+
+# Sub-networks and the rules that suit them (any of them may also be `frozen`; those with a target
+# may be `backprop`, i.e. autograd inside that sub-network only).
+SUBNETWORKS = {
+    "perspectival_encoder": "label-free: hebbian-oja, hebbian-bcm",
+    "perspectival_readout": "to the relevance target: contrastive-hebbian, backprop, fa",
+    "participatory": "query-patch coupling: infonce-hebbian, backprop",
+    "field": "energy over patches: ep, chl",
+    "allocator": "budget logits: fa, dfa, backprop",
+}
+DEFAULT_RULES: dict[str, dict[str, Any]] = {
+    "perspectival_encoder": {"name": "hebbian-oja", "form": "sanger"},
+    "perspectival_readout": {"name": "contrastive-hebbian"},
+    "participatory": {"name": "infonce-hebbian", "temperature": 0.1},
+    "field": {"name": "ep", "loss": "mse", "beta": 0.5, "nudge": "symmetric"},
+    "allocator": {"name": "fa"},
+}
+DROPPED = ("discard", "fuse", "merge")
+TARGETS = ("attention", "perturbation", "box")
+
+
+@dataclass
+class RelaxationSettings:
+    """How the field is relaxed, at inference and in every phase of its rule."""
+
+    steps: int = 60
+    step_size: float = 0.3
+    momentum: float = 0.5
+    tol: float = 1e-4
+
+
+@dataclass
+class RelevanceConfig:
+    budget: float = 0.25  # fraction of patch tokens kept (or tokens, if > 1)
+    dropped: str = "discard"  # what becomes of dropped tokens: discard | fuse (EViT) | merge (ToMe)
+    # switches for ablations
+    backbone_tokens: bool = True
+    texture: bool = True
+    propositional: bool = True
+    perspectival: bool = True
+    participatory: bool = True
+    field: bool = True
+    adaptive_balance: bool = True
+    # sizes
+    query_dim: int = 384
+    perspectival_units: int = 16
+    allocator_hidden: int = 32
+    # Raw patch features as allocator inputs: off by default. On the two-candidate query toy task they
+    # let the allocator learn query-agnostic corrections (88% queried patch first, vs 95% without).
+    allocator_features: bool = False
+    relaxation: RelaxationSettings = dataclasses.field(default_factory=RelaxationSettings)
+    # learning
+    target: str = "attention"  # attention | perturbation | box (see arrcoc.relevance.targets)
+    rules: dict[str, Any] = dataclasses.field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_RULES.items()})
+    optimizer: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "adam", "lr": 1e-3})
+    # pixels: images given to the backbone are (rgb - mean) / std; the texture stack needs rgb in [0, 1]
+    pixel_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    pixel_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.relaxation, dict):
+            self.relaxation = RelaxationSettings(**self.relaxation)
+        if not (0 < self.budget <= 1 or (float(self.budget).is_integer() and self.budget >= 1)):
+            raise ValueError(f"budget must be a fraction in (0, 1] or a whole token count >= 1, got {self.budget}")
+        if self.dropped not in DROPPED:
+            raise ValueError(f"dropped must be one of {DROPPED}, got {self.dropped!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        unknown = sorted(set(self.rules) - set(SUBNETWORKS))
+        if unknown:
+            raise KeyError(f"rules given for unknown sub-networks {unknown}; sub-networks: {sorted(SUBNETWORKS)}")
+        self.rules = {**{k: dict(v) for k, v in DEFAULT_RULES.items()}, **self.rules}
+        if not (self.backbone_tokens or self.texture):
+            raise ValueError("the relevance module needs patch features: enable backbone_tokens or texture")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RelevanceConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise KeyError(f"unknown relevance config key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RelevanceOutput:
+    """Everything one pass computed; the trainer feeds its pieces to the sub-networks' rules."""
+
+    logits: Tensor  # (B, N) budget logits: the top K get tokens
+    relevance: Tensor  # (B, N) equilibrium relevance in (0, 1)
+    evidence: Tensor  # (B, N, 3) propositional, perspectival, participatory (standardised per image)
+    features: Tensor  # (B, N, F) standardised patch features
+    context: Tensor  # (B, N, F) features minus their image mean (centre-surround)
+    field_input: Tensor  # what the field holds clamped
+    allocator_input: Tensor
+    query: Tensor | None
+
+
+class RelevanceModule(nn.Module):
+    def __init__(self, config: RelevanceConfig, token_dim: int, patch_size: tuple[int, int]):
+        super().__init__()
+        self.config, self.patch_size = config, patch_size
+        feature_dim = (token_dim if config.backbone_tokens else 0) + (NUM_FEATURES if config.texture else 0)
+        self.feature_norm = nn.BatchNorm1d(feature_dim, affine=False, momentum=0.01)
+        self.perspectival = PerspectivalKnowing(feature_dim, config.perspectival_units)
+        temperature = config.rules["participatory"].get("temperature", 0.1)
+        self.participatory = ParticipatoryKnowing(config.query_dim, feature_dim, temperature)
+        self.field = RelevanceField(config.query_dim, config.budget, config.adaptive_balance)
+        self.allocator = Allocator(1 + 3 + (feature_dim if config.allocator_features else 0), config.allocator_hidden)
+        self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(1, 3, 1, 1))
+
+    def subnetworks(self) -> dict[str, nn.Module]:
+        return {
+            "perspectival_encoder": self.perspectival.encoder,
+            "perspectival_readout": self.perspectival.readout,
+            "participatory": self.participatory.query_map,
+            "field": self.field,
+            "allocator": self.allocator.net,
+        }
+
+    def patch_features(self, images: Tensor, patch_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, N, F) standardised features and the images' pixels in [0, 1]."""
+        rgb = (images.float() * self.pixel_std + self.pixel_mean).clamp(0, 1)
+        parts = []
+        if self.config.backbone_tokens:
+            parts.append(patch_tokens.float())
+        if self.config.texture:
+            parts.append(texture_features(rgb, self.patch_size))
+        raw = torch.cat(parts, -1)
+        b, n, f = raw.shape
+        return self.feature_norm(raw.reshape(b * n, f)).reshape(b, n, f), rgb
+
+    def evidence(self, rgb: Tensor, features: Tensor, context: Tensor, query: Tensor | None) -> Tensor:
+        cfg = self.config
+        zeros = features.new_zeros(features.shape[:2])
+        propositional = standardize_per_image(patch_entropy(rgb, self.patch_size)) if cfg.propositional else zeros
+        perspectival = standardize_per_image(self.perspectival(context)) if cfg.perspectival else zeros
+        participatory = (
+            standardize_per_image(self.participatory(context, query))
+            if cfg.participatory and query is not None
+            else zeros
+        )
+        return torch.stack([propositional, perspectival, participatory], -1)
+
+    def relax_field(self, field_input: Tensor) -> Tensor:
+        s = self.config.relaxation
+        states, _ = relax(
+            self.field.as_energy(), field_input, steps=s.steps, step_size=s.step_size, momentum=s.momentum, tol=s.tol
+        )
+        return torch.sigmoid(states[0])
+
+    def forward(self, images: Tensor, patch_tokens: Tensor, grid: tuple[int, int], query: Tensor | None = None
+                ) -> RelevanceOutput:
+        features, rgb = self.patch_features(images, patch_tokens)
+        context = features - features.mean(1, keepdim=True)
+        evidence = self.evidence(rgb, features, context, query)
+        positions = grid_positions(*grid, device=images.device)
+        field_input = RelevanceField.pack(evidence, positions, query, self.config.query_dim)
+        if self.config.field:
+            relevance = self.relax_field(field_input)
+        else:
+            relevance = torch.sigmoid(evidence @ self.field.evidence_weight.detach())
+        allocator_input = Allocator.inputs(relevance, evidence, features if self.config.allocator_features else None)
+        logits = self.allocator(allocator_input)
+        return RelevanceOutput(logits, relevance, evidence, features, context, field_input, allocator_input, query)

@@ -1,0 +1,83 @@
+"""Relevance targets from forward passes only: what the sub-networks learn towards.
+
+attention      the frozen backbone's own CLS attention over the patches in its last block.
+perturbation   how much the backbone's prediction changes when a g x g group of patches is dropped
+               (batched forward passes, no gradient): the KL divergence of the prediction from the
+               full-token one, or 1 - cosine for a backbone that outputs embeddings.
+box            the fraction of each patch inside a ground-truth box, where a data set has boxes.
+Each is (B, N) in [0, 1] (divided by its per-image maximum). No gradient reaches the backbone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor
+
+from arrcoc.backbones import BackboneAdapter, TokenSet, select
+
+
+def _per_image_max(score: Tensor) -> Tensor:
+    score = score.clamp_min(0)
+    return score / score.amax(-1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def attention_target(adapter: BackboneAdapter, state: TokenSet) -> Tensor:
+    if state.num_prefix < 1:
+        raise ValueError("the 'attention' target needs a backbone with a CLS token; use 'perturbation' instead")
+    state = adapter.run_blocks(state, 0, adapter.depth - 1)
+    _, stats = adapter.run_block(adapter.depth - 1, state, capture=True)
+    return _per_image_max(stats.cls_attention()[:, state.num_prefix:])
+
+
+def prediction_change(full: Tensor, reduced: Tensor, logits: bool) -> Tensor:
+    """(M,) how far each reduced prediction moved from the full-token one."""
+    if logits:
+        return F.kl_div(reduced.log_softmax(-1), full.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    return 1 - F.cosine_similarity(full, reduced, dim=-1)
+
+
+@torch.no_grad()
+def perturbation_target(
+    adapter: BackboneAdapter, state: TokenSet, grid: tuple[int, int], group: int = 2, chunk: int = 512,
+    logits: bool = True,
+) -> Tensor:
+    """Importance of each patch = prediction change when its group is dropped (all groups batched)."""
+    height, width = grid
+    if height % group or width % group:
+        raise ValueError(f"patch grid {height}x{width} is not divisible by the perturbation group size {group}")
+    batch, n = state.patch_index.shape
+    full = adapter.head(adapter.run_blocks(state))
+    cell = rearrange(torch.arange(n, device=state.tokens.device), "(h g1 w g2) -> (h w) (g1 g2)",
+                     h=height // group, g1=group, g2=group)
+    groups = cell.shape[0]
+    in_group = torch.zeros(groups, n, dtype=torch.bool, device=cell.device).scatter_(1, cell, True)
+    kept = torch.nonzero(~in_group)[:, 1].view(groups, n - group * group)  # patches kept when a group drops
+    change = torch.empty(batch, groups, device=cell.device)
+    images = torch.arange(batch, device=cell.device).repeat_interleave(groups)  # every (image, group) job
+    dropped = torch.arange(groups, device=cell.device).repeat(batch)
+    for start in range(0, batch * groups, chunk):
+        b_idx, g_idx = images[start:start + chunk], dropped[start:start + chunk]
+        sub = TokenSet(state.tokens[b_idx], state.num_prefix, state.patch_index[b_idx])
+        reduced = adapter.head(adapter.run_blocks(select(sub, kept[g_idx])))
+        change[b_idx, g_idx] = prediction_change(full[b_idx], reduced, logits).float()
+    per_patch = torch.zeros(batch, n, device=cell.device).scatter_(1, repeat(cell, "g k -> b (g k)", b=batch),
+                                                                  repeat(change, "b g -> b (g k)", k=group * group))
+    return _per_image_max(per_patch)
+
+
+def box_target(boxes: Tensor, grid: tuple[int, int], patch_size: tuple[int, int]) -> Tensor:
+    """(B, 4) boxes (x0, y0, x1, y1) in pixels -> (B, N) fraction of each patch inside its box."""
+    if boxes.ndim != 2 or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must be (batch, 4) as x0, y0, x1, y1 in pixels, got {tuple(boxes.shape)}")
+    height, width = grid
+    ph, pw = patch_size
+    device = boxes.device
+    y0 = torch.arange(height, device=device)[:, None] * ph
+    x0 = torch.arange(width, device=device)[None, :] * pw
+    b = boxes.float()[:, :, None, None]
+    overlap_y = (torch.minimum(y0 + ph, b[:, 3]) - torch.maximum(y0, b[:, 1])).clamp_min(0)
+    overlap_x = (torch.minimum(x0 + pw, b[:, 2]) - torch.maximum(x0, b[:, 0])).clamp_min(0)
+    return (overlap_y * overlap_x / (ph * pw)).flatten(1)
