@@ -3,30 +3,24 @@
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
-from toy_patches import GRID, PATCH, patch_boxes, textured_patch_images
 
 import arrcoc
+from arrcoc.data.toy_patches import (
+    GRID,
+    WHITE,
+    patch_boxes,
+    query_patch_task,
+    single_patch_task,
+    textured_patch_images,
+    toy_vit,
+    word_queries,
+)
 from arrcoc.relevance import ARRCOC, RelevanceConfig
 from arrcoc.rules.energy import RelaxationDiverged, relax
 
-RED, GREEN, WHITE = (1.0, 0.1, 0.1), (0.1, 1.0, 0.1), (1.0, 1.0, 1.0)
-
-
-def tiny_vit(**kwargs):
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=GRID * PATCH, patch_size=PATCH,
-                             embed_dim=32, depth=1, num_heads=2, num_classes=10, **kwargs)
-
-
-def word_queries(which: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Stand-in sentence embeddings: one direction per word, plus noise (unit norm, 384-d)."""
-    words = F.normalize(torch.randn(2, 384, generator=torch.Generator().manual_seed(5)), dim=1)
-    return F.normalize(words[which] + 0.15 * torch.randn(len(which), 384, generator=g), dim=1)
-
 
 def test_budget_one_is_the_identity():
-    model = tiny_vit()
+    model = toy_vit()
     images = torch.rand(3, 3, 32, 32)
     assert torch.equal(arrcoc.attach(model, budget=1.0)(images), model(images))
 
@@ -45,7 +39,7 @@ def test_budget_one_is_the_identity_for_transformers():
 
 @pytest.mark.parametrize("dropped", ["discard", "fuse", "merge"])
 def test_exactly_k_tokens_reach_the_backbone(dropped):
-    model = tiny_vit()
+    model = toy_vit()
     wrapped = arrcoc.attach(model, budget=0.25, config={"dropped": dropped})
     seen = []
     model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
@@ -55,7 +49,7 @@ def test_exactly_k_tokens_reach_the_backbone(dropped):
 
 
 def test_learning_never_touches_the_backbone_and_each_subnetwork_follows_its_rule():
-    model = tiny_vit()
+    model = toy_vit()
     backbone_before = {k: v.clone() for k, v in model.state_dict().items()}
     config = {"target": "attention", "rules": {"perspectival_readout": {"name": "frozen"}}}
     wrapped = arrcoc.attach(model, budget=0.25, config=config)
@@ -73,7 +67,7 @@ def test_learning_never_touches_the_backbone_and_each_subnetwork_follows_its_rul
 
 
 def test_field_relaxation_converges_on_random_evidence():
-    wrapped = arrcoc.attach(tiny_vit(), budget=0.25)
+    wrapped = arrcoc.attach(toy_vit(), budget=0.25)
     field = wrapped.relevance.field
     with torch.no_grad():
         field.coherence.fill_(0.3), field.competition.fill_(1.0)
@@ -83,33 +77,27 @@ def test_field_relaxation_converges_on_random_evidence():
     assert report.converged and report.residual < 1e-5
 
 
-def test_one_informative_patch_is_ranked_first():
-    wrapped = arrcoc.attach(tiny_vit(), budget=0.25, config={"target": "box"})
+def train_on(task, steps: int) -> float:
+    wrapped = arrcoc.attach(toy_vit(), budget=0.25, config={"target": "box"})
     g = torch.Generator().manual_seed(1)
-    for _ in range(150):
-        images, where = textured_patch_images(32, [WHITE], g)
-        wrapped.learn(images, boxes=patch_boxes(where[:, 0]))
-    images, where = textured_patch_images(200, [WHITE], g)
-    first = wrapped.relevance_map(images).logits.flatten(1).argmax(1)
-    assert (first == where[:, 0]).float().mean() >= 0.95
+    for _ in range(steps):
+        batch = task(32, g)
+        wrapped.learn(batch.images, query=batch.query, boxes=batch.boxes)
+    test = task(200, g)
+    first = wrapped.relevance_map(test.images, test.query).logits.flatten(1).argmax(1)
+    return (first == test.answer).float().mean().item()
+
+
+def test_one_informative_patch_is_ranked_first():
+    assert train_on(single_patch_task, 150) >= 0.95
 
 
 def test_the_query_decides_between_two_candidate_patches():
-    wrapped = arrcoc.attach(tiny_vit(), budget=0.25, config={"target": "box"})
-    g = torch.Generator().manual_seed(1)
-    rows = torch.arange(32)
-    for _ in range(200):
-        images, where = textured_patch_images(32, [RED, GREEN], g)
-        which = torch.randint(0, 2, (32,), generator=g)
-        wrapped.learn(images, query=word_queries(which, g), boxes=patch_boxes(where[rows, which]))
-    images, where = textured_patch_images(200, [RED, GREEN], g)
-    which = torch.randint(0, 2, (200,), generator=g)
-    first = wrapped.relevance_map(images, word_queries(which, g)).logits.flatten(1).argmax(1)
-    assert (first == where[torch.arange(200), which]).float().mean() >= 0.90
+    assert train_on(query_patch_task, 200) >= 0.90
 
 
 def test_save_and_load_round_trip(tmp_path):
-    model = tiny_vit()
+    model = toy_vit()
     wrapped = arrcoc.attach(model, budget=0.5, config={"target": "attention"})
     images = torch.rand(4, 3, 32, 32)
     wrapped.learn(images)
@@ -124,7 +112,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def test_loading_into_a_different_backbone_fails_clearly(tmp_path):
-    arrcoc.attach(tiny_vit(), budget=0.5).save_pretrained(tmp_path)
+    arrcoc.attach(toy_vit(), budget=0.5).save_pretrained(tmp_path)
     other = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48,
                               depth=1, num_heads=2, num_classes=10)
     with pytest.raises(ValueError, match="does not fit this backbone"):
@@ -132,17 +120,17 @@ def test_loading_into_a_different_backbone_fails_clearly(tmp_path):
 
 
 def test_corrupted_checkpoint_is_detected(tmp_path):
-    arrcoc.attach(tiny_vit(), budget=0.5).save_pretrained(tmp_path)
+    arrcoc.attach(toy_vit(), budget=0.5).save_pretrained(tmp_path)
     weights = next(tmp_path.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-8] + b"garbage!")
     with pytest.raises(ValueError, match="checksum"):
-        ARRCOC.from_pretrained(tmp_path, tiny_vit())
+        ARRCOC.from_pretrained(tmp_path, toy_vit())
     with pytest.raises(FileNotFoundError, match="config.json"):
-        ARRCOC.from_pretrained(tmp_path / "nowhere", tiny_vit())
+        ARRCOC.from_pretrained(tmp_path / "nowhere", toy_vit())
 
 
 def test_bad_inputs_give_clear_errors():
-    wrapped = arrcoc.attach(tiny_vit(), budget=0.25)
+    wrapped = arrcoc.attach(toy_vit(), budget=0.25)
     images = torch.rand(2, 3, 32, 32)
     with pytest.raises(ValueError, match="one query per image"):
         wrapped(images, query=torch.randn(3, 384))
@@ -159,17 +147,17 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match="budget"):
         RelevanceConfig(budget=1.5)
     with pytest.raises(KeyError, match="budgett"):
-        arrcoc.attach(tiny_vit(), config={"budgett": 0.5})
+        arrcoc.attach(toy_vit(), config={"budgett": 0.5})
     with pytest.raises(KeyError, match="known rules"):
-        arrcoc.attach(tiny_vit(), config={"rules": {"field": {"name": "eq-prop"}}})
+        arrcoc.attach(toy_vit(), config={"rules": {"field": {"name": "eq-prop"}}})
     with pytest.raises(KeyError, match="unknown sub-networks"):
-        arrcoc.attach(tiny_vit(), config={"rules": {"feild": {"name": "ep"}}})
+        arrcoc.attach(toy_vit(), config={"rules": {"feild": {"name": "ep"}}})
     with pytest.raises(ValueError, match="boxes"):
-        arrcoc.attach(tiny_vit(), config={"target": "box"}).learn(images)
+        arrcoc.attach(toy_vit(), config={"target": "box"}).learn(images)
 
 
 def test_a_diverging_field_is_reported_and_changes_nothing():
-    wrapped = arrcoc.attach(tiny_vit(), budget=0.25,
+    wrapped = arrcoc.attach(toy_vit(), budget=0.25,
                             config={"target": "attention", "relaxation": {"step_size": 50.0, "momentum": 0.0}})
     before = {k: v.clone() for k, v in wrapped.relevance.state_dict().items()}
     with torch.no_grad():
@@ -180,3 +168,47 @@ def test_a_diverging_field_is_reported_and_changes_nothing():
     assert all(p.grad is None for p in wrapped.relevance.parameters())
     after = wrapped.relevance.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items() if not k.startswith("feature_norm"))
+
+
+def test_default_yaml_config_is_the_default_config():
+    from arrcoc.bench.common import find_config
+
+    assert RelevanceConfig.from_yaml(find_config("configs/arrcoc.yaml")) == RelevanceConfig()
+
+
+def test_yaml_with_a_python_tag_is_refused(tmp_path):
+    import yaml
+
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("relevance: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(yaml.constructor.ConstructorError):
+        RelevanceConfig.from_yaml(evil)
+
+
+def test_trainer_runs_epochs_with_a_schedule_and_checkpoints(tmp_path):
+    from arrcoc.relevance.trainer import Batch, Trainer, TrainerConfig
+
+    wrapped = arrcoc.attach(toy_vit(), budget=0.25, config={"target": "box"})
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(3):
+        images, where = textured_patch_images(8, [WHITE], g)
+        batches.append(Batch(images, boxes=patch_boxes(where[:, 0])))
+    history = Trainer(wrapped, TrainerConfig(epochs=2, checkpoint_dir=str(tmp_path), progress=False)).fit(batches)
+    assert len(history) == 6 and history[-1]["lr"] < history[0]["lr"]  # cosine decay
+    assert (tmp_path / "config.json").is_file()
+
+
+def test_global_backprop_baseline_trains_through_the_frozen_backbone():
+    from arrcoc.relevance.global_backprop import global_backprop_step
+
+    model = toy_vit()
+    wrapped = arrcoc.attach(model, budget=0.25)
+    images, labels = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    learned = [wrapped.relevance.allocator.net[-1].weight, wrapped.relevance.perspectival.readout.weight]
+    before = [p.detach().clone() for p in learned]
+    for _ in range(3):  # the allocator's output layer starts at zero: later steps reach the scorers
+        metrics = global_backprop_step(wrapped, images, labels)
+    assert 0 < metrics["keep"] < 1 and metrics["task_loss"] > 0
+    assert all(not torch.equal(b, p) for b, p in zip(before, learned))  # the task loss reached the scorers
+    assert all(p.grad is None for p in model.parameters())  # the backbone is frozen (no .grad)

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import multiprocessing
+import os
 import platform
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -103,35 +106,52 @@ def train_row(row: dict[str, Any], model_cfg: dict, train_cfg: dict, data: Digit
     return {"accuracy": 100.0 * accuracy, "train_seconds": seconds}
 
 
-def run(config: dict, rows: list[str] | None, seeds: list[int], epochs: int | None) -> dict:
+def _train_job(job: tuple) -> tuple[str, int, dict]:
+    name, row, model_cfg, train_cfg, data, seed = job
+    torch.set_num_threads(1)  # one process per core: small MLPs parallelise poorly inside one process
+    return name, seed, train_row(row, model_cfg, train_cfg, data, seed)
+
+
+def run(config: dict, rows: list[str] | None, seeds: list[int], epochs: int | None, workers: int) -> dict:
     data = load_mnist_5k(n_train=config["data"]["train"], seed=config["data"]["seed"])
     chosen = {k: v for k, v in config["rows"].items() if rows is None or k in rows}
     if rows and set(rows) - set(chosen):
         raise KeyError(f"unknown rows {sorted(set(rows) - set(chosen))}; known: {sorted(config['rows'])}")
-    results: dict[str, Any] = {}
-    bar = tqdm(total=len(chosen) * len(seeds), desc="rules x seeds", unit="run")
+    settings = {}
     for name, row in chosen.items():
         model_cfg = merged(config["model"], row.get("model"))
         train_cfg = merged(config["train"], row.get("train"))
         if epochs is not None:
             train_cfg["epochs"] = epochs
-        runs = []
-        for seed in seeds:
-            bar.set_postfix_str(f"{name} seed {seed}")
-            runs.append(train_row(row, model_cfg, train_cfg, data, seed))
-            bar.update()
-        acc = [r["accuracy"] for r in runs]
+        settings[name] = (model_cfg, train_cfg)
+    jobs = [(name, row, *settings[name], data, seed) for name, row in chosen.items() for seed in seeds]
+    runs: dict[str, dict[int, dict]] = {name: {} for name in chosen}
+    with tqdm(total=len(jobs), desc="rules x seeds", unit="run") as bar:
+        if workers > 1:
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                for name, seed, result in pool.map(_train_job, jobs):
+                    runs[name][seed] = result
+                    bar.update()
+        else:
+            for job in jobs:
+                name, seed, result = _train_job(job)
+                runs[name][seed] = result
+                bar.update()
+    results: dict[str, Any] = {}
+    for name, row in chosen.items():
+        per_seed = [runs[name][seed] for seed in seeds]
+        acc = [r["accuracy"] for r in per_seed]
         results[name] = {
             "family": row.get("family", name),
             "rules": row["rules"],
-            "model": model_cfg,
-            "train": train_cfg,
+            "model": settings[name][0],
+            "train": settings[name][1],
             "accuracy": acc,
             "accuracy_mean": statistics.fmean(acc),
             "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-            "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in runs),
+            "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in per_seed),
         }
-    bar.close()
     return results
 
 
@@ -192,7 +212,8 @@ def report(results: dict, meta: dict, out: Path) -> None:
         "",
         f"Command: `{meta['command']}`. {meta['data']}. MLP {meta['model']['widths']} unless a row says otherwise; "
         f"Adam, {meta['train']['epochs']} epochs, batch {meta['train']['batch_size']}; seeds {meta['seeds']}; "
-        f"{meta['device']}, torch {meta['torch']}, {meta['threads']} threads.",
+        f"{meta['device']}, torch {meta['torch']}, {meta['workers']} worker processes of 1 thread "
+        "(train times are per run, comparable between rows).",
         "",
         "| row | rules (per block slice) | test acc. (%) mean ± std | seed table (60k) | train time (s) |",
         "|---|---|---|---|---|",
@@ -220,6 +241,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--rows", nargs="*", help="only these rows")
     parser.add_argument("--seeds", type=int, nargs="*", help="model seeds (default: config's)")
     parser.add_argument("--out", help="output folder (default: benchmarks/results, or runs/quick with --quick)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="parallel training processes, one thread each (default: one per core)")
     args = parser.parse_args(argv)
 
     config = yaml.safe_load(find_config(args.config).read_text())
@@ -227,7 +250,7 @@ def main(argv: list[str] | None = None) -> Path:
     out = Path(args.out or ("runs/quick" if args.quick else "benchmarks/results"))
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results = run(config, args.rows, seeds, epochs=2 if args.quick else None)
+    results = run(config, args.rows, seeds, epochs=2 if args.quick else None, workers=args.workers)
     meta = {
         "mode": "quick" if args.quick else "full",
         "command": "python -m arrcoc.bench.rules_mnist" + (" --quick" if args.quick else ""),
@@ -238,7 +261,8 @@ def main(argv: list[str] | None = None) -> Path:
         "seeds": seeds,
         "device": "cpu",
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "workers": args.workers,
+        "threads": "1 per worker",
         "machine": platform.machine(),
         "wall_seconds": time.perf_counter() - start,
     }

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor, nn
 
 from arrcoc.rules.energy import relax
@@ -106,6 +108,14 @@ class RelevanceConfig:
         if unknown:
             raise KeyError(f"unknown relevance config key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RelevanceConfig:
+        """Read a YAML config (``yaml.safe_load``: no Python objects are ever constructed)."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a relevance config is a mapping of keys, got {type(data).__name__}")
+        return cls.from_dict(data.get("relevance", data))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,62 @@
+"""The global-backprop baseline (DynamicViT-style), for comparison with the local rules.
+
+The same relevance module scores the patches, but the scorer is trained end to end by backprop
+*through the frozen backbone*: a Gumbel-sigmoid keep mask m enters every attention layer as a key
+bias log(m) (DynamicViT's attention masking; here through the adapters' size bias, which is exact
+for hard masks), the task loss plus a keep-ratio penalty is differentiated back to the module's
+parameters. The backbone's weights never change, but the gradient does flow through it: this is
+what ARR-COC's local rules avoid (memory, step time, biological plausibility).
+At inference it selects the top K like every other method. The field's equilibrium is not
+differentiated (its relaxed state is a constant here), so this baseline trains the scorers and the
+allocator, not the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from arrcoc.backbones import TokenSet
+
+from .attach import ARRCOC, QueryInput
+
+
+@dataclass
+class GlobalBackpropConfig:
+    temperature: float = 0.5  # of the Gumbel-sigmoid relaxation of keep/drop
+    ratio_weight: float = 2.0  # weight of (mean keep - budget)^2, as in DynamicViT
+
+
+def gumbel_sigmoid(logits: Tensor, temperature: float) -> Tensor:
+    """A differentiable sample of Bernoulli(sigmoid(logits))."""
+    u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+    return torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
+
+
+def global_backprop_step(model: ARRCOC, images: Tensor, labels: Tensor, query: QueryInput = None,
+                         config: GlobalBackpropConfig | None = None) -> dict[str, float]:
+    """One step of the DynamicViT-style baseline: task loss through the frozen backbone."""
+    cfg = config or GlobalBackpropConfig()
+    model.check_images(images)
+    q = model.encode_query(query, images.shape[0])
+    grid = model.adapter.grid(images)
+    with torch.no_grad():
+        state = model.adapter.tokens(images)
+    was_training = model.relevance.training
+    model.relevance.train()
+    model.optimizer.zero_grad(set_to_none=True)
+    out = model.relevance(images, state.patches, (grid.height, grid.width), q)
+    keep = gumbel_sigmoid(out.logits, cfg.temperature)
+    prefix = keep.new_ones(keep.shape[0], state.num_prefix)
+    soft = TokenSet(state.tokens, state.num_prefix, state.patch_index, torch.cat([prefix, keep.clamp_min(1e-6)], 1))
+    logits = model.adapter.head(model.adapter.run_blocks(soft))
+    budget = model.config.budget if model.config.budget <= 1 else model.config.budget / keep.shape[1]
+    task = F.cross_entropy(logits, labels)
+    loss = task + cfg.ratio_weight * (keep.mean(1) - budget).pow(2).mean()
+    loss.backward()
+    model.optimizer.step()
+    model.relevance.train(was_training)
+    return {"loss": loss.item(), "task_loss": task.item(), "keep": keep.mean().item()}

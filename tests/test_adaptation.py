@@ -1,0 +1,76 @@
+"""Label-free online adaptation: it helps under a shift, its updates are bounded, rollback is exact."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import arrcoc
+from arrcoc.data.toy_patches import coloured_patch_stream, toy_vit
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    """A toy ViT trained (by ordinary backprop, as a pretrained backbone would be) to name the colour
+    of the one smooth patch: its prediction depends on that patch, and only on it."""
+    model = toy_vit(num_classes=3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        images, labels, _ = coloured_patch_stream(64, g, noise=0.2 * torch.rand(1, generator=g).item())
+        optimizer.zero_grad()
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+    model.eval()
+    images, labels, _ = coloured_patch_stream(200, g)
+    assert (model(images).argmax(1) == labels).float().mean() > 0.95
+    return model
+
+
+def ranking(wrapped, images, where) -> float:
+    return (wrapped.relevance_map(images).logits.flatten(1).argmax(1) == where).float().mean().item()
+
+
+def test_online_adaptation_improves_ranking_without_labels(backbone):
+    wrapped = arrcoc.attach(backbone, budget=0.25)
+    probe, _, where = coloured_patch_stream(200, torch.Generator().manual_seed(99))
+    frozen = ranking(wrapped, probe, where)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(40):
+        images, _, _ = coloured_patch_stream(32, g)  # labels are never used
+        report = wrapped.adapt(images)
+        assert not report.rolled_back
+    assert ranking(wrapped, probe, where) >= frozen + 0.5
+    assert report.running_agreement > 0.8  # the reduced prediction now matches the full one
+
+
+def test_each_online_update_is_bounded(backbone):
+    wrapped = arrcoc.attach(backbone, budget=0.25)
+    g = torch.Generator().manual_seed(3)
+    bound = wrapped.adaptation.lr * wrapped.adaptation.max_grad_norm
+    for _ in range(5):
+        before = torch.cat([p.detach().flatten().clone() for p in wrapped.relevance.parameters()])
+        wrapped.adapt(coloured_patch_stream(16, g)[0])
+        after = torch.cat([p.detach().flatten() for p in wrapped.relevance.parameters()])
+        assert (after - before).norm() <= bound * (1 + 1e-5)
+
+
+def test_rollback_restores_the_last_good_weights_exactly(backbone):
+    wrapped = arrcoc.attach(backbone, budget=0.25)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(60):
+        before = copy.deepcopy(wrapped.relevance.state_dict())
+        if wrapped.adapt(coloured_patch_stream(32, g)[0]).snapshot:
+            rollback_point = before
+    with torch.no_grad():  # a harmful drift that blinds the module: every learned weight lost
+        for p in wrapped.relevance.parameters():
+            p.zero_()
+    wrapped.adaptation.lr = 0.0  # and no relearning, so only the rollback can repair it
+    for _ in range(20):  # the label-free proxy falls and the module rolls back
+        report = wrapped.adapt(coloured_patch_stream(32, g)[0])
+        if report.rolled_back:
+            break
+    assert report.rolled_back
+    state = wrapped.relevance.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in rollback_point.items())
