@@ -9,6 +9,7 @@ BENCHMARKS = {
     "rules": "arrcoc.bench.rules_mnist",  # every learning rule on 5,000 real MNIST digits
     "alignment": "arrcoc.bench.alignment",  # energy-based rules vs. backprop as the nudge shrinks
     "throughput": "arrcoc.bench.throughput",  # token budgets vs. speed on timm ViTs
+    "sweep": "arrcoc.bench.sweep",  # the relevance module under a grid of rule assignments
 }
 
 

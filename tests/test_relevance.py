@@ -212,3 +212,35 @@ def test_global_backprop_baseline_trains_through_the_frozen_backbone():
     assert 0 < metrics["keep"] < 1 and metrics["task_loss"] > 0
     assert all(not torch.equal(b, p) for b, p in zip(before, learned))  # the task loss reached the scorers
     assert all(p.grad is None for p in model.parameters())  # the backbone is frozen (no .grad)
+
+
+def test_tiers_keep_the_token_total_within_the_budget():
+    from arrcoc.backbones import REFINED
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, patch_size=8, embed_dim=32,
+                              depth=1, num_heads=2, num_classes=10)  # an 8 x 8 grid: 16 regions of 2 x 2
+    seen = []
+    model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    images = torch.rand(2, 3, 64, 64)
+    wrapped = arrcoc.attach(model, budget=0.5, config={"tiers": True, "refined_regions": 1})
+    counts = wrapped.tier_counts(8, 8)
+    assert (counts.refined, counts.regions) == (1, 16) and 30 <= counts.total <= 32
+    assert wrapped(images).shape == (2, 10)
+    assert seen == [1 + counts.total]  # CLS + exactly the tiered total
+    tiers = wrapped.tiers(wrapped.relevance_map(images).logits.flatten(1), 8, 8)
+    assert (tiers == REFINED).sum(1).tolist() == [1, 1]
+    with pytest.raises(ValueError, match="infeasible for tiers"):
+        arrcoc.attach(model, budget=0.25, config={"tiers": True, "refined_regions": 1})(images)
+
+
+def test_reward_modulated_target_follows_the_outcome_of_the_choice():
+    wrapped = arrcoc.attach(toy_vit(), budget=0.25, config={"target": "reward"})
+    g = torch.Generator().manual_seed(0)
+    batch = single_patch_task(16, g)
+    labels = torch.randint(0, 10, (16,), generator=g)
+    before = [p.detach().clone() for p in wrapped.relevance.parameters()]
+    wrapped.learn(batch.images, labels=labels)
+    wrapped.learn(batch.images)  # label-free: rewarded for agreeing with the full-token prediction
+    assert any(not torch.equal(b, p) for b, p in zip(before, wrapped.relevance.parameters()))
+    with pytest.raises(ValueError, match="inside learn"):
+        wrapped.relevance_target(batch.images)

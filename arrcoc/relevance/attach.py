@@ -23,7 +23,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from arrcoc.backbones import TokenSet, adapt_backbone, keep_top_k, num_kept, top_k
+from arrcoc.backbones import (
+    TierCounts,
+    TokenSet,
+    adapt_backbone,
+    assign_tiers,
+    keep_top_k,
+    num_kept,
+    region_scores,
+    select,
+    tiered_tokens,
+    top_k,
+)
 from arrcoc.rules import RuleContext, build_rule
 
 from .knowing import ParticipatoryKnowing
@@ -88,6 +99,7 @@ class ARRCOC(nn.Module):
         self._running_agreement: float | None = None
         self._best_agreement = 0.0
         self._last_good: dict[str, Tensor] | None = None
+        self._reward_baseline: Tensor | None = None
         self.eval()  # ready for inference; learn() switches to training mode only while it runs
 
     # ---- set-up -----------------------------------------------------------------------------
@@ -145,10 +157,31 @@ class ARRCOC(nn.Module):
             self.check_images(images)
             self.encode_query(query, images.shape[0])
             return self.adapter(images)
-        out, state, _ = self._relevance(images, query)
-        scores = torch.sigmoid(out.logits).to(state.tokens.dtype)  # non-negative, for EViT-style fusion
-        reduced = keep_top_k(state, scores, self._budget(), dropped=self.config.dropped, metric=state.patches)
+        out, state, (h, w) = self._relevance(images, query)
+        if self.config.tiers:
+            reduced = tiered_tokens(self.adapter, images, self.tiers(out.logits, h, w))
+        else:
+            scores = torch.sigmoid(out.logits).to(state.tokens.dtype)  # non-negative, for EViT-style fusion
+            reduced = keep_top_k(state, scores, self._budget(), dropped=self.config.dropped, metric=state.patches)
         return self.adapter.head(self.adapter.run_blocks(reduced))
+
+    def tier_counts(self, height: int, width: int) -> TierCounts:
+        """Regions per tier: ``refined_regions`` refined, the rest merged or normal, with the largest
+        exact total that fits the budget (a tier change moves the total by 3 tokens)."""
+        regions, budget = (height // 2) * (width // 2), num_kept(self._budget(), height * width)
+        refined = self.config.refined_regions
+        lowest = regions + 15 * refined  # every region merged except the refined ones
+        if budget < lowest or refined > regions:
+            raise ValueError(
+                f"a budget of {budget} patch tokens is infeasible for tiers with {refined} refined regions on a "
+                f"{height}x{width} grid: it needs at least {lowest} (one token per 2x2 region, 16 per refined one)"
+            )
+        total = budget - (budget - lowest) % 3
+        return TierCounts.for_total(regions, min(total, 4 * regions + 12 * refined), refined)
+
+    def tiers(self, logits: Tensor, height: int, width: int) -> Tensor:
+        """(B, regions) tier of every 2x2-patch region, the most relevant regions in the finest tiers."""
+        return assign_tiers(region_scores(logits, height, width), self.tier_counts(height, width))
 
     def _budget(self) -> float | int:
         budget = self.config.budget
@@ -174,10 +207,29 @@ class ARRCOC(nn.Module):
             if boxes is None:
                 raise ValueError("target 'box' needs boxes (batch, 4) for every image")
             return box_target(boxes, (grid.height, grid.width), self.adapter.patch_size)
+        if self.config.target == "reward":
+            raise ValueError("the 'reward' target depends on the module's own choice: it is made inside learn()")
         state = self.adapter.tokens(images)
         if self.config.target == "attention":
             return attention_target(self.adapter, state)
         return perturbation_target(self.adapter, state, (grid.height, grid.width))
+
+    @torch.no_grad()
+    def reward_target(self, out: RelevanceOutput, state: TokenSet, labels: Tensor | None) -> Tensor:
+        """Three-factor target: move each patch's keep probability p towards the choice that was made
+        (the top-K mask m) in proportion to the reward R of that choice minus its running mean b:
+        t = p + (R - b)(m - p). R = the reduced prediction is right (labels), or agrees with the
+        full-token prediction (no labels)."""
+        k = num_kept(self._budget(), out.logits.shape[1])
+        kept = top_k(out.logits, k)
+        mask = torch.zeros_like(out.logits).scatter_(1, kept, 1.0)
+        reduced = self.adapter.head(self.adapter.run_blocks(select(state, kept))).argmax(-1)
+        reference = labels if labels is not None else self.adapter.head(self.adapter.run_blocks(state)).argmax(-1)
+        reward = (reduced == reference).float()
+        baseline = reward.mean() if self._reward_baseline is None else self._reward_baseline
+        self._reward_baseline = 0.9 * baseline + 0.1 * reward.mean()
+        p = torch.sigmoid(out.logits)
+        return (p + (reward - baseline)[:, None] * (mask - p)).clamp(0, 1)
 
     def rule_contexts(self, out: RelevanceOutput, target: Tensor) -> dict[str, RuleContext]:
         """What each sub-network's rule sees in one step (only the sub-networks in use)."""
@@ -198,8 +250,8 @@ class ARRCOC(nn.Module):
         return contexts
 
     def learn(self, images: Tensor, query: QueryInput = None, target: Tensor | None = None,
-              boxes: Tensor | None = None, optimizer: torch.optim.Optimizer | None = None,
-              max_grad_norm: float | None = None) -> dict[str, float]:
+              boxes: Tensor | None = None, labels: Tensor | None = None,
+              optimizer: torch.optim.Optimizer | None = None, max_grad_norm: float | None = None) -> dict[str, float]:
         """One step: every sub-network's rule fills its .grad, then the optimizer steps.
 
         If any rule fails (a diverging relaxation, a non-finite update), every .grad is cleared and
@@ -208,10 +260,12 @@ class ARRCOC(nn.Module):
         was_training = self.relevance.training
         self.relevance.train()  # feature statistics follow the training stream
         try:
-            out, _, (h, w) = self._relevance(images, query)
+            out, state, (h, w) = self._relevance(images, query)
         finally:
             self.relevance.train(was_training)
-        if target is None:
+        if target is None and self.config.target == "reward":
+            target = self.reward_target(out, state, labels)
+        elif target is None:
             target = self.relevance_target(images, boxes)
         if target.shape != out.logits.shape:
             raise ValueError(f"target must be (batch, patches) = {tuple(out.logits.shape)}, got {tuple(target.shape)}")

@@ -44,7 +44,7 @@ DEFAULT_RULES: dict[str, dict[str, Any]] = {
     "allocator": {"name": "fa"},
 }
 DROPPED = ("discard", "fuse", "merge")
-TARGETS = ("attention", "perturbation", "box")
+TARGETS = ("attention", "perturbation", "box", "reward")
 
 
 @dataclass
@@ -61,6 +61,10 @@ class RelaxationSettings:
 class RelevanceConfig:
     budget: float = 0.25  # fraction of patch tokens kept (or tokens, if > 1)
     dropped: str = "discard"  # what becomes of dropped tokens: discard | fuse (EViT) | merge (ToMe)
+    # tiers of detail instead of plain top-K: 2x2-patch regions merged (1 token), normal (4) or refined
+    # (16, from a 2x view); the `refined_regions` best regions are refined, the total stays within budget
+    tiers: bool = False
+    refined_regions: int = 0
     # switches for ablations
     backbone_tokens: bool = True
     texture: bool = True
@@ -78,7 +82,7 @@ class RelevanceConfig:
     allocator_features: bool = False
     relaxation: RelaxationSettings = dataclasses.field(default_factory=RelaxationSettings)
     # learning
-    target: str = "attention"  # attention | perturbation | box (see arrcoc.relevance.targets)
+    target: str = "attention"  # attention | perturbation | box | reward (see arrcoc.relevance.targets)
     rules: dict[str, Any] = dataclasses.field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_RULES.items()})
     optimizer: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "adam", "lr": 1e-3})
     # pixels: images given to the backbone are (rgb - mean) / std; the texture stack needs rgb in [0, 1]
@@ -92,6 +96,8 @@ class RelevanceConfig:
             raise ValueError(f"budget must be a fraction in (0, 1] or a whole token count >= 1, got {self.budget}")
         if self.dropped not in DROPPED:
             raise ValueError(f"dropped must be one of {DROPPED}, got {self.dropped!r}")
+        if self.refined_regions < 0:
+            raise ValueError(f"refined_regions must be >= 0, got {self.refined_regions}")
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         unknown = sorted(set(self.rules) - set(SUBNETWORKS))

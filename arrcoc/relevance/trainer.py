@@ -26,6 +26,7 @@ class Batch:
     query: QueryInput = None
     target: Tensor | None = None  # (B, N) relevance target; else the model's configured target
     boxes: Tensor | None = None  # for the 'box' target
+    labels: Tensor | None = None  # for the 'reward' target (without them it rewards agreement with full tokens)
 
 
 @dataclass
@@ -69,7 +70,8 @@ class Trainer:
         for epoch in range(cfg.epochs):
             bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress)
             for batch in bar:
-                metrics = self.model.learn(batch.images, batch.query, target=batch.target, boxes=batch.boxes)
+                metrics = self.model.learn(batch.images, batch.query, target=batch.target, boxes=batch.boxes,
+                                           labels=batch.labels)
                 schedule.step()
                 metrics["lr"] = schedule.get_last_lr()[0]
                 history.append(metrics)
