@@ -200,8 +200,9 @@ class ARRCOC(nn.Module):
 
     # ---- learning -----------------------------------------------------------------------------
     @torch.no_grad()
-    def relevance_target(self, images: Tensor, boxes: Tensor | None = None) -> Tensor:
-        """(B, N) the configured forward-only target (see :mod:`arrcoc.relevance.targets`)."""
+    def relevance_target(self, images: Tensor, boxes: Tensor | None = None, state: TokenSet | None = None) -> Tensor:
+        """(B, N) the configured forward-only target (see :mod:`arrcoc.relevance.targets`); ``state``: the
+        images' embedded tokens, if already computed."""
         grid = self.adapter.grid(images)
         if self.config.target == "box":
             if boxes is None:
@@ -209,7 +210,7 @@ class ARRCOC(nn.Module):
             return box_target(boxes, (grid.height, grid.width), self.adapter.patch_size)
         if self.config.target == "reward":
             raise ValueError("the 'reward' target depends on the module's own choice: it is made inside learn()")
-        state = self.adapter.tokens(images)
+        state = self.adapter.tokens(images) if state is None else state
         if self.config.target == "attention":
             return attention_target(self.adapter, state)
         return perturbation_target(self.adapter, state, (grid.height, grid.width))
@@ -266,7 +267,7 @@ class ARRCOC(nn.Module):
         if target is None and self.config.target == "reward":
             target = self.reward_target(out, state, labels)
         elif target is None:
-            target = self.relevance_target(images, boxes)
+            target = self.relevance_target(images, boxes, state)
         if target.shape != out.logits.shape:
             raise ValueError(f"target must be (batch, patches) = {tuple(out.logits.shape)}, got {tuple(target.shape)}")
         optimizer = optimizer or self.optimizer
