@@ -143,12 +143,16 @@ class ARRCOC(nn.Module):
             raise ValueError("images contain NaN or Inf")
 
     # ---- the pass -----------------------------------------------------------------------------
-    def _relevance(self, images: Tensor, query: QueryInput) -> tuple[RelevanceOutput, TokenSet, tuple[int, int]]:
+    def _relevance(self, images: Tensor, query: QueryInput, differentiable: bool = False
+                   ) -> tuple[RelevanceOutput, TokenSet, tuple[int, int]]:
+        """Validate the inputs, embed the images (never differentiated) and run the relevance module
+        (with autograd only for the global-backprop baseline)."""
         self.check_images(images)
         q = self.encode_query(query, images.shape[0])
         grid = self.adapter.grid(images)
         with torch.no_grad():
             state = self.adapter.tokens(images)
+        with torch.set_grad_enabled(differentiable):
             out = self.relevance(images, state.patches, (grid.height, grid.width), q)
         return out, state, (grid.height, grid.width)
 

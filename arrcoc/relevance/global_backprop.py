@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from arrcoc.backbones import TokenSet
+from arrcoc.backbones import TokenSet, num_kept
 
 from .attach import ARRCOC, QueryInput
 
@@ -40,20 +40,15 @@ def global_backprop_step(model: ARRCOC, images: Tensor, labels: Tensor, query: Q
                          config: GlobalBackpropConfig | None = None) -> dict[str, float]:
     """One step of the DynamicViT-style baseline: task loss through the frozen backbone."""
     cfg = config or GlobalBackpropConfig()
-    model.check_images(images)
-    q = model.encode_query(query, images.shape[0])
-    grid = model.adapter.grid(images)
-    with torch.no_grad():
-        state = model.adapter.tokens(images)
     was_training = model.relevance.training
     model.relevance.train()
     model.optimizer.zero_grad(set_to_none=True)
-    out = model.relevance(images, state.patches, (grid.height, grid.width), q)
+    out, state, _ = model._relevance(images, query, differentiable=True)
     keep = gumbel_sigmoid(out.logits, cfg.temperature)
     prefix = keep.new_ones(keep.shape[0], state.num_prefix)
     soft = TokenSet(state.tokens, state.num_prefix, state.patch_index, torch.cat([prefix, keep.clamp_min(1e-6)], 1))
     logits = model.adapter.head(model.adapter.run_blocks(soft))
-    budget = model.config.budget if model.config.budget <= 1 else model.config.budget / keep.shape[1]
+    budget = num_kept(model._budget(), keep.shape[1]) / keep.shape[1]
     task = F.cross_entropy(logits, labels)
     loss = task + cfg.ratio_weight * (keep.mean(1) - budget).pow(2).mean()
     loss.backward()
