@@ -19,9 +19,11 @@ from arrcoc.backbones import (
     adapt_backbone,
     ats_scores,
     cls_attention_scores,
+    equal_compute_baseline,
     make_baseline,
     num_kept,
     run_reduced,
+    tokens_per_block,
 )
 
 ATTENTION_FAMILIES = ["timm-vit-eager", "timm-deit3-layerscale-reg-qknorm", "hf-vit-cls", "hf-dinov2-registers"]
@@ -161,3 +163,26 @@ def test_throughput_benchmark_command_writes_its_results(tmp_path) -> None:
     assert all(r["speedup"] > 0 and 0 < r["mean_token_fraction"] <= 1 for r in rows)
     assert {"device", "torch", "timm", "threads"} <= result["meta"].keys()
     assert (out / "throughput.md").is_file() and (out / "throughput.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["evit", "ats", "tome", "random"])
+def test_tokens_per_block_matches_the_tokens_the_blocks_run_on(name: str) -> None:
+    adapter = adapt_backbone(build("timm-vit-eager"))
+    x = images()
+    grid = adapter.grid(x)
+    reducer = make_baseline(name, 0.25, adapter.depth, grid)
+    trace: list[int] = []
+    with torch.no_grad():
+        run_reduced(adapter, x, reducer, trace)
+    assert [t - adapter.num_prefix_tokens for t in trace] == tokens_per_block(reducer, grid.num_patches, adapter.depth)
+
+
+def test_equal_compute_baselines_run_on_the_requested_mean_token_count_or_report_infeasible() -> None:
+    grid, depth = PatchGrid(8, 8, (8, 8)), 6
+    for name in ("evit", "ats", "tome"):
+        reducer = equal_compute_baseline(name, 32, depth, grid)
+        assert abs(sum(tokens_per_block(reducer, 64, depth)) / depth - 32) <= 1.6
+        # blocks before the first reduction see all 64 tokens: a mean of 8 is out of reach at depth 6
+        assert equal_compute_baseline(name, 8, depth, grid) is None
+    with pytest.raises(ValueError, match="progressive"):
+        equal_compute_baseline("random", 8, depth, grid)

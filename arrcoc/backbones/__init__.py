@@ -16,14 +16,17 @@ from .adapters import (
 from .baselines import (
     BASELINES,
     BEFORE_BLOCKS,
+    PROGRESSIVE,
     GridScorer,
     ToMe,
     TopK,
     ats_scores,
     cls_attention_scores,
+    equal_compute_baseline,
     make_baseline,
     random_scores,
     run_reduced,
+    tokens_per_block,
 )
 from .tiers import MERGED, NORMAL, REFINED, TierCounts, assign_tiers, region_scores, tiered_tokens
 from .tokens import FUSED, TokenSet, bipartite_merge, check_index, keep_top_k, num_kept, select, top_k
@@ -38,11 +41,13 @@ __all__ = [
     "tiered_tokens",
     "BASELINES",
     "BEFORE_BLOCKS",
+    "PROGRESSIVE",
     "GridScorer",
     "ToMe",
     "TopK",
     "ats_scores",
     "cls_attention_scores",
+    "equal_compute_baseline",
     "make_baseline",
     "random_scores",
     "run_reduced",
@@ -61,5 +66,6 @@ __all__ = [
     "register_adapter",
     "select",
     "supported_families",
+    "tokens_per_block",
     "top_k",
 ]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 
 import torch
@@ -94,6 +94,10 @@ class TopK:
     def __call__(self, state: TokenSet, stats: AttentionStats | None, layer: int) -> TokenSet:
         return keep_top_k(state, self.scorer(state, stats), self.keep, self.dropped)
 
+    def tokens_after(self, tokens: int, layer: int) -> int:
+        kept = num_kept(self.keep, tokens)
+        return kept + (self.dropped == "fuse" and kept < tokens)  # the summary token
+
 
 @dataclass
 class ToMe:
@@ -108,6 +112,9 @@ class ToMe:
 
     def __call__(self, state: TokenSet, stats: AttentionStats | None, layer: int) -> TokenSet:
         return bipartite_merge(state, stats.key_metric()[:, state.num_prefix :], self.r[layer])
+
+    def tokens_after(self, tokens: int, layer: int) -> int:
+        return tokens - max(0, min(self.r[layer], tokens // 2))  # as bipartite_merge caps r
 
 
 Reducer = TopK | ToMe
@@ -134,6 +141,18 @@ def run_reduced(
     if trace is not None:
         trace.extend([state.tokens.shape[1]] * (adapter.depth - start))
     return adapter.run_blocks(state, start)
+
+
+def tokens_per_block(reducer: Reducer | None, num_patches: int, depth: int) -> list[int]:
+    """Patch tokens each block runs on under ``reducer``'s schedule (no forward pass needed)."""
+    stages = set() if reducer is None else set(reducer.layers)
+    tokens = reducer.tokens_after(num_patches, BEFORE_BLOCKS) if BEFORE_BLOCKS in stages else num_patches
+    per_block = []
+    for layer in range(depth):
+        per_block.append(tokens)
+        if layer in stages:
+            tokens = reducer.tokens_after(tokens, layer)
+    return per_block
 
 
 def _stages(depth: int, count: int) -> tuple[int, ...]:
@@ -169,3 +188,28 @@ def make_baseline(name: str, budget: float, depth: int, grid: PatchGrid) -> Redu
 
 
 BASELINES: tuple[str, ...] = ("full", "random", "grid", "evit", "ats", "tome")
+PROGRESSIVE: tuple[str, ...] = ("evit", "ats", "tome")  # reduce after blocks, so early blocks see every token
+
+
+def equal_compute_baseline(name: str, mean_tokens: float, depth: int, grid: PatchGrid) -> Reducer | None:
+    """A progressive baseline rescheduled so that its blocks run on ``mean_tokens`` patch tokens on average:
+    equal compute with a method that keeps that many tokens from block 0 on.
+
+    EViT / ATS keep their stages and change the keep rate per stage; ToMe changes the number of merges per
+    block. Returns ``None`` when no schedule gets within 5% (or half a token) of ``mean_tokens``: blocks that
+    run before the first reduction see every token, which puts a floor under their compute.
+    """
+    if name not in PROGRESSIVE:
+        raise ValueError(f"equal-compute scheduling is for the progressive baselines {PROGRESSIVE}, got {name!r}")
+    n = grid.num_patches
+    if name == "tome":
+        candidates = [ToMe([r] * (depth - 1) + [0]) for r in range(n // 2 + 1)]
+    else:
+        template = make_baseline(name, 0.5, depth, grid)
+        candidates = [replace(template, keep=keep / 1000) for keep in range(1, 1001)]
+
+    def error(reducer: Reducer) -> float:
+        return abs(sum(tokens_per_block(reducer, n, depth)) / depth - mean_tokens)
+
+    best = min(candidates, key=error)
+    return best if error(best) <= max(0.5, 0.05 * mean_tokens) else None
