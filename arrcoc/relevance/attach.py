@@ -35,9 +35,8 @@ from arrcoc.backbones import (
     tiered_tokens,
     top_k,
 )
-from arrcoc.rules import RuleContext, build_rule
 
-from .knowing import ParticipatoryKnowing
+from .learning import LocalRuleLearner
 from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
 from .targets import attention_target, box_target, perturbation_target
 
@@ -75,7 +74,7 @@ class AdaptReport:
     rolled_back: bool  # the weights were restored to the rollback point (and not updated)
 
 
-class ARRCOC(nn.Module):
+class ARRCOC(LocalRuleLearner, nn.Module):
     def __init__(
         self,
         model: nn.Module,
@@ -92,30 +91,12 @@ class ARRCOC(nn.Module):
         with torch.no_grad():
             token_dim = self.adapter.embed(probe).shape[-1]
         self.relevance = RelevanceModule(self.config, token_dim, self.adapter.patch_size)
-        self.rules = nn.ModuleDict({
-            name: build_rule(self._rule_config(name), subnet) for name, subnet in self.relevance.subnetworks().items()
-        })
-        self.optimizer = self._make_optimizer(self.config.optimizer)
+        self._build_rules()
         self._running_agreement: float | None = None
         self._best_agreement = 0.0
         self._last_good: dict[str, Tensor] | None = None
         self._reward_baseline: Tensor | None = None
         self.eval()  # ready for inference; learn() switches to training mode only while it runs
-
-    # ---- set-up -----------------------------------------------------------------------------
-    def _rule_config(self, name: str) -> dict[str, Any]:
-        rule = dict(self.config.rules[name])
-        if name == "field" and rule["name"] in ("ep", "chl"):  # the field relaxes the same way everywhere
-            relaxation = self.config.relaxation
-            for key in ("steps", "step_size", "momentum", "tol"):
-                rule.setdefault(key, getattr(relaxation, key))
-        return rule
-
-    def _make_optimizer(self, spec: dict[str, Any]) -> torch.optim.Optimizer:
-        kinds = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-        if spec.get("name") not in kinds:
-            raise ValueError(f"optimizer name must be one of {sorted(kinds)}, got {spec.get('name')!r}")
-        return kinds[spec["name"]](self.relevance.parameters(), lr=float(spec.get("lr", 1e-3)))
 
     # ---- inputs -------------------------------------------------------------------------------
     def encode_query(self, query: QueryInput, batch: int) -> Tensor | None:
@@ -236,24 +217,6 @@ class ARRCOC(nn.Module):
         p = torch.sigmoid(out.logits)
         return (p + (reward - baseline)[:, None] * (mask - p)).clamp(0, 1)
 
-    def rule_contexts(self, out: RelevanceOutput, target: Tensor) -> dict[str, RuleContext]:
-        """What each sub-network's rule sees in one step (only the sub-networks in use)."""
-        cfg, relevance = self.config, self.relevance
-        contexts: dict[str, RuleContext] = {}
-        if cfg.perspectival:
-            contexts["perspectival_encoder"] = RuleContext(out.context)
-            responses = relevance.perspectival.responses(out.context)
-            contexts["perspectival_readout"] = RuleContext(responses, target=target[..., None])
-        if cfg.participatory and out.query is not None:
-            key = ParticipatoryKnowing.queried_content(out.context, target)
-            contexts["participatory"] = RuleContext(out.query, target=key)
-        if cfg.field:
-            contexts["field"] = RuleContext(out.field_input, target=target)
-        # d(binary cross-entropy)/d(logit) of the whole allocator output (its MLP plus the field's logit)
-        error = (torch.sigmoid(out.logits) - target) / target.shape[0]
-        contexts["allocator"] = RuleContext(out.allocator_input, output_error=error[..., None])
-        return contexts
-
     def learn(self, images: Tensor, query: QueryInput = None, target: Tensor | None = None,
               boxes: Tensor | None = None, labels: Tensor | None = None,
               optimizer: torch.optim.Optimizer | None = None, max_grad_norm: float | None = None) -> dict[str, float]:
@@ -272,19 +235,7 @@ class ARRCOC(nn.Module):
             target = self.reward_target(out, state, labels)
         elif target is None:
             target = self.relevance_target(images, boxes, state)
-        if target.shape != out.logits.shape:
-            raise ValueError(f"target must be (batch, patches) = {tuple(out.logits.shape)}, got {tuple(target.shape)}")
-        optimizer = optimizer or self.optimizer
-        optimizer.zero_grad(set_to_none=True)
-        try:
-            for name, ctx in self.rule_contexts(out, target.to(out.logits.dtype)).items():
-                self.rules[name].step(ctx)
-        except Exception:
-            optimizer.zero_grad(set_to_none=True)
-            raise
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.relevance.parameters(), max_grad_norm)
-        optimizer.step()
+        self.apply_rules(out, target, optimizer, max_grad_norm)
         k = num_kept(self._budget(), h * w)
         chosen = torch.zeros_like(out.logits).scatter_(1, top_k(out.logits, k), 1.0)
         wanted = torch.zeros_like(target).scatter_(1, top_k(target, k), 1.0)

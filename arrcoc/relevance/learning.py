@@ -1,0 +1,85 @@
+"""What every ARR-COC wrapper shares: one local rule per relevance sub-network, one optimizer, one step.
+
+A wrapper (``ARRCOC`` for ViTs, ``VLMARRCOC`` for vision-language models) owns ``config``
+(:class:`RelevanceConfig`) and ``relevance`` (:class:`RelevanceModule`); this mixin builds the rules and
+the optimizer from the config and applies one step of every rule to a pass of the module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from arrcoc.rules import RuleContext, build_rule
+
+from .knowing import ParticipatoryKnowing
+from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
+
+
+class LocalRuleLearner:
+    config: RelevanceConfig
+    relevance: RelevanceModule
+    rules: nn.ModuleDict
+    optimizer: torch.optim.Optimizer
+
+    def _build_rules(self) -> None:
+        """One rule per sub-network, as configured, and the optimizer that applies their updates."""
+        self.rules = nn.ModuleDict({
+            name: build_rule(self._rule_config(name), subnet) for name, subnet in self.relevance.subnetworks().items()
+        })
+        self.optimizer = self._make_optimizer(self.config.optimizer)
+
+    def _rule_config(self, name: str) -> dict[str, Any]:
+        rule = dict(self.config.rules[name])
+        if name == "field" and rule["name"] in ("ep", "chl"):  # the field relaxes the same way everywhere
+            relaxation = self.config.relaxation
+            for key in ("steps", "step_size", "momentum", "tol"):
+                rule.setdefault(key, getattr(relaxation, key))
+        return rule
+
+    def _make_optimizer(self, spec: dict[str, Any]) -> torch.optim.Optimizer:
+        kinds = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+        if spec.get("name") not in kinds:
+            raise ValueError(f"optimizer name must be one of {sorted(kinds)}, got {spec.get('name')!r}")
+        return kinds[spec["name"]](self.relevance.parameters(), lr=float(spec.get("lr", 1e-3)))
+
+    def rule_contexts(self, out: RelevanceOutput, target: Tensor) -> dict[str, RuleContext]:
+        """What each sub-network's rule sees in one step (only the sub-networks in use)."""
+        cfg, relevance = self.config, self.relevance
+        contexts: dict[str, RuleContext] = {}
+        if cfg.perspectival:
+            contexts["perspectival_encoder"] = RuleContext(out.context)
+            responses = relevance.perspectival.responses(out.context)
+            contexts["perspectival_readout"] = RuleContext(responses, target=target[..., None])
+        if cfg.participatory and out.query is not None:
+            key = ParticipatoryKnowing.queried_content(out.context, target)
+            contexts["participatory"] = RuleContext(out.query, target=key)
+        if cfg.field:
+            contexts["field"] = RuleContext(out.field_input, target=target)
+        # d(binary cross-entropy)/d(logit) of the whole allocator output (its MLP plus the field's logit)
+        error = (torch.sigmoid(out.logits) - target) / target.shape[0]
+        contexts["allocator"] = RuleContext(out.allocator_input, output_error=error[..., None])
+        return contexts
+
+    def apply_rules(self, out: RelevanceOutput, target: Tensor, optimizer: torch.optim.Optimizer | None = None,
+                    max_grad_norm: float | None = None) -> None:
+        """Every sub-network's rule fills its .grad from ``out`` and ``target`` (B, N), then the optimizer steps.
+
+        If any rule fails (a diverging relaxation, a non-finite update), every .grad is cleared and no
+        weight changes; the error is raised.
+        """
+        if target.shape != out.logits.shape:
+            raise ValueError(f"target must be (batch, patches) = {tuple(out.logits.shape)}, got {tuple(target.shape)}")
+        optimizer = optimizer or self.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            for name, ctx in self.rule_contexts(out, target.to(out.logits.dtype)).items():
+                self.rules[name].step(ctx)
+        except Exception:
+            optimizer.zero_grad(set_to_none=True)
+            raise
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.relevance.parameters(), max_grad_norm)
+        optimizer.step()
