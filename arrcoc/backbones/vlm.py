@@ -263,10 +263,10 @@ class VLMAdapter:
             if not isinstance(index, Tensor) or index.ndim != 1 or index.dtype not in (torch.long, torch.int):
                 got = f"{tuple(index.shape)} {index.dtype}" if isinstance(index, Tensor) else type(index).__name__
                 raise ValueError(f"keep[{i}] must be a 1-D integer tensor of visual-token positions, got {got}")
-            if index.numel() == 0 or index.numel() > n:
-                raise ValueError(f"image {i} has {n} visual tokens: keep between 1 and {n}, got {index.numel()}")
+            if index.numel() > n:  # keeping none of an image's tokens is allowed (a perturbation may drop it)
+                raise ValueError(f"image {i} has {n} visual tokens: keep at most {n}, got {index.numel()}")
             index = index.long().sort().values
-            if int(index[0]) < 0 or int(index[-1]) >= n:
+            if index.numel() and (int(index[0]) < 0 or int(index[-1]) >= n):
                 raise ValueError(f"keep[{i}] must hold positions in [0, {n}), got min {int(index[0])}, "
                                  f"max {int(index[-1])}")
             if bool((index[1:] == index[:-1]).any()):

@@ -7,6 +7,7 @@ the optimizer from the config and applies one step of every rule to a pass of th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -70,13 +71,38 @@ class LocalRuleLearner:
         If any rule fails (a diverging relaxation, a non-finite update), every .grad is cleared and no
         weight changes; the error is raised.
         """
-        if target.shape != out.logits.shape:
-            raise ValueError(f"target must be (batch, patches) = {tuple(out.logits.shape)}, got {tuple(target.shape)}")
+        self.apply_rules_over([(out, target)], optimizer, max_grad_norm)
+
+    def apply_rules_over(self, passes: Sequence[tuple[RelevanceOutput, Tensor]],
+                         optimizer: torch.optim.Optimizer | None = None, max_grad_norm: float | None = None) -> None:
+        """One optimizer step from several passes of the module over grids of different sizes (which cannot
+        share a batch): each sub-network's update is the mean of its per-pass updates weighted by their
+        images, and the participatory rule, whose negatives are the other queries of its batch, sees the
+        queries and keys of all passes in one batch. With one pass this is exactly :meth:`apply_rules`."""
+        for out, target in passes:
+            if target.shape != out.logits.shape:
+                raise ValueError(f"target must be (batch, patches) = {tuple(out.logits.shape)}, "
+                                 f"got {tuple(target.shape)}")
         optimizer = optimizer or self.optimizer
         optimizer.zero_grad(set_to_none=True)
+        contexts = [self.rule_contexts(out, target.to(out.logits.dtype)) for out, target in passes]
+        joint = len(passes) > 1 and all("participatory" in c for c in contexts)
+        total = sum(target.shape[0] for _, target in passes)
+        parameters = list(self.relevance.parameters())
         try:
-            for name, ctx in self.rule_contexts(out, target.to(out.logits.dtype)).items():
-                self.rules[name].step(ctx)
+            for (_, target), pass_contexts in zip(passes, contexts):
+                before = [None if p.grad is None else p.grad.clone() for p in parameters] if len(passes) > 1 else []
+                for name, ctx in pass_contexts.items():
+                    if not (joint and name == "participatory"):
+                        self.rules[name].step(ctx)
+                for p, previous in zip(parameters, before):  # weight this pass's share of the update
+                    if p.grad is not None:
+                        base = torch.zeros_like(p.grad) if previous is None else previous
+                        p.grad = base + (p.grad - base) * (target.shape[0] / total)
+            if joint:
+                queries = torch.cat([c["participatory"].inputs for c in contexts])
+                keys = torch.cat([c["participatory"].target for c in contexts])
+                self.rules["participatory"].step(RuleContext(queries, target=keys))
         except Exception:
             optimizer.zero_grad(set_to_none=True)
             raise
