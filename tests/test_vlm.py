@@ -133,6 +133,14 @@ def test_generate_on_k_tokens_keeps_positions_and_shortens_the_prefill(family):
         assert torch.equal(decoded[..., row, 0], original[..., row, -1] + 1)
 
 
+def test_inference_mode_works():
+    model, inputs = family_case("llava")
+    wrapped = arrcoc.attach_vlm(model, budget=0.25)
+    with torch.inference_mode():
+        out = wrapped(**inputs, logits_to_keep=1)
+    assert out.logits.shape == (2, 1, model.config.text_config.vocab_size)
+
+
 def test_llava_full_strategy_keeps_the_cls_token_and_scores_the_patches():
     model, inputs = family_case("llava", vision_feature_select_strategy="full")
     allocation = arrcoc.attach_vlm(model, budget=0.25).allocate(**inputs)

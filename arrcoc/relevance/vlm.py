@@ -36,6 +36,7 @@ from .targets import box_target, prediction_change
 __all__ = ["VLMARRCOC", "VLMAllocation", "VLMConfig", "attach_vlm"]
 
 VLM_TARGETS = ("perturbation", "box")
+RUN_OPTIONS = ("logits_to_keep", "use_cache", "output_attentions", "output_hidden_states")
 QueryInput = Tensor | str | Sequence[str] | None
 
 
@@ -143,13 +144,16 @@ class VLMARRCOC(LocalRuleLearner, nn.Module):
             for t, grid in enumerate(grids):
                 by_shape.setdefault((grid.height, grid.width), []).append((image, t))
         batches = []
-        for shape, members in by_shape.items():
-            grids = [prompt.grids[i][t] for i, t in members]
-            tokens = torch.stack([prompt.features[i][g.index] for (i, _), g in zip(members, grids)]).float()
-            pixels = torch.stack([g.pixels for g in grids]).float()
-            rows = prompt.image_row[[i for i, _ in members]]
-            out = self.relevance(pixels, tokens, shape, query[rows])
-            batches.append(_GridBatch(members, grids, out))
+        # the field relaxes by descending its energy with autograd, which inference mode forbids: leave it and
+        # copy the (possibly inference-mode) inputs into ordinary tensors
+        with torch.inference_mode(False):
+            for shape, members in by_shape.items():
+                grids = [prompt.grids[i][t] for i, t in members]
+                tokens = torch.stack([prompt.features[i][g.index] for (i, _), g in zip(members, grids)]).float()
+                pixels = torch.stack([g.pixels for g in grids]).float()
+                rows = prompt.image_row[[i for i, _ in members]]
+                out = self.relevance(pixels.clone(), tokens.clone(), shape, query[rows].clone())
+                batches.append(_GridBatch(members, grids, out))
         return batches
 
     def _allocation(self, prompt: EncodedPrompt, batches: list[_GridBatch]) -> VLMAllocation:
@@ -175,11 +179,17 @@ class VLMARRCOC(LocalRuleLearner, nn.Module):
         return self._allocation(prompt, self._score(prompt, self.encode_query(prompt, query)))
 
     # ---- the model ------------------------------------------------------------------------------
-    def forward(self, query: QueryInput = None, **inputs: Any) -> Any:
+    def forward(self, query: QueryInput = None, **kwargs: Any) -> Any:
         """The VLM's output on the allocated tokens; ``.logits`` cover the shortened prompt (left-padded),
-        so ``logits[:, -1]`` is the next-token prediction."""
+        so ``logits[:, -1]`` is the next-token prediction. Besides the processor outputs, the model's
+        ``RUN_OPTIONS`` (e.g. ``logits_to_keep=1``) are passed on."""
+        inputs, options = self._split(kwargs)
+        unknown = sorted(set(options) - set(RUN_OPTIONS))
+        if unknown:
+            raise ValueError(f"unexpected model input(s) {unknown}; processor outputs for {self.adapter.family}: "
+                             f"{sorted(inputs) or 'none given'}, run options: {list(RUN_OPTIONS)}")
         prompt = self.adapter.encode(inputs, "forward")
-        return self.adapter.forward(prompt, self._keep(prompt, query))
+        return self.adapter.forward(prompt, self._keep(prompt, query), **options)
 
     def generate(self, query: QueryInput = None, **kwargs: Any) -> Any:
         """``model.generate(**processor_outputs, **generation_settings)`` on the allocated visual tokens;
