@@ -73,6 +73,8 @@ def test_keeping_every_token_reproduces_the_model(family):
     assert (adapter.forward(prompt, every).logits - reference).abs().max() <= 1e-4
     expected = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert torch.equal(wrapped.generate(**inputs, max_new_tokens=3, do_sample=False), expected)
+    beams = dict(max_new_tokens=2, num_beams=2, num_return_sequences=2, do_sample=False, return_dict_in_generate=True)
+    assert torch.equal(wrapped.generate(**inputs, **beams).sequences, model.generate(**inputs, **beams).sequences)
 
 
 @pytest.mark.parametrize("family", TOY_FAMILIES)
@@ -254,6 +256,8 @@ def test_unsupported_models_and_inputs_are_refused():
         wrapped(**{k: v for k, v in inputs.items() if k != "mm_token_type_ids"})
     with pytest.raises(ValueError, match="unexpected model input"):
         wrapped(**inputs, pixel_values_images=torch.zeros(1))
+    with pytest.raises(ValueError, match=r"unexpected model input\(s\) \['inputs_embeds'\]"):
+        wrapped.generate(**inputs, inputs_embeds=torch.zeros(2, 3, 32), max_new_tokens=2)
     with pytest.raises(ValueError, match="relevance target must be one of"):
         arrcoc.attach_vlm(model, config={"relevance": {"target": "attention"}})
     labels = inputs["input_ids"].clone()

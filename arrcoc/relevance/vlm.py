@@ -106,8 +106,9 @@ class VLMARRCOC(LocalRuleLearner, nn.Module):
     def _split(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Processor outputs vs. everything else (generation settings)."""
         adapter = self.adapter
-        keys = {"input_ids", "attention_mask", "position_ids", *adapter.image_inputs, *adapter.token_inputs,
-                *adapter.unsupported_inputs}
+        # inputs_embeds / mm_encoder_outputs count as inputs so that encode() refuses them: the wrapper builds both
+        keys = {"input_ids", "attention_mask", "position_ids", "inputs_embeds", "mm_encoder_outputs",
+                *adapter.image_inputs, *adapter.token_inputs, *adapter.unsupported_inputs}
         return {k: v for k, v in kwargs.items() if k in keys}, {k: v for k, v in kwargs.items() if k not in keys}
 
     def encode_query(self, prompt: EncodedPrompt, query: QueryInput) -> Tensor:
