@@ -154,12 +154,12 @@ def test_the_prompt_is_the_query():
     model, inputs = family_case("llava")
     wrapped = arrcoc.attach_vlm(model, budget=0.25)
     prompt = wrapped.adapter.encode(inputs)
-    query = wrapped.encode_query(prompt, None)
+    query = wrapped.prompt_query(prompt, None)
     text = (inputs["attention_mask"][0] == 1) & (inputs["input_ids"][0] != IMAGE_TOKEN)
     expected = model.get_input_embeddings()(inputs["input_ids"][0, text]).mean(0)
     assert query.shape == (2, 32) and torch.allclose(query[0], expected, atol=1e-6)
     other = dict(inputs, input_ids=inputs["input_ids"].masked_fill(inputs["input_ids"] == 6, 40))
-    assert not torch.allclose(wrapped.encode_query(wrapped.adapter.encode(other), None)[0], query[0])
+    assert not torch.allclose(wrapped.prompt_query(wrapped.adapter.encode(other), None)[0], query[0])
     # an explicit query steers the same relevance module
     explicit = wrapped.allocate(query=torch.randn(2, 32), **inputs)
     assert [k.numel() for k in explicit.keep] == [4, 4, 4]

@@ -155,10 +155,6 @@ class VLMAdapter:
         """Width of a visual token: the language model's hidden size."""
         return int(self.model.config.text_config.hidden_size)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     # ---- encoding --------------------------------------------------------------------------------
     def encode(self, inputs: Mapping[str, Any], mode: Mode = "forward") -> EncodedPrompt:
         """Validate processor outputs, encode their images (vision tower + projector, once) and record the

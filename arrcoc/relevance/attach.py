@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,12 +36,11 @@ from arrcoc.backbones import (
     top_k,
 )
 
-from .learning import LocalRuleLearner
+from .learning import LocalRuleLearner, QueryInput
 from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
 from .targets import attention_target, box_target, perturbation_target
 
 SCHEMA_VERSION = 1
-QueryInput = Tensor | str | Sequence[str] | None
 
 
 @dataclass
@@ -99,23 +98,6 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         self.eval()  # ready for inference; learn() switches to training mode only while it runs
 
     # ---- inputs -------------------------------------------------------------------------------
-    def encode_query(self, query: QueryInput, batch: int) -> Tensor | None:
-        if query is None:
-            return None
-        if isinstance(query, str):
-            query = [query] * batch
-        if not isinstance(query, Tensor):
-            if self.text_encoder is None:
-                raise ValueError("a text query needs a text encoder: attach(..., text_encoder=...) or pass embeddings")
-            query = self.text_encoder(list(query))
-        if query.ndim != 2 or query.shape[-1] != self.config.query_dim:
-            raise ValueError(f"query embeddings must be (batch, {self.config.query_dim}), got {tuple(query.shape)}")
-        if query.shape[0] != batch:
-            raise ValueError(f"{query.shape[0]} queries for {batch} images: give one query per image")
-        if not torch.isfinite(query).all():
-            raise ValueError("query embeddings contain NaN or Inf")
-        return query
-
     def check_images(self, images: Tensor) -> None:
         self.adapter.check_images(images)
         if images.shape[0] == 0:
@@ -167,10 +149,6 @@ class ARRCOC(LocalRuleLearner, nn.Module):
     def tiers(self, logits: Tensor, height: int, width: int) -> Tensor:
         """(B, regions) tier of every 2x2-patch region, the most relevant regions in the finest tiers."""
         return assign_tiers(region_scores(logits, height, width), self.tier_counts(height, width))
-
-    def _budget(self) -> float | int:
-        budget = self.config.budget
-        return budget if budget <= 1 else int(budget)
 
     @torch.no_grad()
     def relevance_map(self, images: Tensor, query: QueryInput = None) -> RelevanceMaps:

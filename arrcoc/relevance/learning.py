@@ -7,7 +7,7 @@ the optimizer from the config and applies one step of every rule to a pass of th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -18,12 +18,39 @@ from arrcoc.rules import RuleContext, build_rule
 from .knowing import ParticipatoryKnowing
 from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
 
+QueryInput = Tensor | str | Sequence[str] | None
+
 
 class LocalRuleLearner:
     config: RelevanceConfig
     relevance: RelevanceModule
     rules: nn.ModuleDict
     optimizer: torch.optim.Optimizer
+    text_encoder: Callable[[list[str]], Tensor] | None
+
+    def encode_query(self, query: QueryInput, batch: int) -> Tensor | None:
+        """(batch, query_dim) query embeddings from embeddings, one string or a list of strings (through the
+        text encoder); None stays None."""
+        if query is None:
+            return None
+        if isinstance(query, str):
+            query = [query] * batch
+        if not isinstance(query, Tensor):
+            if self.text_encoder is None:
+                raise ValueError("a text query needs a text encoder: attach(..., text_encoder=...) or pass embeddings")
+            query = self.text_encoder(list(query))
+        if query.ndim != 2 or query.shape[-1] != self.config.query_dim:
+            raise ValueError(f"query embeddings must be (batch, {self.config.query_dim}), got {tuple(query.shape)}")
+        if query.shape[0] != batch:
+            raise ValueError(f"{query.shape[0]} queries for {batch} images: give one query per image")
+        if not torch.isfinite(query).all():
+            raise ValueError("query embeddings contain NaN or Inf")
+        return query
+
+    def _budget(self) -> float | int:
+        """The configured budget: a fraction in (0, 1], or a token count."""
+        budget = self.config.budget
+        return budget if budget <= 1 else int(budget)
 
     def _build_rules(self) -> None:
         """One rule per sub-network, as configured, and the optimizer that applies their updates."""

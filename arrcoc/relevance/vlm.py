@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from arrcoc.backbones import num_kept
 from arrcoc.backbones.vlm import IGNORE_INDEX, EncodedPrompt, TokenGrid, VLMAdapter, adapt_vlm
 
-from .learning import LocalRuleLearner
+from .learning import LocalRuleLearner, QueryInput
 from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
 from .targets import box_target, prediction_change
 
@@ -37,7 +37,6 @@ __all__ = ["VLMARRCOC", "VLMAllocation", "VLMConfig", "attach_vlm"]
 
 VLM_TARGETS = ("perturbation", "box")
 RUN_OPTIONS = ("logits_to_keep", "use_cache", "output_attentions", "output_hidden_states")
-QueryInput = Tensor | str | Sequence[str] | None
 
 
 @dataclass
@@ -111,31 +110,14 @@ class VLMARRCOC(LocalRuleLearner, nn.Module):
                 *adapter.image_inputs, *adapter.token_inputs, *adapter.unsupported_inputs}
         return {k: v for k, v in kwargs.items() if k in keys}, {k: v for k, v in kwargs.items() if k not in keys}
 
-    def encode_query(self, prompt: EncodedPrompt, query: QueryInput) -> Tensor:
-        """(B, query_dim) one query per prompt: the prompt's pooled text embedding by default."""
-        batch = prompt.batch_size
+    def prompt_query(self, prompt: EncodedPrompt, query: QueryInput) -> Tensor:
+        """(B, query_dim) one query per prompt: the prompt's own pooled text embedding unless ``query`` is given
+        (embeddings, or sentences with a text encoder)."""
         if query is None:
             if self.text_encoder is not None:
                 raise ValueError("with a text_encoder, pass the query sentences: query=[...] (one per prompt)")
             return self.adapter.text_embedding(prompt)
-        if isinstance(query, str):
-            query = [query] * batch
-        if not isinstance(query, Tensor):
-            if self.text_encoder is None:
-                raise ValueError("a text query needs a text encoder: attach_vlm(..., text_encoder=...), "
-                                 "or pass embeddings, or no query (the prompt is the query)")
-            query = self.text_encoder(list(query))
-        if query.ndim != 2 or query.shape[-1] != self.config.query_dim:
-            raise ValueError(f"query embeddings must be (batch, {self.config.query_dim}), got {tuple(query.shape)}")
-        if query.shape[0] != batch:
-            raise ValueError(f"{query.shape[0]} queries for {batch} prompts: give one query per prompt")
-        if not torch.isfinite(query).all():
-            raise ValueError("query embeddings contain NaN or Inf")
-        return query.float()
-
-    def _budget(self) -> float | int:
-        budget = self.config.budget
-        return budget if budget <= 1 else int(budget)
+        return self.encode_query(query, prompt.batch_size).float()
 
     # ---- relevance ------------------------------------------------------------------------------
     def _score(self, prompt: EncodedPrompt, query: Tensor) -> list[_GridBatch]:
@@ -177,7 +159,7 @@ class VLMARRCOC(LocalRuleLearner, nn.Module):
     def allocate(self, query: QueryInput = None, **inputs: Any) -> VLMAllocation:
         """Which visual tokens of each image the language model gets, for these processor outputs."""
         prompt = self.adapter.encode(inputs)
-        return self._allocation(prompt, self._score(prompt, self.encode_query(prompt, query)))
+        return self._allocation(prompt, self._score(prompt, self.prompt_query(prompt, query)))
 
     # ---- the model ------------------------------------------------------------------------------
     def forward(self, query: QueryInput = None, **kwargs: Any) -> Any:
@@ -201,7 +183,7 @@ class VLMARRCOC(LocalRuleLearner, nn.Module):
 
     @torch.no_grad()
     def _keep(self, prompt: EncodedPrompt, query: QueryInput) -> list[Tensor] | None:
-        q = self.encode_query(prompt, query)  # validated even when every token is kept
+        q = self.prompt_query(prompt, query)  # validated even when every token is kept
         if self.config.budget == 1.0:  # the identity: every visual token, the model's own computation
             return None
         return self._allocation(prompt, self._score(prompt, q)).keep
@@ -266,7 +248,7 @@ class VLMARRCOC(LocalRuleLearner, nn.Module):
         prompt = self.adapter.encode(inputs, "forward")
         if labels is not None:
             prompt.per_token["labels"] = self._check_labels(prompt, labels)
-        q = self.encode_query(prompt, query)
+        q = self.prompt_query(prompt, query)
         was_training = self.relevance.training
         self.relevance.train()  # feature statistics follow the training stream
         try:
