@@ -30,6 +30,7 @@ from .baselines import (
 )
 from .tiers import MERGED, NORMAL, REFINED, TierCounts, assign_tiers, region_scores, tiered_tokens
 from .tokens import FUSED, TokenSet, bipartite_merge, check_index, keep_top_k, num_kept, select, top_k
+from .vlm import EncodedPrompt, ShortPrompt, TokenGrid, VLMAdapter, adapt_vlm, supported_vlm_families
 
 __all__ = [
     "MERGED",
@@ -68,4 +69,10 @@ __all__ = [
     "supported_families",
     "tokens_per_block",
     "top_k",
+    "EncodedPrompt",
+    "ShortPrompt",
+    "TokenGrid",
+    "VLMAdapter",
+    "adapt_vlm",
+    "supported_vlm_families",
 ]

@@ -3,6 +3,7 @@
 from .attach import ARRCOC, AdaptationConfig, AdaptReport, RelevanceMaps, attach
 from .field import RelevanceField
 from .module import DEFAULT_RULES, SUBNETWORKS, RelevanceConfig, RelevanceModule, RelevanceOutput
+from .vlm import VLMARRCOC, VLMAllocation, VLMConfig, attach_vlm
 
 __all__ = [
     "ARRCOC",
@@ -15,5 +16,9 @@ __all__ = [
     "RelevanceModule",
     "RelevanceOutput",
     "SUBNETWORKS",
+    "VLMARRCOC",
+    "VLMAllocation",
+    "VLMConfig",
     "attach",
+    "attach_vlm",
 ]

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,14 +35,12 @@ from arrcoc.backbones import (
     tiered_tokens,
     top_k,
 )
-from arrcoc.rules import RuleContext, build_rule
 
-from .knowing import ParticipatoryKnowing
+from .learning import LocalRuleLearner, QueryInput
 from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
 from .targets import attention_target, box_target, perturbation_target
 
 SCHEMA_VERSION = 1
-QueryInput = Tensor | str | Sequence[str] | None
 
 
 @dataclass
@@ -75,7 +73,7 @@ class AdaptReport:
     rolled_back: bool  # the weights were restored to the rollback point (and not updated)
 
 
-class ARRCOC(nn.Module):
+class ARRCOC(LocalRuleLearner, nn.Module):
     def __init__(
         self,
         model: nn.Module,
@@ -92,49 +90,14 @@ class ARRCOC(nn.Module):
         with torch.no_grad():
             token_dim = self.adapter.embed(probe).shape[-1]
         self.relevance = RelevanceModule(self.config, token_dim, self.adapter.patch_size)
-        self.rules = nn.ModuleDict({
-            name: build_rule(self._rule_config(name), subnet) for name, subnet in self.relevance.subnetworks().items()
-        })
-        self.optimizer = self._make_optimizer(self.config.optimizer)
+        self._build_rules()
         self._running_agreement: float | None = None
         self._best_agreement = 0.0
         self._last_good: dict[str, Tensor] | None = None
         self._reward_baseline: Tensor | None = None
         self.eval()  # ready for inference; learn() switches to training mode only while it runs
 
-    # ---- set-up -----------------------------------------------------------------------------
-    def _rule_config(self, name: str) -> dict[str, Any]:
-        rule = dict(self.config.rules[name])
-        if name == "field" and rule["name"] in ("ep", "chl"):  # the field relaxes the same way everywhere
-            relaxation = self.config.relaxation
-            for key in ("steps", "step_size", "momentum", "tol"):
-                rule.setdefault(key, getattr(relaxation, key))
-        return rule
-
-    def _make_optimizer(self, spec: dict[str, Any]) -> torch.optim.Optimizer:
-        kinds = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-        if spec.get("name") not in kinds:
-            raise ValueError(f"optimizer name must be one of {sorted(kinds)}, got {spec.get('name')!r}")
-        return kinds[spec["name"]](self.relevance.parameters(), lr=float(spec.get("lr", 1e-3)))
-
     # ---- inputs -------------------------------------------------------------------------------
-    def encode_query(self, query: QueryInput, batch: int) -> Tensor | None:
-        if query is None:
-            return None
-        if isinstance(query, str):
-            query = [query] * batch
-        if not isinstance(query, Tensor):
-            if self.text_encoder is None:
-                raise ValueError("a text query needs a text encoder: attach(..., text_encoder=...) or pass embeddings")
-            query = self.text_encoder(list(query))
-        if query.ndim != 2 or query.shape[-1] != self.config.query_dim:
-            raise ValueError(f"query embeddings must be (batch, {self.config.query_dim}), got {tuple(query.shape)}")
-        if query.shape[0] != batch:
-            raise ValueError(f"{query.shape[0]} queries for {batch} images: give one query per image")
-        if not torch.isfinite(query).all():
-            raise ValueError("query embeddings contain NaN or Inf")
-        return query
-
     def check_images(self, images: Tensor) -> None:
         self.adapter.check_images(images)
         if images.shape[0] == 0:
@@ -187,10 +150,6 @@ class ARRCOC(nn.Module):
         """(B, regions) tier of every 2x2-patch region, the most relevant regions in the finest tiers."""
         return assign_tiers(region_scores(logits, height, width), self.tier_counts(height, width))
 
-    def _budget(self) -> float | int:
-        budget = self.config.budget
-        return budget if budget <= 1 else int(budget)
-
     @torch.no_grad()
     def relevance_map(self, images: Tensor, query: QueryInput = None) -> RelevanceMaps:
         out, _, (h, w) = self._relevance(images, query)
@@ -236,24 +195,6 @@ class ARRCOC(nn.Module):
         p = torch.sigmoid(out.logits)
         return (p + (reward - baseline)[:, None] * (mask - p)).clamp(0, 1)
 
-    def rule_contexts(self, out: RelevanceOutput, target: Tensor) -> dict[str, RuleContext]:
-        """What each sub-network's rule sees in one step (only the sub-networks in use)."""
-        cfg, relevance = self.config, self.relevance
-        contexts: dict[str, RuleContext] = {}
-        if cfg.perspectival:
-            contexts["perspectival_encoder"] = RuleContext(out.context)
-            responses = relevance.perspectival.responses(out.context)
-            contexts["perspectival_readout"] = RuleContext(responses, target=target[..., None])
-        if cfg.participatory and out.query is not None:
-            key = ParticipatoryKnowing.queried_content(out.context, target)
-            contexts["participatory"] = RuleContext(out.query, target=key)
-        if cfg.field:
-            contexts["field"] = RuleContext(out.field_input, target=target)
-        # d(binary cross-entropy)/d(logit) of the whole allocator output (its MLP plus the field's logit)
-        error = (torch.sigmoid(out.logits) - target) / target.shape[0]
-        contexts["allocator"] = RuleContext(out.allocator_input, output_error=error[..., None])
-        return contexts
-
     def learn(self, images: Tensor, query: QueryInput = None, target: Tensor | None = None,
               boxes: Tensor | None = None, labels: Tensor | None = None,
               optimizer: torch.optim.Optimizer | None = None, max_grad_norm: float | None = None) -> dict[str, float]:
@@ -272,19 +213,7 @@ class ARRCOC(nn.Module):
             target = self.reward_target(out, state, labels)
         elif target is None:
             target = self.relevance_target(images, boxes, state)
-        if target.shape != out.logits.shape:
-            raise ValueError(f"target must be (batch, patches) = {tuple(out.logits.shape)}, got {tuple(target.shape)}")
-        optimizer = optimizer or self.optimizer
-        optimizer.zero_grad(set_to_none=True)
-        try:
-            for name, ctx in self.rule_contexts(out, target.to(out.logits.dtype)).items():
-                self.rules[name].step(ctx)
-        except Exception:
-            optimizer.zero_grad(set_to_none=True)
-            raise
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.relevance.parameters(), max_grad_norm)
-        optimizer.step()
+        self.apply_rules(out, target, optimizer, max_grad_norm)
         k = num_kept(self._budget(), h * w)
         chosen = torch.zeros_like(out.logits).scatter_(1, top_k(out.logits, k), 1.0)
         wanted = torch.zeros_like(target).scatter_(1, top_k(target, k), 1.0)

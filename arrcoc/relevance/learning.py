@@ -1,0 +1,138 @@
+"""What every ARR-COC wrapper shares: one local rule per relevance sub-network, one optimizer, one step.
+
+A wrapper (``ARRCOC`` for ViTs, ``VLMARRCOC`` for vision-language models) owns ``config``
+(:class:`RelevanceConfig`) and ``relevance`` (:class:`RelevanceModule`); this mixin builds the rules and
+the optimizer from the config and applies one step of every rule to a pass of the module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from arrcoc.rules import RuleContext, build_rule
+
+from .knowing import ParticipatoryKnowing
+from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
+
+QueryInput = Tensor | str | Sequence[str] | None
+
+
+class LocalRuleLearner:
+    config: RelevanceConfig
+    relevance: RelevanceModule
+    rules: nn.ModuleDict
+    optimizer: torch.optim.Optimizer
+    text_encoder: Callable[[list[str]], Tensor] | None
+
+    def encode_query(self, query: QueryInput, batch: int) -> Tensor | None:
+        """(batch, query_dim) query embeddings from embeddings, one string or a list of strings (through the
+        text encoder); None stays None."""
+        if query is None:
+            return None
+        if isinstance(query, str):
+            query = [query] * batch
+        if not isinstance(query, Tensor):
+            if self.text_encoder is None:
+                raise ValueError("a text query needs a text encoder: attach(..., text_encoder=...) or pass embeddings")
+            query = self.text_encoder(list(query))
+        if query.ndim != 2 or query.shape[-1] != self.config.query_dim:
+            raise ValueError(f"query embeddings must be (batch, {self.config.query_dim}), got {tuple(query.shape)}")
+        if query.shape[0] != batch:
+            raise ValueError(f"{query.shape[0]} queries for {batch} images: give one query per image")
+        if not torch.isfinite(query).all():
+            raise ValueError("query embeddings contain NaN or Inf")
+        return query
+
+    def _budget(self) -> float | int:
+        """The configured budget: a fraction in (0, 1], or a token count."""
+        budget = self.config.budget
+        return budget if budget <= 1 else int(budget)
+
+    def _build_rules(self) -> None:
+        """One rule per sub-network, as configured, and the optimizer that applies their updates."""
+        self.rules = nn.ModuleDict({
+            name: build_rule(self._rule_config(name), subnet) for name, subnet in self.relevance.subnetworks().items()
+        })
+        self.optimizer = self._make_optimizer(self.config.optimizer)
+
+    def _rule_config(self, name: str) -> dict[str, Any]:
+        rule = dict(self.config.rules[name])
+        if name == "field" and rule["name"] in ("ep", "chl"):  # the field relaxes the same way everywhere
+            relaxation = self.config.relaxation
+            for key in ("steps", "step_size", "momentum", "tol"):
+                rule.setdefault(key, getattr(relaxation, key))
+        return rule
+
+    def _make_optimizer(self, spec: dict[str, Any]) -> torch.optim.Optimizer:
+        kinds = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+        if spec.get("name") not in kinds:
+            raise ValueError(f"optimizer name must be one of {sorted(kinds)}, got {spec.get('name')!r}")
+        return kinds[spec["name"]](self.relevance.parameters(), lr=float(spec.get("lr", 1e-3)))
+
+    def rule_contexts(self, out: RelevanceOutput, target: Tensor) -> dict[str, RuleContext]:
+        """What each sub-network's rule sees in one step (only the sub-networks in use)."""
+        cfg, relevance = self.config, self.relevance
+        contexts: dict[str, RuleContext] = {}
+        if cfg.perspectival:
+            contexts["perspectival_encoder"] = RuleContext(out.context)
+            responses = relevance.perspectival.responses(out.context)
+            contexts["perspectival_readout"] = RuleContext(responses, target=target[..., None])
+        if cfg.participatory and out.query is not None:
+            key = ParticipatoryKnowing.queried_content(out.context, target)
+            contexts["participatory"] = RuleContext(out.query, target=key)
+        if cfg.field:
+            contexts["field"] = RuleContext(out.field_input, target=target)
+        # d(binary cross-entropy)/d(logit) of the whole allocator output (its MLP plus the field's logit)
+        error = (torch.sigmoid(out.logits) - target) / target.shape[0]
+        contexts["allocator"] = RuleContext(out.allocator_input, output_error=error[..., None])
+        return contexts
+
+    def apply_rules(self, out: RelevanceOutput, target: Tensor, optimizer: torch.optim.Optimizer | None = None,
+                    max_grad_norm: float | None = None) -> None:
+        """Every sub-network's rule fills its .grad from ``out`` and ``target`` (B, N), then the optimizer steps.
+
+        If any rule fails (a diverging relaxation, a non-finite update), every .grad is cleared and no
+        weight changes; the error is raised.
+        """
+        self.apply_rules_over([(out, target)], optimizer, max_grad_norm)
+
+    def apply_rules_over(self, passes: Sequence[tuple[RelevanceOutput, Tensor]],
+                         optimizer: torch.optim.Optimizer | None = None, max_grad_norm: float | None = None) -> None:
+        """One optimizer step from several passes of the module over grids of different sizes (which cannot
+        share a batch): each sub-network's update is the mean of its per-pass updates weighted by their
+        images, and the participatory rule, whose negatives are the other queries of its batch, sees the
+        queries and keys of all passes in one batch. With one pass this is exactly :meth:`apply_rules`."""
+        for out, target in passes:
+            if target.shape != out.logits.shape:
+                raise ValueError(f"target must be (batch, patches) = {tuple(out.logits.shape)}, "
+                                 f"got {tuple(target.shape)}")
+        optimizer = optimizer or self.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        contexts = [self.rule_contexts(out, target.to(out.logits.dtype)) for out, target in passes]
+        joint = len(passes) > 1 and all("participatory" in c for c in contexts)
+        total = sum(target.shape[0] for _, target in passes)
+        parameters = list(self.relevance.parameters())
+        try:
+            for (_, target), pass_contexts in zip(passes, contexts):
+                before = [None if p.grad is None else p.grad.clone() for p in parameters] if len(passes) > 1 else []
+                for name, ctx in pass_contexts.items():
+                    if not (joint and name == "participatory"):
+                        self.rules[name].step(ctx)
+                for p, previous in zip(parameters, before):  # weight this pass's share of the update
+                    if p.grad is not None:
+                        base = torch.zeros_like(p.grad) if previous is None else previous
+                        p.grad = base + (p.grad - base) * (target.shape[0] / total)
+            if joint:
+                queries = torch.cat([c["participatory"].inputs for c in contexts])
+                keys = torch.cat([c["participatory"].target for c in contexts])
+                self.rules["participatory"].step(RuleContext(queries, target=keys))
+        except Exception:
+            optimizer.zero_grad(set_to_none=True)
+            raise
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.relevance.parameters(), max_grad_norm)
+        optimizer.step()
