@@ -48,6 +48,19 @@ def test_exactly_k_tokens_reach_the_backbone(dropped):
     assert wrapped.relevance_map(torch.rand(2, 3, 32, 32)).kept.shape == (2, 4)
 
 
+def test_set_budget_changes_k_without_retraining_and_validates():
+    model = toy_vit()
+    wrapped = arrcoc.attach(model, budget=0.25)
+    seen = []
+    model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    images = torch.rand(2, 3, 32, 32)
+    wrapped.set_budget(0.5)(images)
+    assert seen == [1 + 8] and wrapped.relevance.field.budget == 0.5
+    assert torch.equal(wrapped.set_budget(1.0)(images), model(images))
+    with pytest.raises(ValueError, match="budget"):
+        wrapped.set_budget(1.5)
+
+
 def test_learning_never_touches_the_backbone_and_each_subnetwork_follows_its_rule():
     model = toy_vit()
     backbone_before = {k: v.clone() for k, v in model.state_dict().items()}

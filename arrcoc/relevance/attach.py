@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -131,6 +132,14 @@ class ARRCOC(LocalRuleLearner, nn.Module):
             scores = torch.sigmoid(out.logits).to(state.tokens.dtype)  # non-negative, for EViT-style fusion
             reduced = keep_top_k(state, scores, self._budget(), dropped=self.config.dropped, metric=state.patches)
         return self.adapter.head(self.adapter.run_blocks(reduced))
+
+    def set_budget(self, budget: float) -> ARRCOC:
+        """Keep a different share of the tokens from now on, without retraining: the allocator's ranking is
+        budget-free; the field's competition term pulls its total relevance towards the new K."""
+        self.config = dataclasses.replace(self.config, budget=budget)  # validates
+        self.relevance.config = self.config
+        self.relevance.field.budget = budget
+        return self
 
     def tier_counts(self, height: int, width: int) -> TierCounts:
         """Regions per tier: ``refined_regions`` refined, the rest merged or normal, with the largest

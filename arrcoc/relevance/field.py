@@ -56,16 +56,16 @@ class RelevanceField(nn.Module):
         return evidence @ weight + self.evidence_bias
 
     def lateral(self, x: Tensor) -> Tensor:
-        """(B, N, N) lateral weights from patch distances (in patches), no self-connection."""
-        positions = x[..., EVIDENCE:EVIDENCE + POSITION]
+        """(N, N) lateral weights from patch distances (in patches), no self-connection. Every image of a
+        batch shares one patch layout (``pack`` broadcasts it), so one matrix serves the whole batch."""
+        positions = x[0, :, EVIDENCE:EVIDENCE + POSITION]
         distance2 = torch.cdist(positions, positions).pow(2)
-        kernel = self.coherence * torch.exp(-0.5 * distance2)
-        return kernel - torch.diag_embed(torch.diagonal(kernel, dim1=-2, dim2=-1))
+        return self.coherence * torch.exp(-0.5 * distance2) * (1 - torch.eye(len(positions), device=x.device))
 
     def energy(self, r: Tensor, x: Tensor) -> Tensor:
         rho = torch.sigmoid(r)
         n = r.shape[-1]
-        coupling = torch.einsum("bi,bij,bj->b", rho, self.lateral(x), rho)
+        coupling = ((rho @ self.lateral(x)) * rho).sum(-1)
         gamma = F.softplus(self.competition)
         tokens = self.budget * n if self.budget <= 1 else self.budget
         budget_pressure = gamma / (2 * n) * (rho.sum(-1) - tokens).pow(2)

@@ -66,9 +66,13 @@ def patch_pixels(channels: Tensor, patch_size: tuple[int, int]) -> Tensor:
 
 
 def texture_features(rgb: Tensor, patch_size: tuple[int, int]) -> Tensor:
-    """(B, 3, H, W) in [0, 1] -> (B, N, NUM_FEATURES): per-patch mean and std of every channel."""
-    pixels = patch_pixels(pixel_channels(rgb), patch_size)
-    return torch.cat([pixels.mean(-1), pixels.std(-1, correction=0)], dim=-1)
+    """(B, 3, H, W) in [0, 1] -> (B, N, NUM_FEATURES): per-patch mean and std of every channel.
+
+    Pooled moments (E[x], E[x^2]) instead of a gather into patches: a few times faster on a CPU."""
+    channels = pixel_channels(rgb)
+    mean = F.avg_pool2d(channels, patch_size)
+    std = (F.avg_pool2d(channels * channels, patch_size) - mean * mean).clamp_min(0).sqrt()
+    return rearrange(torch.cat([mean, std], dim=1), "b c h w -> b (h w) c")
 
 
 def patch_entropy(rgb: Tensor, patch_size: tuple[int, int], bins: int = 8, width: float = 0.5) -> Tensor:
