@@ -6,10 +6,14 @@ import argparse
 import importlib
 
 BENCHMARKS = {
+    "canvas": "arrcoc.bench.canvas",  # the main job: every method x budget on real-digit canvases (default)
+    "pretrain": "arrcoc.bench.pretrain",  # trains the canvas ViT every canvas method shares
+    "query-fusion": "arrcoc.bench.query_fusion",  # trains the query task's full-token reference
     "rules": "arrcoc.bench.rules_mnist",  # every learning rule on 5,000 real MNIST digits
     "alignment": "arrcoc.bench.alignment",  # energy-based rules vs. backprop as the nudge shrinks
     "throughput": "arrcoc.bench.throughput",  # token budgets vs. speed on timm ViTs
     "sweep": "arrcoc.bench.sweep",  # the relevance module under a grid of rule assignments
+    "vlm": "arrcoc.bench.vlm_prefill",  # LLaVA prefill time / memory vs. kept visual tokens
 }
 
 
@@ -21,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
         help="run a benchmark (writes JSON + Markdown + PNG)",
         description="Run a benchmark; options after the suite name go to it (see `arrcoc bench SUITE --help`).",
     )
-    bench.add_argument("suite", nargs="?", default="rules", choices=sorted(BENCHMARKS))
+    bench.add_argument("suite", nargs="?", default="canvas", choices=sorted(BENCHMARKS))
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         importlib.import_module(BENCHMARKS[args.suite]).main(rest)

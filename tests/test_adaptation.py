@@ -74,3 +74,16 @@ def test_rollback_restores_the_last_good_weights_exactly(backbone):
     assert report.rolled_back
     state = wrapped.relevance.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in rollback_point.items())
+
+
+def test_adaptation_can_learn_from_the_backbones_attention_and_refuses_unknown_targets(backbone):
+    from arrcoc.relevance import AdaptationConfig
+
+    wrapped = arrcoc.attach(backbone, budget=0.25, adaptation=AdaptationConfig(target="attention"))
+    images, _, _ = coloured_patch_stream(16, torch.Generator().manual_seed(3))
+    before = copy.deepcopy(wrapped.relevance.state_dict())
+    report = wrapped.adapt(images)
+    assert not report.rolled_back
+    assert any(not torch.equal(before[k], v) for k, v in wrapped.relevance.state_dict().items())
+    with pytest.raises(ValueError, match="adaptation target"):
+        AdaptationConfig(target="labels")

@@ -64,6 +64,13 @@ class AdaptationConfig:
     # roll back when the running proxy falls this far below its best. The proxy of one batch of 32 is
     # noisy (std ~0.09); at 0.05 ordinary noise while learning kept undoing the learning (measured).
     rollback_drop: float = 0.15
+    # the self-supervised target: perturbation importance (16 reduced forwards per image on an 8x8 grid) or
+    # the backbone's own CLS attention (one forward; as good where the head reads CLS)
+    target: str = "perturbation"
+
+    def __post_init__(self) -> None:
+        if self.target not in ("perturbation", "attention"):
+            raise ValueError(f"adaptation target must be 'perturbation' or 'attention', got {self.target!r}")
 
 
 @dataclass
@@ -235,9 +242,10 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         return (self(images, query).argmax(-1) == self.adapter(images).argmax(-1)).float()
 
     def adapt(self, images: Tensor, query: QueryInput = None) -> AdaptReport:
-        """Label-free online step: the self-supervised target is perturbation importance against the
-        full-token prediction. Updates are bounded; if the running proxy (agreement of the reduced with
-        the full prediction) falls ``rollback_drop`` below its best, the last good weights come back."""
+        """Label-free online step towards a self-supervised target (``AdaptationConfig.target``: perturbation
+        importance against the full-token prediction, or the backbone's CLS attention). Updates are bounded;
+        if the running proxy (agreement of the reduced with the full prediction) falls ``rollback_drop``
+        below its best, the last good weights come back."""
         cfg = self.adaptation
         with torch.no_grad():
             agreement = self.agreement(images, query).mean().item()
@@ -255,7 +263,10 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         if not rolled_back:
             state = self.adapter.tokens(images)
             grid = self.adapter.grid(images)
-            target = perturbation_target(self.adapter, state, (grid.height, grid.width))
+            if cfg.target == "attention":
+                target = attention_target(self.adapter, state)
+            else:
+                target = perturbation_target(self.adapter, state, (grid.height, grid.width))
             sgd = torch.optim.SGD(self.relevance.parameters(), lr=cfg.lr)
             self.learn(images, query, target=target, optimizer=sgd, max_grad_norm=cfg.max_grad_norm)
         return AdaptReport(agreement, self._running_agreement, snapshot, rolled_back)

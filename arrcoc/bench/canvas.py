@@ -1,0 +1,591 @@
+"""The offline canvas benchmark, the project's main job: ``arrcoc bench`` (quick) or ``arrcoc bench canvas``.
+
+Every method runs on one frozen backbone, the committed canvas ViT (``python -m arrcoc.bench.pretrain``),
+over canvases composed from real MNIST digits (``arrcoc.data.canvas``):
+
+* cluttered task: one digit among fragments of others; label = the digit.
+* query task: 3-4 coloured digits, a sentence asks for one (embedded by all-MiniLM-L6-v2); label = the
+  queried digit. Query-agnostic methods must keep every digit; a query-aware one needs only the queried one.
+
+Methods x budgets (fractions of the 64 patch tokens): full, random-K, uniform grid, EViT, ATS, ToMe (the
+same final token count, and, where reachable, the same mean tokens per block), a DynamicViT-style
+allocator trained by backprop through the frozen backbone, ARR-COC trained by its local rules and its
+ablations (``configs/canvas_bench.yaml``), a box oracle (ground truth; an upper bound for selection) and,
+for the query task, the query-fusion reference (``python -m arrcoc.bench.query_fusion``).
+Then: throughput as ratios to full in one run, the relevance module's overhead, peak memory and step time
+of local-rule training vs. global backprop, and online adaptation under a distribution shift (frozen vs.
+ARR-COC's label-free adaptation vs. TENT). Writes ``canvas.json`` and PNGs to the output folder and
+``REPORT.md`` beside it (``benchmarks/`` for the full run, ``runs/quick/`` for the quick one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import math
+import multiprocessing
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+import arrcoc
+from arrcoc.backbones import (
+    PROGRESSIVE,
+    BackboneAdapter,
+    adapt_backbone,
+    equal_compute_baseline,
+    make_baseline,
+    num_kept,
+    run_reduced,
+    select,
+    tokens_per_block,
+    top_k,
+)
+from arrcoc.data import TextEncoder, cluttered_split, query_split
+from arrcoc.relevance import ARRCOC, AdaptationConfig, RelevanceConfig
+from arrcoc.relevance.global_backprop import global_backprop_step
+from arrcoc.relevance.targets import box_target
+
+from .common import REPO_ROOT, find_config, save_json_atomic
+from .pretrain import DEFAULT_CHECKPOINT, load_canvas_vit
+from .query_fusion import DEFAULT_QUERY_FUSION, load_query_fusion
+from .sweep import apply_override
+
+TASKS = ("cluttered", "query")
+EVAL_BATCH = 250
+
+
+# ---- data -----------------------------------------------------------------------------------------
+@dataclass
+class TaskData:
+    """One split of one task; ``queries`` are sentence embeddings (query task) or None."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    boxes: torch.Tensor
+    queries: torch.Tensor | None = None
+    sentences: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, index: slice | torch.Tensor) -> TaskData:
+        sentences = None
+        if self.sentences is not None:
+            rows = range(len(self))[index] if isinstance(index, slice) else index.tolist()
+            sentences = [self.sentences[i] for i in rows]
+        queries = None if self.queries is None else self.queries[index]
+        return TaskData(self.images[index], self.labels[index], self.boxes[index], queries, sentences)
+
+
+_TEXT: TextEncoder | None = None
+
+
+def task_data(task: str, split: str, n: int, seed: int) -> TaskData:
+    """Canvases of ``task`` (cluttered | query), ``split`` (train | test | shift), deterministic in ``seed``."""
+    global _TEXT
+    if task == "cluttered":
+        data = cluttered_split(split, n, seed=seed)
+        return TaskData(data.images, data.labels, data.boxes)
+    if task != "query":
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    data = query_split(split, n, seed=seed)
+    _TEXT = _TEXT or TextEncoder()
+    return TaskData(data.images, data.labels, data.boxes, _TEXT(data.queries), data.queries)
+
+
+# ---- methods ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def accuracy(predict, data: TaskData) -> float:
+    """Accuracy of ``predict(batch) -> logits`` over ``data`` in batches."""
+    correct = 0
+    for start in range(0, len(data), EVAL_BATCH):
+        batch = data.batch(slice(start, start + EVAL_BATCH))
+        correct += int((predict(batch).argmax(-1) == batch.labels).sum())
+    return 100.0 * correct / len(data)
+
+
+def baseline_predict(adapter: BackboneAdapter, name: str, budget: float, equal_compute: bool = False):
+    """``predict`` for a query-agnostic baseline; None if its equal-compute schedule is unreachable."""
+    grid = adapter.grid()
+    if equal_compute:
+        reducer = equal_compute_baseline(name, num_kept(budget, grid.num_patches), adapter.depth, grid)
+        if reducer is None:
+            return None, None
+    else:
+        reducer = make_baseline(name, budget, adapter.depth, grid)
+    mean_tokens = statistics.fmean(tokens_per_block(reducer, grid.num_patches, adapter.depth))
+    return (lambda batch: adapter.head(run_reduced(adapter, batch.images, reducer))), mean_tokens
+
+
+def oracle_predict(adapter: BackboneAdapter, budget: float):
+    """Keep the K patches that overlap the (queried) digit's ground-truth box most: an upper bound."""
+    grid = adapter.grid()
+    k = num_kept(budget, grid.num_patches)
+
+    def predict(batch: TaskData) -> torch.Tensor:
+        target = box_target(batch.boxes, (grid.height, grid.width), adapter.patch_size)
+        # ties (patches fully inside the box) go to the patch nearest the box centre
+        kept = top_k(target + _centrality(batch, grid), k)
+        return adapter.head(adapter.run_blocks(select(adapter.tokens(batch.images), kept)))
+
+    return predict
+
+
+def _centrality(batch: TaskData, grid) -> torch.Tensor:
+    ys, xs = torch.meshgrid(torch.arange(grid.height), torch.arange(grid.width), indexing="ij")
+    centres = (torch.stack([xs.flatten(), ys.flatten()], -1).float() + 0.5) * grid.patch_size[0]
+    box_centre = torch.stack([batch.boxes[:, 0] + batch.boxes[:, 2], batch.boxes[:, 1] + batch.boxes[:, 3]], -1) / 2
+    return -1e-3 * (centres[None] - box_centre[:, None]).norm(dim=-1)
+
+
+def relevance_config(bench: dict, task: str, overrides: dict[str, Any]) -> RelevanceConfig:
+    config = RelevanceConfig.from_yaml(find_config(bench["base"])).to_dict()
+    for dotted, value in {**bench["tasks"][task].get("relevance", {}), **overrides}.items():
+        apply_override(config, dotted, value)
+    config["budget"] = bench["tasks"][task]["budget"]
+    return RelevanceConfig.from_dict(config)
+
+
+def train_arrcoc(backbone: torch.nn.Module, config: RelevanceConfig, train: TaskData, steps: int, batch_size: int,
+                 seed: int, learning: str) -> tuple[ARRCOC, float]:
+    """ARR-COC trained by its local rules (``learning="local"``) or by backprop through the frozen backbone
+    (``"global"``, DynamicViT-style); returns it and the mean step time in ms."""
+    torch.manual_seed(seed)
+    model = arrcoc.attach(backbone, budget=config.budget, config=config)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    start = time.perf_counter()
+    for step in range(steps):
+        batch = train.batch(order[(step * batch_size) % len(train):][:batch_size])
+        if learning == "local":
+            model.learn(batch.images, batch.queries, boxes=batch.boxes, labels=batch.labels)
+        else:
+            global_backprop_step(model, batch.images, batch.labels, batch.queries)
+    return model.eval(), 1000 * (time.perf_counter() - start) / steps
+
+
+@torch.no_grad()
+def selection_metrics(model: ARRCOC, data: TaskData) -> dict[str, float]:
+    """Box coverage (share of the target digit's patches kept) and, with queries, the top-K overlap of the
+    selections with and without the query (1 = the query changes nothing)."""
+    grid = model.adapter.grid()
+    k = num_kept(model.config.budget, grid.num_patches)
+    covered, overlap = [], []
+    for start in range(0, len(data), EVAL_BATCH):
+        batch = data.batch(slice(start, start + EVAL_BATCH))
+        kept = model.relevance_map(batch.images, batch.queries).kept
+        in_box = box_target(batch.boxes, (grid.height, grid.width), model.adapter.patch_size) > 0
+        covered.append(in_box.gather(1, kept).sum(1) / in_box.sum(1).clamp_min(1).clamp_max(k))
+        if batch.queries is not None:
+            blind = model.relevance_map(batch.images, None).kept
+            overlap.append((kept[:, :, None] == blind[:, None, :]).any(-1).float().mean(1))
+    metrics = {"box_coverage": 100.0 * torch.cat(covered).mean().item()}
+    if overlap:
+        metrics["query_overlap"] = 100.0 * torch.cat(overlap).mean().item()
+    return metrics
+
+
+# ---- jobs (run in worker processes, one thread each) -----------------------------------------------
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    kind, task, seed, bench = job["kind"], job["task"], job["seed"], job["bench"]
+    test = task_data(task, "test", bench["test_images"], seed)
+    backbone = load_canvas_vit(bench["backbone"])
+    result: dict[str, Any] = {"kind": kind, "task": task, "seed": seed, "method": job["method"], "accuracy": {}}
+    if kind == "full":
+        adapter = adapt_backbone(backbone)
+        result["accuracy"] = {"1.0": accuracy(lambda b: adapter(b.images), test)}
+        return result
+    if kind == "baseline":
+        adapter = adapt_backbone(backbone)
+        for budget in (b for b in bench["budgets"] if b < 1):
+            for equal_compute in (False, True) if job["method"] in PROGRESSIVE else (False,):
+                predict, mean_tokens = baseline_predict(adapter, job["method"], budget, equal_compute)
+                if predict is not None:
+                    key = f"{job['method']}" + (" (equal compute)" if equal_compute else "")
+                    result.setdefault("rows", {}).setdefault(key, {})[str(budget)] = {
+                        "accuracy": accuracy(predict, test), "mean_tokens": mean_tokens}
+        return result
+    if kind == "oracle":
+        adapter = adapt_backbone(backbone)
+        result["accuracy"] = {str(b): accuracy(oracle_predict(adapter, b), test) for b in bench["budgets"] if b < 1}
+        return result
+    # ARR-COC (local rules, a variant of them, or the global-backprop allocator)
+    config = relevance_config(bench, task, job["overrides"])
+    train = task_data(task, "train", bench["train"]["steps"] * bench["train"]["batch_size"], 100 + seed)
+    model, step_ms = train_arrcoc(backbone, config, train, bench["train"]["steps"], bench["train"]["batch_size"],
+                                  seed, job["learning"])
+    result["step_ms"] = step_ms
+    budgets = bench["budgets"] if job["all_budgets"] else [config.budget]
+    for budget in budgets:
+        model.set_budget(budget)
+        result["accuracy"][str(budget)] = accuracy(lambda b: model(b.images, b.queries), test)
+    model.set_budget(config.budget)
+    result.update(selection_metrics(model, test))
+    if job["method"] == "ARR-COC" and seed == bench["seeds"][0]:  # kept for timing, adaptation and heatmaps
+        model.save_pretrained(Path(bench["model_dir"]) / task)
+    return result
+
+
+def jobs_for(bench: dict) -> list[dict[str, Any]]:
+    jobs = []
+    for task in TASKS:
+        for seed in bench["seeds"]:
+            common = {"task": task, "seed": seed, "bench": bench}
+            jobs.append({**common, "kind": "arrcoc", "method": "ARR-COC", "overrides": {}, "learning": "local",
+                         "all_budgets": True})
+            jobs.append({**common, "kind": "arrcoc", "method": "DynamicViT-style (global backprop)", "overrides": {},
+                         "learning": "global", "all_budgets": True})
+            for name, overrides in bench["variants"].items():
+                if task == "cluttered" and "participatory" in name:
+                    continue  # no query: the participatory way of knowing is off in the cluttered task anyway
+                jobs.append({**common, "kind": "arrcoc", "method": f"ARR-COC / {name}", "overrides": overrides,
+                             "learning": "local", "all_budgets": False})
+            jobs += [{**common, "kind": "baseline", "method": name} for name in bench["baselines"]]
+            jobs.append({**common, "kind": "oracle", "method": "box oracle"})
+            jobs.append({**common, "kind": "full", "method": "full"})
+    # the longest jobs first, so that two workers finish together
+    return sorted(jobs, key=lambda j: (j["kind"] != "arrcoc", j.get("learning") != "global"))
+
+
+def collect(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """{task: {method: {"accuracy": {budget: [per seed]}, "mean_tokens": ..., other metrics: [per seed]}}}"""
+    table: dict[str, dict[str, Any]] = {task: {} for task in TASKS}
+    for r in results:
+        rows = r.get("rows") or {r["method"]: {b: {"accuracy": a} for b, a in r["accuracy"].items()}}
+        for method, per_budget in rows.items():
+            entry = table[r["task"]].setdefault(method, {"kind": r["kind"], "accuracy": {}, "mean_tokens": {}})
+            for budget, cell in per_budget.items():
+                entry["accuracy"].setdefault(budget, []).append(cell["accuracy"])
+                if "mean_tokens" in cell:
+                    entry["mean_tokens"][budget] = cell["mean_tokens"]
+            for metric in ("step_ms", "box_coverage", "query_overlap"):
+                if metric in r:
+                    entry.setdefault(metric, []).append(r[metric])
+    return table
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% interval (Student t over seeds; 0 for one seed)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    t = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}.get(len(values), 1.96)
+    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+# ---- timing and memory --------------------------------------------------------------------------------
+def _timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+@torch.no_grad()
+def throughput(bench: dict, models: dict[str, ARRCOC], threads: int, batch: int, repeats: int) -> dict[str, Any]:
+    """Images/s of every method on one batch of cluttered test canvases, interleaved repeats, as ratios to
+    full; and the relevance module's share of ARR-COC's time."""
+    torch.set_num_threads(threads)
+    backbone = load_canvas_vit(bench["backbone"])
+    adapter = adapt_backbone(backbone)
+    images = task_data("cluttered", "test", batch, 0).images
+    grid = adapter.grid()
+    fns: dict[tuple[str, float], Any] = {}
+    for budget in bench["budgets"]:
+        for name in bench["baselines"] if budget < 1 else ["full"]:
+            reducer = make_baseline(name, budget, adapter.depth, grid)
+            fns[(name, budget)] = lambda reducer=reducer: adapter.head(run_reduced(adapter, images, reducer))
+        if budget < 1:
+            model = models["cluttered"]
+            fns[("ARR-COC", budget)] = lambda model=model, budget=budget: model.set_budget(budget)(images)
+            fns[("ARR-COC relevance module", budget)] = lambda model=model: model.relevance_map(images)
+    fns[("full", 1.0)] = lambda: adapter(images)
+    times: dict[tuple[str, float], list[float]] = {key: [] for key in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in tqdm(range(repeats), desc="throughput", leave=False):
+        for key, fn in fns.items():
+            times[key] += _timed(fn, 1)
+    full = statistics.median(times[("full", 1.0)])
+    rows = [{"method": name, "budget": budget, "images_per_s": len(images) / statistics.median(t),
+             "speedup": full / statistics.median(t)} for (name, budget), t in times.items()]
+    return {"batch": len(images), "threads": threads, "repeats": repeats, "full_ms": 1000 * full, "rows": rows}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory_growth(fn) -> float:
+    """MB by which the process's resident memory rises above its level before ``fn()`` while it runs:
+    freed heap is first handed back to the OS (``malloc_trim``), then a thread samples the RSS every
+    0.2 ms. CPU PyTorch has no allocator statistics; on CUDA, ``max_memory_allocated`` would serve."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base = peak = _rss_bytes()
+    running = True
+
+    def sample() -> None:
+        nonlocal peak
+        while running:
+            peak = max(peak, _rss_bytes())
+            time.sleep(0.0002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        running = False
+        sampler.join()
+    return (max(peak, _rss_bytes()) - base) / 2**20
+
+
+def _training_cost_worker(learning: str, bench: dict, batch_size: int, steps: int) -> dict[str, float]:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    data = task_data("cluttered", "train", batch_size, 0)
+    config = relevance_config(bench, "cluttered", {})
+    model = arrcoc.attach(load_canvas_vit(bench["backbone"]), budget=config.budget, config=config)
+
+    def step() -> None:
+        if learning == "local":
+            model.learn(data.images, boxes=data.boxes)
+        else:
+            global_backprop_step(model, data.images, data.labels)
+
+    step()  # warm-up: lazily built state, the optimizer's moments
+    peaks, times = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        peaks.append(peak_memory_growth(step))
+        times.append(time.perf_counter() - start)
+    return {"peak_mb": statistics.median(peaks), "step_ms": 1000 * statistics.median(times)}
+
+
+def training_cost(bench: dict, batch: int, steps: int) -> dict[str, Any]:
+    """Peak memory growth during one training step (median over steps) and the median step time, local
+    rules vs. global backprop, each in a fresh process on the same batch."""
+    out: dict[str, Any] = {}
+    for learning in ("local", "global"):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
+            out[learning] = fresh.submit(_training_cost_worker, learning, bench, batch, steps).result()
+    out["batch"] = batch
+    out["memory_ratio"] = out["local"]["peak_mb"] / max(out["global"]["peak_mb"], 1e-9)
+    out["time_ratio"] = out["local"]["step_ms"] / out["global"]["step_ms"]
+    return out
+
+
+# ---- online adaptation under a distribution shift ------------------------------------------------------
+def tent_step(adapter: BackboneAdapter, optimizer: torch.optim.Optimizer, model: ARRCOC,
+              images: torch.Tensor) -> torch.Tensor:
+    """TENT: one step of entropy minimisation of the reduced prediction over the backbone's norm layers
+    (backprop through the backbone); returns the logits it predicted before the step."""
+    out, state, _ = model._relevance(images, None)
+    scores = out.logits.detach()
+    with torch.enable_grad():
+        kept = top_k(scores, num_kept(model.config.budget, scores.shape[1]))
+        logits = adapter.head(adapter.run_blocks(select(state, kept)))
+        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        entropy.backward()
+        optimizer.step()
+    return logits.detach()
+
+
+def adaptation(bench: dict, model: ARRCOC, stream_images: int, batch: int, target: str) -> dict[str, Any]:
+    """Prequential accuracy (predict each batch, then adapt on it) on the cluttered shift split: the frozen
+    module, ARR-COC's label-free local adaptation (``adapt``), and TENT on the backbone's norm layers.
+    One thread: the relaxation's many small ops slow down badly when threads outnumber free cores."""
+    torch.set_num_threads(1)
+    shift = task_data("cluttered", "shift", stream_images, 0)
+    test = task_data("cluttered", "test", bench["test_images"], 0)
+    budget = bench["tasks"]["cluttered"]["budget"]
+    model.set_budget(budget)
+    model.adaptation = AdaptationConfig(target=target)
+    frozen_state = copy.deepcopy(model.relevance.state_dict())
+    result = {"budget": budget, "stream_images": stream_images, "batch": batch, "target": target,
+              "test_accuracy": accuracy(lambda b: model(b.images), test),
+              "full_tokens_shift": accuracy(lambda b: model.adapter(b.images), shift),
+              "full_tokens_test": accuracy(lambda b: model.adapter(b.images), test)}
+
+    def stream(step) -> tuple[float, float, list[float]]:
+        correct, curve = 0, []
+        start = time.perf_counter()
+        for i in tqdm(range(0, stream_images, batch), desc="adaptation stream", leave=False):
+            chunk = shift.batch(slice(i, i + batch))
+            hits = int((step(chunk.images).argmax(-1) == chunk.labels).sum())
+            correct += hits
+            curve.append(100.0 * hits / len(chunk))
+        return 100.0 * correct / stream_images, 1000 * (time.perf_counter() - start) / stream_images, curve
+
+    with torch.no_grad():
+        result["frozen"], result["frozen_ms"], result["frozen_curve"] = stream(lambda x: model(x))
+
+    def adapt_step(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(x)
+        model.adapt(x)
+        return logits
+
+    result["online"], result["online_ms"], result["online_curve"] = stream(adapt_step)
+    model.relevance.load_state_dict(frozen_state)
+
+    backbone = copy.deepcopy(model.adapter.model)
+    tent_model = arrcoc.attach(backbone, budget=budget, config=model.config)
+    tent_model.relevance.load_state_dict(frozen_state)
+    norms = [p for m in backbone.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()]
+    for p in norms:
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(norms, lr=1e-3, momentum=0.9)
+    result["tent"], result["tent_ms"], result["tent_curve"] = stream(
+        lambda x: tent_step(tent_model.adapter, optimizer, tent_model, x))
+    lost = result["test_accuracy"] - result["frozen"]
+    result["recovered_fraction"] = (result["online"] - result["frozen"]) / lost if lost > 0 else None
+    return result
+
+
+# ---- heatmaps ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def heatmaps(model: ARRCOC, path: Path, images: int = 3) -> None:
+    """Relevance and kept patches on query canvases, each image under every query it could be asked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from arrcoc.data import COLORS, POSITIONS
+    from arrcoc.data.canvas import query_split as raw_query_split
+
+    global _TEXT
+    _TEXT = _TEXT or TextEncoder()
+    data = raw_query_split("test", images, seed=5)
+    grid = model.adapter.grid()
+    fig, axes = plt.subplots(images, 5, figsize=(13, 2.8 * images), squeeze=False)
+    for row in range(images):
+        slots = [s for s in range(4) if bool(data.present[row, s])][:2]
+        colors = list(COLORS)
+        asked = [f"which digit is {colors[int(data.slot_colors[row, s])]}?" for s in slots]
+        asked += [f"what number is in the {POSITIONS[s]}?" for s in slots]
+        image = data.images[row]
+        axes[row, 0].imshow(image.permute(1, 2, 0).numpy())
+        axes[row, 0].set_title("canvas", fontsize=8)
+        for col, sentence in enumerate(asked[:4], start=1):
+            maps = model.relevance_map(image[None], _TEXT([sentence]))
+            kept = torch.zeros(grid.num_patches).scatter_(0, maps.kept[0], 1.0).view(grid.height, grid.width)
+            shade = kept.repeat_interleave(grid.patch_size[0], 0).repeat_interleave(grid.patch_size[1], 1)
+            ax = axes[row, col]
+            ax.imshow((image * (0.15 + 0.85 * shade)).permute(1, 2, 0).numpy())  # dropped patches dimmed
+            ax.contour(shade.numpy(), levels=[0.5], colors="white", linewidths=0.8)
+            ax.set_title(f'"{sentence}"', fontsize=8)
+        for ax in axes[row]:
+            ax.axis("off")
+    fig.suptitle("ARR-COC on query canvases: the patches it keeps (outlined; the rest dimmed) for each query",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- command -------------------------------------------------------------------------------------------
+def load_bench(path: str, quick: bool) -> dict[str, Any]:
+    bench = yaml.safe_load(find_config(path).read_text())
+    known = {"seeds", "budgets", "test_images", "train", "baselines", "base", "tasks", "variants", "throughput",
+             "training_cost", "adaptation", "quick"}
+    unknown = sorted(set(bench) - known)
+    if unknown:
+        raise KeyError(f"unknown benchmark key(s) {unknown}; known: {sorted(known)}")
+    if quick:
+        bench.update(bench["quick"])
+    bench.pop("quick", None)
+    bench["variants"] = dict(bench.get("variants") or {})
+    return bench
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the README's smoke run (~5 min on 2 cores); not a result")
+    parser.add_argument("--config", default="configs/canvas_bench.yaml")
+    parser.add_argument("--backbone", type=Path, default=DEFAULT_CHECKPOINT, help="canvas ViT checkpoint")
+    parser.add_argument("--query-fusion", type=Path, default=DEFAULT_QUERY_FUSION)
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (one thread each)")
+    parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results or runs/quick)")
+    args = parser.parse_args(argv)
+    bench = load_bench(args.config, args.quick)
+    out = args.out or (REPO_ROOT / ("runs/quick" if args.quick else "benchmarks/results"))
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = tempfile.mkdtemp(prefix="arrcoc-canvas-")
+    bench.update(backbone=str(args.backbone), query_fusion=str(args.query_fusion), model_dir=model_dir)
+    start = time.perf_counter()
+
+    jobs = jobs_for(bench)
+    results = []
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
+        for result in tqdm(pool.map(run_job, jobs), total=len(jobs), desc="canvas benchmark", unit="job"):
+            results.append(result)
+    fusion = load_query_fusion(bench["query_fusion"])  # read only now: it may be retrained while the pool runs
+    results += [{"kind": "query_fusion", "task": "query", "seed": seed, "method": "query fusion (reference)",
+                 "accuracy": {"1.0": accuracy(lambda b: fusion(b.images, b.queries),
+                                              task_data("query", "test", bench["test_images"], seed))}}
+                for seed in bench["seeds"]]
+    table = collect(results)
+    print(f"methods x budgets x seeds done ({time.perf_counter() - start:.0f} s); timing and adaptation next")
+
+    # the first seed's default ARR-COC of each task, as trained above, for timing, adaptation and heatmaps
+    models = {task: ARRCOC.from_pretrained(Path(bench["model_dir"]) / task, load_canvas_vit(args.backbone))
+              for task in TASKS}
+    heatmaps(models["query"], out / "canvas_heatmaps.png")
+    speed = throughput(bench, models, threads=2, **bench["throughput"])
+    cost = training_cost(bench, **bench["training_cost"])
+    adapted = adaptation(bench, models["cluttered"], **bench["adaptation"])
+
+    meta = {
+        "mode": "quick" if args.quick else "full",
+        "command": "arrcoc bench canvas" + (" --quick" if args.quick else ""),
+        "backbone": bench["backbone"],
+        "backbone_meta": _json(Path(bench["backbone"]).with_suffix(".json")),
+        "query_fusion_meta": _json(Path(bench["query_fusion"]).with_suffix(".json")),
+        "seeds": bench["seeds"], "budgets": bench["budgets"], "test_images": bench["test_images"],
+        "train": bench["train"], "tasks": bench["tasks"],
+        "torch": torch.__version__, "python": sys.version.split()[0], "cpu": platform.processor() or platform.machine(),
+        "device": "cpu", "workers": args.workers,
+        "wall_seconds": time.perf_counter() - start,
+    }
+    results_json = {"meta": meta, "accuracy": table, "throughput": speed, "training_cost": cost,
+                    "adaptation": adapted}
+    save_json_atomic(out / "canvas.json", results_json)
+    from .canvas_report import write_report
+
+    full_run = out.resolve() == (REPO_ROOT / "benchmarks" / "results").resolve()
+    report = write_report(results_json, out, REPO_ROOT / "benchmarks" / "REPORT.md" if full_run else out / "REPORT.md")
+    shutil.rmtree(model_dir, ignore_errors=True)
+    print(f"wrote {out / 'canvas.json'} and {report}")
+    return out
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+if __name__ == "__main__":
+    main()

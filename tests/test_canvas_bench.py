@@ -1,0 +1,79 @@
+"""The canvas benchmark command end to end on a tiny untrained backbone (machinery, not results)."""
+
+import json
+
+import pytest
+import yaml
+
+from arrcoc.bench import canvas
+from arrcoc.bench.canvas_report import targets
+from arrcoc.bench.common import save_weights_atomic
+from arrcoc.bench.pretrain import CanvasViTConfig, build_canvas_vit, load_canvas_vit, save_canvas_vit
+from arrcoc.bench.query_fusion import QueryFusionViT, load_query_fusion
+
+TINY = CanvasViTConfig(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("checkpoints")
+    backbone = folder / "canvas_vit.safetensors"
+    save_canvas_vit(build_canvas_vit(TINY), TINY, backbone, {"command": "test", "test_accuracy_random_keep": {}})
+    fusion = folder / "query_fusion.safetensors"
+    save_weights_atomic(QueryFusionViT(load_canvas_vit(backbone)).state_dict(), fusion, {"backbone": str(backbone)})
+    return backbone, fusion
+
+
+def test_query_fusion_round_trip_and_query_shape_check(checkpoints):
+    import torch
+
+    model = load_query_fusion(checkpoints[1])
+    images, queries = torch.rand(2, 3, 64, 64), torch.randn(2, 384)
+    assert model(images, queries).shape == (2, 10)
+    with pytest.raises(ValueError, match="query must be"):
+        model(images, queries[:1])
+
+
+def test_benchmark_runs_every_method_and_writes_results_report_and_plots(checkpoints, tmp_path):
+    backbone, fusion = checkpoints
+    config = {
+        "seeds": [0], "budgets": [1.0, 0.25], "test_images": 12, "train": {"steps": 2, "batch_size": 6},
+        "baselines": ["random", "evit", "tome"], "base": "configs/arrcoc.yaml",
+        "tasks": {"cluttered": {"budget": 0.25, "relevance": {"target": "box"}},
+                  "query": {"budget": 0.25, "relevance": {"target": "box"}}},
+        "variants": {"field: frozen": {"rules.field": {"name": "frozen"}},
+                     "no participatory": {"participatory": False}},
+        "throughput": {"batch": 4, "repeats": 1}, "training_cost": {"batch": 4, "steps": 1},
+        "adaptation": {"stream_images": 8, "batch": 4, "target": "attention"},
+    }
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    canvas.main(["--config", str(path), "--backbone", str(backbone), "--query-fusion", str(fusion),
+                 "--workers", "1", "--out", str(out)])
+
+    results = json.loads((out / "canvas.json").read_text())
+    for task in ("cluttered", "query"):
+        methods = results["accuracy"][task]
+        assert {"full", "random", "evit", "tome", "box oracle", "ARR-COC", "DynamicViT-style (global backprop)",
+                "ARR-COC / field: frozen"} <= set(methods)
+        assert set(methods["ARR-COC"]["accuracy"]) == {"1.0", "0.25"}
+        assert all(0 <= a <= 100 for entry in methods.values() for seeds in entry["accuracy"].values() for a in seeds)
+    # the participatory ablation only exists where there is a query
+    assert "ARR-COC / no participatory" in results["accuracy"]["query"]
+    assert "ARR-COC / no participatory" not in results["accuracy"]["cluttered"]
+    assert "query fusion (reference)" in results["accuracy"]["query"]
+    assert 0 <= results["accuracy"]["query"]["ARR-COC"]["query_overlap"][0] <= 100
+    assert results["training_cost"]["local"]["step_ms"] > 0 and results["adaptation"]["stream_images"] == 8
+    report = (out / "REPORT.md").read_text()
+    assert "## Targets" in report and ("PASS" in report or "FAIL" in report)
+    for plot in ("canvas_accuracy.png", "canvas_training_cost.png", "canvas_adaptation.png", "canvas_heatmaps.png"):
+        assert (out / plot).stat().st_size > 1000
+    assert len(targets(results)) >= 8
+
+
+def test_unknown_benchmark_keys_are_refused(tmp_path):
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump({"seeds": [0], "sedes": [1]}))
+    with pytest.raises(KeyError, match="sedes"):
+        canvas.load_bench(str(path), quick=False)
