@@ -60,7 +60,7 @@ from arrcoc.relevance import ARRCOC, AdaptationConfig, RelevanceConfig
 from arrcoc.relevance.global_backprop import global_backprop_step
 from arrcoc.relevance.targets import box_target
 
-from .common import REPO_ROOT, find_config, save_json_atomic
+from .common import REPO_ROOT, find_config, save_json_atomic, timed
 from .pretrain import DEFAULT_CHECKPOINT, load_canvas_vit
 from .query_fusion import DEFAULT_QUERY_FUSION, load_query_fusion
 from .sweep import apply_override
@@ -289,15 +289,6 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 
 # ---- timing and memory --------------------------------------------------------------------------------
-def _timed(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 @torch.no_grad()
 def throughput(bench: dict, models: dict[str, ARRCOC], threads: int, batch: int, repeats: int) -> dict[str, Any]:
     """Images/s of every method on one batch of cluttered test canvases, interleaved repeats, as ratios to
@@ -322,7 +313,7 @@ def throughput(bench: dict, models: dict[str, ARRCOC], threads: int, batch: int,
         fn()  # warm-up
     for _ in tqdm(range(repeats), desc="throughput", leave=False):
         for key, fn in fns.items():
-            times[key] += _timed(fn, 1)
+            times[key].append(timed(fn))
     full = statistics.median(times[("full", 1.0)])
     rows = [{"method": name, "budget": budget, "images_per_s": len(images) / statistics.median(t),
              "speedup": full / statistics.median(t)} for (name, budget), t in times.items()]

@@ -6,7 +6,10 @@ import json
 import math
 import os
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -62,3 +65,12 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
         return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def timed(fn: Callable[[], Any], sync: Callable[[], None] = lambda: None) -> float:
+    """Seconds one call of ``fn`` takes; ``sync`` waits for queued device work (e.g. ``torch.cuda.synchronize``)."""
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from arrcoc.backbones import adapt_backbone, keep_top_k, make_baseline, run_reduced
 from arrcoc.backbones.adapters import BackboneAdapter
 
-from .common import save_json_atomic
+from .common import save_json_atomic, timed
 
 MODELS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224"}
 ALLOCATOR_MODES = {"scores": "discard", "scores+fuse": "fuse", "scores+merge": "merge"}
@@ -65,14 +65,6 @@ def mean_token_fraction(adapter: BackboneAdapter, images: torch.Tensor, method: 
     trace: list[int] = []
     run_reduced(adapter, images[:1], make_baseline(method, budget, adapter.depth, adapter.grid(images)), trace)
     return statistics.mean(trace) / full
-
-
-def timed(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
 
 
 def bench_model(name: str, args: argparse.Namespace, device: torch.device, bar: tqdm) -> dict[str, Any]:

@@ -37,7 +37,7 @@ import arrcoc
 from arrcoc.backbones import num_kept
 from arrcoc.data.toy_vlm import BOS, IMAGE, ToyVLMSize, toy_prompts, toy_vlm
 
-from .common import save_json_atomic
+from .common import save_json_atomic, timed
 from .throughput import cpu_name
 
 FULL_SIZE = ToyVLMSize(vision_hidden=256, vision_layers=4, text_hidden=512, text_layers=8, heads=8, kv_heads=8,
@@ -72,14 +72,6 @@ def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
 
 def device_type(device: torch.device) -> Any:
     return torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
-
-
-def timed(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
 
 
 def run(config: PrefillBenchConfig, device: torch.device) -> dict[str, Any]:
