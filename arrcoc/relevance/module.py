@@ -20,6 +20,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from arrcoc.rules.distributed import ShardedBatchNorm1d
 from arrcoc.rules.energy import relax
 
 from .allocator import Allocator
@@ -146,7 +147,8 @@ class RelevanceModule(nn.Module):
         super().__init__()
         self.config, self.patch_size = config, patch_size
         feature_dim = (token_dim if config.backbone_tokens else 0) + (NUM_FEATURES if config.texture else 0)
-        self.feature_norm = nn.BatchNorm1d(feature_dim, affine=False, momentum=0.01)
+        # statistics of the whole batch, also when it is sharded over processes (torchrun)
+        self.feature_norm = ShardedBatchNorm1d(feature_dim, affine=False, momentum=0.01)
         self.perspectival = PerspectivalKnowing(feature_dim, config.perspectival_units)
         temperature = config.rules["participatory"].get("temperature", 0.1)
         self.participatory = ParticipatoryKnowing(config.query_dim, feature_dim, temperature)
@@ -166,10 +168,11 @@ class RelevanceModule(nn.Module):
 
     def patch_features(self, images: Tensor, patch_tokens: Tensor) -> tuple[Tensor, Tensor]:
         """(B, N, F) standardised features and the images' pixels in [0, 1]."""
-        rgb = (images.float() * self.pixel_std + self.pixel_mean).clamp(0, 1)
+        dtype = self.pixel_std.dtype  # the module's own (float32 unless it was converted)
+        rgb = (images.to(dtype) * self.pixel_std + self.pixel_mean).clamp(0, 1)
         parts = []
         if self.config.backbone_tokens:
-            parts.append(patch_tokens.float())
+            parts.append(patch_tokens.to(dtype))
         if self.config.texture:
             parts.append(texture_features(rgb, self.patch_size))
         raw = torch.cat(parts, -1)
