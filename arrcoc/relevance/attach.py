@@ -36,6 +36,7 @@ from arrcoc.backbones import (
     tiered_tokens,
     top_k,
 )
+from arrcoc.rules.distributed import batch_mean
 
 from .learning import LocalRuleLearner, QueryInput
 from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
@@ -206,19 +207,46 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         reduced = self.adapter.head(self.adapter.run_blocks(select(state, kept))).argmax(-1)
         reference = labels if labels is not None else self.adapter.head(self.adapter.run_blocks(state)).argmax(-1)
         reward = (reduced == reference).float()
-        baseline = reward.mean() if self._reward_baseline is None else self._reward_baseline
-        self._reward_baseline = 0.9 * baseline + 0.1 * reward.mean()
+        batch_reward = batch_mean(reward)  # of the whole batch, also when it is sharded over processes
+        baseline = batch_reward if self._reward_baseline is None else self._reward_baseline
+        self._reward_baseline = 0.9 * baseline + 0.1 * batch_reward
         p = torch.sigmoid(out.logits)
         return (p + (reward - baseline)[:, None] * (mask - p)).clamp(0, 1)
 
     def learn(self, images: Tensor, query: QueryInput = None, target: Tensor | None = None,
               boxes: Tensor | None = None, labels: Tensor | None = None,
               optimizer: torch.optim.Optimizer | None = None, max_grad_norm: float | None = None) -> dict[str, float]:
-        """One step: every sub-network's rule fills its .grad, then the optimizer steps.
+        """One step: every sub-network's rule fills its .grad (:meth:`fill_grads`), then the optimizer steps.
 
-        If any rule fails (a diverging relaxation, a non-finite update), every .grad is cleared and
-        no weight changes; the error is raised.
+        If any rule fails (a diverging relaxation, a non-finite update), no weight, buffer or optimizer
+        state changes; the error is raised.
         """
+        metrics = self.fill_grads(images, query, target, boxes, labels)
+        self.step_optimizer(optimizer, max_grad_norm)
+        return metrics
+
+    def fill_grads(self, images: Tensor, query: QueryInput = None, target: Tensor | None = None,
+                   boxes: Tensor | None = None, labels: Tensor | None = None) -> dict[str, float]:
+        """Clear every .grad of the relevance module, then let each sub-network's rule fill its own.
+
+        Changes no weight: an optimizer (after an all-reduce of the .grad, under torchrun) applies it.
+        All or nothing: if any rule fails, every .grad is cleared and the buffers (feature statistics,
+        rule state) and reward baseline are restored to what they were; the error is raised.
+        """
+        buffers = [b for m in (self.relevance, self.rules) for b in m.buffers()]
+        saved = [b.clone() for b in buffers], self._reward_baseline
+        self.relevance.zero_grad(set_to_none=True)
+        try:
+            return self._fill_grads(images, query, target, boxes, labels)
+        except Exception:
+            self.relevance.zero_grad(set_to_none=True)
+            for b, value in zip(buffers, saved[0]):
+                b.copy_(value)
+            self._reward_baseline = saved[1]
+            raise
+
+    def _fill_grads(self, images: Tensor, query: QueryInput, target: Tensor | None, boxes: Tensor | None,
+                    labels: Tensor | None) -> dict[str, float]:
         was_training = self.relevance.training
         self.relevance.train()  # feature statistics follow the training stream
         try:
@@ -229,7 +257,7 @@ class ARRCOC(LocalRuleLearner, nn.Module):
             target = self.reward_target(out, state, labels)
         elif target is None:
             target = self.relevance_target(images, boxes, state)
-        self.apply_rules(out, target, optimizer, max_grad_norm)
+        self.fill_rule_grads([(out, target)])
         k = num_kept(self._budget(), h * w)
         chosen = torch.zeros_like(out.logits).scatter_(1, top_k(out.logits, k), 1.0)
         wanted = torch.zeros_like(target).scatter_(1, top_k(target, k), 1.0)
@@ -304,33 +332,52 @@ class ARRCOC(LocalRuleLearner, nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, model: nn.Module, **kwargs: Any) -> ARRCOC:
-        path = Path(directory)
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file} is missing: not an arrcoc checkpoint folder")
-        try:
-            meta = json.loads(config_file.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_file} is not valid JSON: {err}") from err
-        weights = path / str(meta.get("weights", ""))
-        if not weights.is_file():
-            raise FileNotFoundError(f"weights file {weights} named in {config_file} is missing")
-        if meta.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"checkpoint schema version {meta.get('schema_version')} != supported {SCHEMA_VERSION}")
-        if _sha256(weights) != meta.get("weights_sha256"):
-            raise ValueError(f"{weights} does not match the checksum in {config_file}: corrupted or replaced")
+        meta, tensors = read_checkpoint(directory)
         wrapped = cls(model, RelevanceConfig.from_dict(meta["config"]), **kwargs)
-        tensors = load_file(weights)
-        for prefix, module in (("relevance.", wrapped.relevance), ("rules.", wrapped.rules)):
+        wrapped.load_checkpoint_tensors(tensors, meta, directory)
+        return wrapped
+
+    def load_checkpoint_tensors(self, tensors: dict[str, Tensor], meta: dict[str, Any],
+                                source: str | os.PathLike) -> None:
+        """Load what :func:`read_checkpoint` read into this model's relevance module and rules."""
+        for prefix, module in (("relevance.", self.relevance), ("rules.", self.rules)):
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             try:
                 module.load_state_dict(state)
             except RuntimeError as err:
                 raise ValueError(
-                    f"checkpoint {path} does not fit this backbone ({type(model).__name__}; it was saved for "
-                    f"{meta.get('backbone')}): {err}"
+                    f"checkpoint {source} does not fit this backbone ({type(self.adapter.model).__name__}; it was "
+                    f"saved for {meta.get('backbone')}): {err}"
                 ) from err
-        return wrapped
+
+
+def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``config.json`` and the weights of a :meth:`ARRCOC.save_pretrained` folder, verified: schema version,
+    checksum, and a weights file that is safetensors (nothing is ever unpickled)."""
+    path = Path(directory)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} is missing: not an arrcoc checkpoint folder")
+    try:
+        meta = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file} is not valid JSON: {err}") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"{config_file} must hold a JSON object, got {type(meta).__name__}")
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(
+            f"{config_file}: checkpoint schema version {meta.get('schema_version')!r}, expected {SCHEMA_VERSION}"
+        )
+    weights = path / str(meta.get("weights", ""))
+    if not weights.is_file():
+        raise FileNotFoundError(f"weights file {weights} named in {config_file} is missing")
+    if _sha256(weights) != meta.get("weights_sha256"):
+        raise ValueError(f"{weights} does not match the checksum in {config_file}: corrupted or replaced")
+    try:
+        tensors = load_file(weights)
+    except Exception as err:  # safetensors raises its own error type for a malformed header
+        raise ValueError(f"{weights} is not a valid safetensors file: {err}") from err
+    return meta, tensors
 
 
 def attach(model: nn.Module, budget: float = 0.25, config: RelevanceConfig | dict | None = None,

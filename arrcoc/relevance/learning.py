@@ -102,16 +102,25 @@ class LocalRuleLearner:
 
     def apply_rules_over(self, passes: Sequence[tuple[RelevanceOutput, Tensor]],
                          optimizer: torch.optim.Optimizer | None = None, max_grad_norm: float | None = None) -> None:
-        """One optimizer step from several passes of the module over grids of different sizes (which cannot
-        share a batch): each sub-network's update is the mean of its per-pass updates weighted by their
-        images, and the participatory rule, whose negatives are the other queries of its batch, sees the
-        queries and keys of all passes in one batch. With one pass this is exactly :meth:`apply_rules`."""
+        """:meth:`fill_rule_grads` from several passes, then :meth:`step_optimizer`."""
+        self.fill_rule_grads(passes)
+        self.step_optimizer(optimizer, max_grad_norm)
+
+    def fill_rule_grads(self, passes: Sequence[tuple[RelevanceOutput, Tensor]]) -> None:
+        """Clear every .grad of the relevance module, then let each sub-network's rule fill its own; no weight
+        changes (under torchrun the filled .grad is all-reduced before the optimizer steps).
+
+        Several passes of the module over grids of different sizes (which cannot share a batch) make one
+        update: each sub-network's update is the mean of its per-pass updates weighted by their images, and
+        the participatory rule, whose negatives are the other queries of its batch, sees the queries and keys
+        of all passes in one batch. If any rule fails (a diverging relaxation, a non-finite update), every
+        .grad is cleared; the error is raised.
+        """
         for out, target in passes:
             if target.shape != out.logits.shape:
                 raise ValueError(f"target must be (batch, patches) = {tuple(out.logits.shape)}, "
                                  f"got {tuple(target.shape)}")
-        optimizer = optimizer or self.optimizer
-        optimizer.zero_grad(set_to_none=True)
+        self.relevance.zero_grad(set_to_none=True)
         contexts = [self.rule_contexts(out, target.to(out.logits.dtype)) for out, target in passes]
         joint = len(passes) > 1 and all("participatory" in c for c in contexts)
         total = sum(target.shape[0] for _, target in passes)
@@ -131,8 +140,13 @@ class LocalRuleLearner:
                 keys = torch.cat([c["participatory"].target for c in contexts])
                 self.rules["participatory"].step(RuleContext(queries, target=keys))
         except Exception:
-            optimizer.zero_grad(set_to_none=True)
+            self.relevance.zero_grad(set_to_none=True)
             raise
+
+    def step_optimizer(self, optimizer: torch.optim.Optimizer | None = None, max_grad_norm: float | None = None
+                       ) -> None:
+        """Apply the filled .grad (clipped to ``max_grad_norm`` if given) with ``optimizer`` (default: the
+        module's own)."""
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.relevance.parameters(), max_grad_norm)
-        optimizer.step()
+        (optimizer or self.optimizer).step()
