@@ -38,7 +38,7 @@ from arrcoc.backbones import (
 )
 from arrcoc.rules.distributed import batch_mean
 
-from .learning import LocalRuleLearner, QueryInput
+from .learning import LocalRuleLearner, QueryInput, check_finite
 from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
 from .targets import attention_target, box_target, perturbation_target
 
@@ -95,7 +95,8 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         self.adapter = adapt_backbone(model)  # frozen, eval mode
         self.text_encoder = text_encoder
         self.adaptation = adaptation or AdaptationConfig()
-        probe = torch.zeros(1, self.adapter.in_chans, *self.adapter.image_size)
+        weight = next(self.adapter.model.parameters())
+        probe = weight.new_zeros(1, self.adapter.in_chans, *self.adapter.image_size)
         with torch.no_grad():
             token_dim = self.adapter.embed(probe).shape[-1]
         self.relevance = RelevanceModule(self.config, token_dim, self.adapter.patch_size)
@@ -110,9 +111,8 @@ class ARRCOC(LocalRuleLearner, nn.Module):
     def check_images(self, images: Tensor) -> None:
         self.adapter.check_images(images)
         if images.shape[0] == 0:
-            raise ValueError("empty batch: images has 0 images")
-        if not torch.isfinite(images).all():
-            raise ValueError("images contain NaN or Inf")
+            raise ValueError("images must hold at least one image, got a batch of 0")
+        check_finite("images", images)
 
     # ---- the pass -----------------------------------------------------------------------------
     def _relevance(self, images: Tensor, query: QueryInput, differentiable: bool = False
@@ -124,7 +124,8 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         grid = self.adapter.grid(images)
         with torch.no_grad():
             state = self.adapter.tokens(images)
-        with torch.set_grad_enabled(differentiable):
+        # the small relevance module keeps its own precision under autocast: its relaxation needs it
+        with torch.set_grad_enabled(differentiable), torch.autocast(images.device.type, enabled=False):
             out = self.relevance(images, state.patches, (grid.height, grid.width), q)
         return out, state, (grid.height, grid.width)
 
@@ -152,6 +153,9 @@ class ARRCOC(LocalRuleLearner, nn.Module):
     def tier_counts(self, height: int, width: int) -> TierCounts:
         """Regions per tier: ``refined_regions`` refined, the rest merged or normal, with the largest
         exact total that fits the budget (a tier change moves the total by 3 tokens)."""
+        if height % 2 or width % 2:
+            raise ValueError(f"tiers group the patches in 2x2 regions: the patch grid must have even sides, got "
+                             f"{height}x{width}")
         regions, budget = (height // 2) * (width // 2), num_kept(self._budget(), height * width)
         refined = self.config.refined_regions
         lowest = regions + 15 * refined  # every region merged except the refined ones
@@ -165,7 +169,8 @@ class ARRCOC(LocalRuleLearner, nn.Module):
 
     def tiers(self, logits: Tensor, height: int, width: int) -> Tensor:
         """(B, regions) tier of every 2x2-patch region, the most relevant regions in the finest tiers."""
-        return assign_tiers(region_scores(logits, height, width), self.tier_counts(height, width))
+        counts = self.tier_counts(height, width)  # validates the grid first
+        return assign_tiers(region_scores(logits, height, width), counts)
 
     @torch.no_grad()
     def relevance_map(self, images: Tensor, query: QueryInput = None) -> RelevanceMaps:
@@ -186,7 +191,7 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         grid = self.adapter.grid(images)
         if self.config.target == "box":
             if boxes is None:
-                raise ValueError("target 'box' needs boxes (batch, 4) for every image")
+                raise ValueError("target 'box' needs boxes (batch, 4) for every image, got boxes=None")
             return box_target(boxes, (grid.height, grid.width), self.adapter.patch_size)
         if self.config.target == "reward":
             raise ValueError("the 'reward' target depends on the module's own choice: it is made inside learn()")
@@ -253,6 +258,9 @@ class ARRCOC(LocalRuleLearner, nn.Module):
             out, state, (h, w) = self._relevance(images, query)
         finally:
             self.relevance.train(was_training)
+        if labels is not None and (labels.shape != images.shape[:1] or labels.is_floating_point()):
+            raise ValueError(f"labels must be ({images.shape[0]},) class indices (one per image), got "
+                             f"{tuple(labels.shape)} {labels.dtype}")
         if target is None and self.config.target == "reward":
             target = self.reward_target(out, state, labels)
         elif target is None:
@@ -383,6 +391,8 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
 def attach(model: nn.Module, budget: float = 0.25, config: RelevanceConfig | dict | None = None,
            **kwargs: Any) -> ARRCOC:
     """Wrap a timm / transformers ViT: ``attach(model, budget=0.25)(images, query=None)``."""
+    if config is not None and not isinstance(config, RelevanceConfig | dict):
+        raise TypeError(f"config must be a RelevanceConfig or a dict of its keys, got {type(config).__name__}")
     if isinstance(config, dict):
         config = RelevanceConfig.from_dict(config)
     config = config or RelevanceConfig()

@@ -21,6 +21,13 @@ from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
 QueryInput = Tensor | str | Sequence[str] | None
 
 
+def check_finite(name: str, values: Tensor) -> None:
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        nan = int(torch.isnan(values).sum())
+        raise ValueError(f"{name} must be finite, got {nan} NaN and {int((~finite).sum()) - nan} infinite values")
+
+
 class LocalRuleLearner:
     config: RelevanceConfig
     relevance: RelevanceModule
@@ -35,6 +42,9 @@ class LocalRuleLearner:
             return None
         if isinstance(query, str):
             query = [query] * batch
+        if not isinstance(query, Tensor | list | tuple):
+            raise TypeError(f"query must be a (batch, {self.config.query_dim}) tensor of embeddings, a string or a "
+                            f"list of strings, got {type(query).__name__}")
         if not isinstance(query, Tensor):
             if self.text_encoder is None:
                 raise ValueError("a text query needs a text encoder: attach(..., text_encoder=...) or pass embeddings")
@@ -43,8 +53,9 @@ class LocalRuleLearner:
             raise ValueError(f"query embeddings must be (batch, {self.config.query_dim}), got {tuple(query.shape)}")
         if query.shape[0] != batch:
             raise ValueError(f"{query.shape[0]} queries for {batch} images: give one query per image")
-        if not torch.isfinite(query).all():
-            raise ValueError("query embeddings contain NaN or Inf")
+        if not query.is_floating_point():
+            raise TypeError(f"query embeddings must be floating point, got {query.dtype}")
+        check_finite("query embeddings", query)
         return query
 
     def _budget(self) -> float | int:
@@ -120,25 +131,31 @@ class LocalRuleLearner:
             if target.shape != out.logits.shape:
                 raise ValueError(f"target must be (batch, patches) = {tuple(out.logits.shape)}, "
                                  f"got {tuple(target.shape)}")
+            if not bool(((target >= 0) & (target <= 1)).all()):  # also false for NaN
+                raise ValueError(f"target must hold relevance values in [0, 1], got values in "
+                                 f"[{target.min().item():.4g}, {target.max().item():.4g}]")
         self.relevance.zero_grad(set_to_none=True)
         contexts = [self.rule_contexts(out, target.to(out.logits.dtype)) for out, target in passes]
         joint = len(passes) > 1 and all("participatory" in c for c in contexts)
         total = sum(target.shape[0] for _, target in passes)
         parameters = list(self.relevance.parameters())
+        several = len(passes) > 1
         try:
-            for (_, target), pass_contexts in zip(passes, contexts):
-                before = [None if p.grad is None else p.grad.clone() for p in parameters] if len(passes) > 1 else []
-                for name, ctx in pass_contexts.items():
-                    if not (joint and name == "participatory"):
-                        self.rules[name].step(ctx)
-                for p, previous in zip(parameters, before):  # weight this pass's share of the update
-                    if p.grad is not None:
-                        base = torch.zeros_like(p.grad) if previous is None else previous
-                        p.grad = base + (p.grad - base) * (target.shape[0] / total)
-            if joint:
-                queries = torch.cat([c["participatory"].inputs for c in contexts])
-                keys = torch.cat([c["participatory"].target for c in contexts])
-                self.rules["participatory"].step(RuleContext(queries, target=keys))
+            # the small relevance module keeps its own precision under autocast: its relaxations need it
+            with torch.autocast(passes[0][0].logits.device.type, enabled=False):
+                for (_, target), pass_contexts in zip(passes, contexts):
+                    before = [None if p.grad is None else p.grad.clone() for p in parameters] if several else []
+                    for name, ctx in pass_contexts.items():
+                        if not (joint and name == "participatory"):
+                            self.rules[name].step(ctx)
+                    for p, previous in zip(parameters, before):  # weight this pass's share of the update
+                        if p.grad is not None:
+                            base = torch.zeros_like(p.grad) if previous is None else previous
+                            p.grad = base + (p.grad - base) * (target.shape[0] / total)
+                if joint:
+                    queries = torch.cat([c["participatory"].inputs for c in contexts])
+                    keys = torch.cat([c["participatory"].target for c in contexts])
+                    self.rules["participatory"].step(RuleContext(queries, target=keys))
         except Exception:
             self.relevance.zero_grad(set_to_none=True)
             raise

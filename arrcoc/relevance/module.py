@@ -57,6 +57,13 @@ class RelaxationSettings:
     momentum: float = 0.5
     tol: float = 1e-4
 
+    def __post_init__(self) -> None:
+        if self.steps <= 0 or self.step_size <= 0 or self.tol < 0 or not 0 <= self.momentum < 1:
+            raise ValueError(
+                f"relaxation needs steps > 0, step_size > 0, tol >= 0 and 0 <= momentum < 1, got steps={self.steps}, "
+                f"step_size={self.step_size}, tol={self.tol}, momentum={self.momentum}"
+            )
+
 
 @dataclass
 class RelevanceConfig:
@@ -92,7 +99,13 @@ class RelevanceConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.relaxation, dict):
+            known = {f.name for f in dataclasses.fields(RelaxationSettings)}
+            unknown = sorted(set(self.relaxation) - known)
+            if unknown:
+                raise KeyError(f"unknown relaxation key(s) {unknown}; known keys: {sorted(known)}")
             self.relaxation = RelaxationSettings(**self.relaxation)
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int | float):
+            raise TypeError(f"budget must be a number (a fraction in (0, 1] or a token count), got {self.budget!r}")
         if not (0 < self.budget <= 1 or (float(self.budget).is_integer() and self.budget >= 1)):
             raise ValueError(f"budget must be a fraction in (0, 1] or a whole token count >= 1, got {self.budget}")
         if self.dropped not in DROPPED:
@@ -104,6 +117,10 @@ class RelevanceConfig:
         unknown = sorted(set(self.rules) - set(SUBNETWORKS))
         if unknown:
             raise KeyError(f"rules given for unknown sub-networks {unknown}; sub-networks: {sorted(SUBNETWORKS)}")
+        for subnetwork, rule in self.rules.items():
+            if not (isinstance(rule, dict) and isinstance(rule.get("name"), str)):
+                raise ValueError(f"rules.{subnetwork} must be a mapping with a rule 'name' "
+                                 f"({SUBNETWORKS[subnetwork]}), got {rule!r}")
         self.rules = {**{k: dict(v) for k, v in DEFAULT_RULES.items()}, **self.rules}
         if not (self.backbone_tokens or self.texture):
             raise ValueError("the relevance module needs patch features: enable backbone_tokens or texture")
