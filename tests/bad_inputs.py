@@ -123,7 +123,7 @@ def _fixed_size_vit() -> nn.Module:
                              depth=1, num_heads=2, num_classes=10)
 
 
-FORWARD = "ARRCOC(images, query) (also relevance_map, learn, adapt)"
+FORWARD = "ARRCOC(images, query) (also relevance_map, learn, adapt, set_probe)"
 ATTACH = "arrcoc.attach(model, budget, config) / RelevanceConfig"
 CASES: list[Case] = [
     # ---- images and queries ---------------------------------------------------------------------------------

@@ -129,3 +129,14 @@ def test_injected_divergence_is_reported_and_changes_nothing(injected):
     assert all(p.grad is None for p in model.relevance.parameters())
     after = state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights, buffers, optimizer, baseline
+
+
+def test_online_adaptation_skips_a_diverging_update_and_says_why():
+    model = arrcoc.attach(toy_vit(), budget=0.25)
+    with torch.no_grad():
+        model.relevance.field.coherence.fill_(5.0)
+    model.rules["field"].config.step_size, model.rules["field"].config.momentum = 50.0, 0.0
+    before = {k: v.clone() for k, v in model.relevance.state_dict().items()}
+    report = model.adapt(torch.rand(4, 3, 32, 32))
+    assert report.skipped is not None and "diverged" in report.skipped
+    assert all(torch.equal(v, model.relevance.state_dict()[k]) for k, v in before.items())

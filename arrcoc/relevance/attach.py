@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -36,7 +37,9 @@ from arrcoc.backbones import (
     tiered_tokens,
     top_k,
 )
+from arrcoc.rules import NonFiniteUpdate
 from arrcoc.rules.distributed import batch_mean
+from arrcoc.rules.energy import RelaxationDiverged
 
 from .learning import LocalRuleLearner, QueryInput, check_finite
 from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
@@ -68,6 +71,15 @@ class AdaptationConfig:
     # the self-supervised target: perturbation importance (16 reduced forwards per image on an 8x8 grid) or
     # the backbone's own CLS attention (one forward; as good where the head reads CLS)
     target: str = "perturbation"
+    # With a clean probe (set_probe), an update is kept only if the probe shows, with confidence, that the
+    # agreement of the reduced with the full-token predictions lost at most `probe_max_drop` against the
+    # frozen module: with g probe images gained and l lost (paired, per image),
+    #     l - g + probe_confidence * sqrt(g + l) <= probe_max_drop * probe size
+    # (a one-sided McNemar-style non-inferiority test; 1.64: 95%). Without the confidence term a probe of a
+    # few hundred images let accuracy on other clean images fall 1.6 points (measured).
+    probe_max_drop: float = 0.01
+    probe_confidence: float = 1.64
+    probe_chunk: int = 64  # probe images per forward pass
 
     def __post_init__(self) -> None:
         if self.target not in ("perturbation", "attention"):
@@ -80,6 +92,9 @@ class AdaptReport:
     running_agreement: float
     snapshot: bool  # the weights this call started from became the rollback point
     rolled_back: bool  # the weights were restored to the rollback point (and not updated)
+    probe_agreement: float | None = None  # on the clean probe after this call (None: no probe set)
+    probe_rejected: bool = False  # this call's update lowered the probe agreement too far and was undone
+    skipped: str | None = None  # why no update was made (a diverging relaxation, a non-finite update)
 
 
 class ARRCOC(LocalRuleLearner, nn.Module):
@@ -104,6 +119,9 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         self._running_agreement: float | None = None
         self._best_agreement = 0.0
         self._last_good: dict[str, Tensor] | None = None
+        # probe images, queries, full-token predictions, and whether the frozen module agreed with them
+        self._probe: tuple[Tensor, Tensor | None, Tensor, Tensor] | None = None
+        self._probe_accepted: tuple[dict[str, Tensor], Tensor] | None = None  # weights that passed, their agreement
         self._reward_baseline: Tensor | None = None
         self.eval()  # ready for inference; learn() switches to training mode only while it runs
 
@@ -281,7 +299,9 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         """Label-free online step towards a self-supervised target (``AdaptationConfig.target``: perturbation
         importance against the full-token prediction, or the backbone's CLS attention). Updates are bounded;
         if the running proxy (agreement of the reduced with the full prediction) falls ``rollback_drop``
-        below its best, the last good weights come back."""
+        below its best, the last good weights come back. With a clean probe (:meth:`set_probe`), an update
+        after which the probe does not show, with confidence, that at most ``probe_max_drop`` of the frozen
+        module's agreement was lost is undone. An update that diverges is skipped and reported."""
         cfg = self.adaptation
         with torch.no_grad():
             agreement = self.agreement(images, query).mean().item()
@@ -296,6 +316,7 @@ class ARRCOC(LocalRuleLearner, nn.Module):
             elif running < self._best_agreement - cfg.rollback_drop:
                 self.relevance.load_state_dict(self._last_good)
                 self._running_agreement, rolled_back = self._best_agreement, True
+        report = AdaptReport(agreement, self._running_agreement, snapshot, rolled_back)
         if not rolled_back:
             state = self.adapter.tokens(images)
             grid = self.adapter.grid(images)
@@ -304,8 +325,48 @@ class ARRCOC(LocalRuleLearner, nn.Module):
             else:
                 target = perturbation_target(self.adapter, state, (grid.height, grid.width))
             sgd = torch.optim.SGD(self.relevance.parameters(), lr=cfg.lr)
-            self.learn(images, query, target=target, optimizer=sgd, max_grad_norm=cfg.max_grad_norm)
-        return AdaptReport(agreement, self._running_agreement, snapshot, rolled_back)
+            try:
+                self.learn(images, query, target=target, optimizer=sgd, max_grad_norm=cfg.max_grad_norm)
+            except (RelaxationDiverged, NonFiniteUpdate) as error:  # nothing changed (fill_grads is all or nothing)
+                report.skipped = str(error)
+        if self._probe is not None:
+            agrees = self._probe_agrees()
+            frozen = self._probe[3]
+            gained, lost = int((agrees & ~frozen).sum()), int((~agrees & frozen).sum())
+            margin = cfg.probe_max_drop * len(agrees)
+            if lost - gained + cfg.probe_confidence * math.sqrt(gained + lost) > margin:
+                weights, agrees = self._probe_accepted
+                self.relevance.load_state_dict(weights)
+                report.probe_rejected = True
+            else:  # every weight state that serves has passed the probe
+                self._probe_accepted = copy.deepcopy(self.relevance.state_dict()), agrees
+            report.probe_agreement = agrees.float().mean().item()
+        return report
+
+    def set_probe(self, images: Tensor, query: QueryInput = None) -> float:
+        """Guard online adaptation with clean, unlabelled, in-distribution images: their full-token predictions
+        (the backbone is frozen: computed once) are what the reduced predictions must keep agreeing with, image
+        by image, about as often as the module does now (see ``AdaptationConfig.probe_max_drop``). Returns the
+        module's agreement now: the reference."""
+        self.check_images(images)
+        q = self.encode_query(query, images.shape[0])
+        chunk = self.adaptation.probe_chunk
+        with torch.no_grad():
+            full = torch.cat([self.adapter(images[i:i + chunk]).argmax(-1) for i in range(0, len(images), chunk)])
+        self._probe = (images, q, full, torch.ones_like(full, dtype=torch.bool))
+        reference = self._probe_agrees()
+        self._probe = (images, q, full, reference)
+        self._probe_accepted = copy.deepcopy(self.relevance.state_dict()), reference
+        return reference.float().mean().item()
+
+    @torch.no_grad()
+    def _probe_agrees(self) -> Tensor:
+        """(probe size,) whether each probe image's prediction at the budget equals its full-token prediction."""
+        images, q, full, _ = self._probe
+        chunk = self.adaptation.probe_chunk
+        reduced = [self(images[i:i + chunk], None if q is None else q[i:i + chunk]).argmax(-1)
+                   for i in range(0, len(images), chunk)]
+        return torch.cat(reduced) == full
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:
