@@ -132,10 +132,11 @@ def relax(
             grads = torch.autograd.grad(total, states)
             # whole-batch quantities: every decision below is the same on every shard of a sharded batch
             uphill = sum((v * g).sum() for v, g in zip(velocity, grads))  # > 0: momentum points uphill
-            energy, uphill = sum_over_shards(torch.tensor([total.item(), float(uphill)], dtype=torch.float64)).tolist()
+            scalars = {"dtype": torch.float64, "device": total.device}  # NCCL reduces on the GPU
+            energy, uphill = sum_over_shards(torch.tensor([total.item(), float(uphill)], **scalars)).tolist()
             residual = max(g.abs().max().item() for g in grads)
             moving = float(any(bool(v.any()) for v in velocity))
-            residual, moving = max_over_shards(torch.tensor([residual, moving], dtype=torch.float64)).tolist()
+            residual, moving = max_over_shards(torch.tensor([residual, moving], **scalars)).tolist()
             trace.append(energy)
             if not (math.isfinite(energy) and math.isfinite(residual)):
                 raise RelaxationDiverged(step, trace, "non-finite states or energy")
