@@ -77,7 +77,9 @@ def distributed_loader(dataset: Dataset, batch_size: int, collate_fn: Callable[[
                        seed: int = 0, shuffle: bool = True) -> DataLoader:
     """This process's shard of ``dataset`` in batches of ``batch_size`` (per process): a ``DistributedSampler``
     over the default process group (one replica without torch.distributed), shuffled from ``seed`` and the
-    epoch (the trainer sets it), so every epoch's order is reproducible, also when resuming."""
+    epoch (the trainer sets it), so every epoch's order is reproducible, also when resuming. Global batch k is
+    the same set of samples whatever the number of processes, as long as that number divides the dataset
+    (otherwise the sampler repeats a few samples to even out the shards)."""
     rank, size = world()
     sampler = DistributedSampler(dataset, num_replicas=size, rank=rank, shuffle=shuffle, seed=seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
