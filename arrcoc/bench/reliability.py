@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import sys
 import time
@@ -39,6 +40,7 @@ from arrcoc.relevance.trainer import Batch, Trainer, TrainerConfig
 STREAMS = ("noise", "adversarial")
 # digit fragments over bright photographs; the target digit is drawn 1-1.5 px wide, i.e. absent
 ADVERSARIAL_CANVAS = replace(SHIFT_CANVAS, digit_scale=(1.0, 1.5), num_fragments=(8, 12))
+NO_CHANGE = 1e-6  # where the plot draws a call that left the weights unchanged
 
 
 @dataclass(frozen=True)
@@ -227,17 +229,22 @@ def plot(report: dict, path: Path) -> None:
         t = run["trajectory"]
         axes[0].plot(t["images"], [100 * a for a in t["accuracy"]], label=label)
         images = [report["config"]["batch_size"] * (i + 1) for i in range(len(run["steps"]["update_norm"]))]
-        axes[1].plot(images, run["steps"]["update_norm"], label=label, linewidth=0.6)
+        # a call that changed nothing (its update undone by the guard) is drawn at the floor of the log axis
+        axes[1].plot(images, [max(n, NO_CHANGE) for n in run["steps"]["update_norm"]], ".", markersize=3,
+                     label=label)
         axes[2].plot(t["images"], t["resident_mb"], label=label)
     frozen = report["runs"][0]["summary"]["frozen_accuracy"]
     axes[0].axhline(100 * frozen - 1, color="k", linestyle="--", linewidth=0.8, label="frozen - 1 point")
     for lr in sorted({run["lr"] for run in report["runs"]}):
         bound = lr * report["adaptation"]["max_grad_norm"]
-        axes[1].axhline(bound, color="k", linestyle="--", linewidth=0.8, label=f"step bound at lr {lr:g}")
+        axes[1].axhline(bound, color="0.6", linestyle="--", linewidth=0.8, zorder=0, label=f"step bound at lr {lr:g}")
     for ax, title in zip(axes, ("clean test accuracy (%)", "weight change per adapt() call", "resident memory (MiB)")):
         ax.set_xlabel("stream images seen")
         ax.set_title(title)
-    axes[1].set_yscale("symlog", linthresh=1e-4)
+    axes[1].set_yscale("log")
+    largest_bound = max(run["lr"] for run in report["runs"]) * report["adaptation"]["max_grad_norm"]
+    axes[1].set_ylim(NO_CHANGE / 2, 3 * largest_bound)
+    axes[1].set_title(f"weight change per adapt() call ({NO_CHANGE:g}: none)")
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
@@ -252,7 +259,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, help="images per stream")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="canvas ViT (.safetensors)")
     parser.add_argument("--out", type=Path, help="output folder")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="only rewrite the Markdown and PNG beside a reliability.json from an earlier run")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        report = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(markdown(report))
+        plot(report, args.render.with_suffix(".png"))
+        return
     config = QUICK if args.quick else ReliabilityConfig()
     if args.images is not None:
         config = replace(config, stream_images=args.images)
