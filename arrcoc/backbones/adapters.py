@@ -125,6 +125,15 @@ class BackboneAdapter(nn.Module):
         channels, height, width = images.shape[1:]
         if channels != self.in_chans:
             raise ValueError(f"images must have {self.in_chans} channels, got {channels}")
+        weights = next(self.model.parameters()).dtype
+        # under autocast the model casts its inputs itself; otherwise they must be in the weights' dtype
+        if not images.is_floating_point() or (
+            images.dtype != weights and not torch.is_autocast_enabled(images.device.type)
+        ):
+            raise TypeError(
+                f"images must be floating point in the model's dtype {weights} (or run under torch.autocast), "
+                f"got {images.dtype}"
+            )
         ph, pw = self.patch_size
         if height % ph or width % pw:
             raise ValueError(f"image size {height}x{width} is not divisible by the patch size {ph}x{pw}")

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -36,8 +37,11 @@ from arrcoc.backbones import (
     tiered_tokens,
     top_k,
 )
+from arrcoc.rules import NonFiniteUpdate
+from arrcoc.rules.distributed import batch_mean
+from arrcoc.rules.energy import RelaxationDiverged
 
-from .learning import LocalRuleLearner, QueryInput
+from .learning import LocalRuleLearner, QueryInput, check_finite
 from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
 from .targets import attention_target, box_target, perturbation_target
 
@@ -67,6 +71,15 @@ class AdaptationConfig:
     # the self-supervised target: perturbation importance (16 reduced forwards per image on an 8x8 grid) or
     # the backbone's own CLS attention (one forward; as good where the head reads CLS)
     target: str = "perturbation"
+    # With a clean probe (set_probe), an update is kept only if the probe shows, with confidence, that the
+    # agreement of the reduced with the full-token predictions lost at most `probe_max_drop` against the
+    # frozen module: with g probe images gained and l lost (paired, per image),
+    #     l - g + probe_confidence * sqrt(g + l) <= probe_max_drop * probe size
+    # (a one-sided McNemar-style non-inferiority test; 1.64: 95%). Without the confidence term a probe of a
+    # few hundred images let accuracy on other clean images fall 1.6 points (measured).
+    probe_max_drop: float = 0.01
+    probe_confidence: float = 1.64
+    probe_chunk: int = 64  # probe images per forward pass
 
     def __post_init__(self) -> None:
         if self.target not in ("perturbation", "attention"):
@@ -79,6 +92,9 @@ class AdaptReport:
     running_agreement: float
     snapshot: bool  # the weights this call started from became the rollback point
     rolled_back: bool  # the weights were restored to the rollback point (and not updated)
+    probe_agreement: float | None = None  # on the clean probe after this call (None: no probe set)
+    probe_rejected: bool = False  # this call's update lowered the probe agreement too far and was undone
+    skipped: str | None = None  # why no update was made (a diverging relaxation, a non-finite update)
 
 
 class ARRCOC(LocalRuleLearner, nn.Module):
@@ -94,7 +110,8 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         self.adapter = adapt_backbone(model)  # frozen, eval mode
         self.text_encoder = text_encoder
         self.adaptation = adaptation or AdaptationConfig()
-        probe = torch.zeros(1, self.adapter.in_chans, *self.adapter.image_size)
+        weight = next(self.adapter.model.parameters())
+        probe = weight.new_zeros(1, self.adapter.in_chans, *self.adapter.image_size)
         with torch.no_grad():
             token_dim = self.adapter.embed(probe).shape[-1]
         self.relevance = RelevanceModule(self.config, token_dim, self.adapter.patch_size)
@@ -102,6 +119,9 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         self._running_agreement: float | None = None
         self._best_agreement = 0.0
         self._last_good: dict[str, Tensor] | None = None
+        # probe images, queries, full-token predictions, and whether the frozen module agreed with them
+        self._probe: tuple[Tensor, Tensor | None, Tensor, Tensor] | None = None
+        self._probe_accepted: tuple[dict[str, Tensor], Tensor] | None = None  # weights that passed, their agreement
         self._reward_baseline: Tensor | None = None
         self.eval()  # ready for inference; learn() switches to training mode only while it runs
 
@@ -109,9 +129,8 @@ class ARRCOC(LocalRuleLearner, nn.Module):
     def check_images(self, images: Tensor) -> None:
         self.adapter.check_images(images)
         if images.shape[0] == 0:
-            raise ValueError("empty batch: images has 0 images")
-        if not torch.isfinite(images).all():
-            raise ValueError("images contain NaN or Inf")
+            raise ValueError("images must hold at least one image, got a batch of 0")
+        check_finite("images", images)
 
     # ---- the pass -----------------------------------------------------------------------------
     def _relevance(self, images: Tensor, query: QueryInput, differentiable: bool = False
@@ -123,7 +142,8 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         grid = self.adapter.grid(images)
         with torch.no_grad():
             state = self.adapter.tokens(images)
-        with torch.set_grad_enabled(differentiable):
+        # the small relevance module keeps its own precision under autocast: its relaxation needs it
+        with torch.set_grad_enabled(differentiable), torch.autocast(images.device.type, enabled=False):
             out = self.relevance(images, state.patches, (grid.height, grid.width), q)
         return out, state, (grid.height, grid.width)
 
@@ -151,6 +171,9 @@ class ARRCOC(LocalRuleLearner, nn.Module):
     def tier_counts(self, height: int, width: int) -> TierCounts:
         """Regions per tier: ``refined_regions`` refined, the rest merged or normal, with the largest
         exact total that fits the budget (a tier change moves the total by 3 tokens)."""
+        if height % 2 or width % 2:
+            raise ValueError(f"tiers group the patches in 2x2 regions: the patch grid must have even sides, got "
+                             f"{height}x{width}")
         regions, budget = (height // 2) * (width // 2), num_kept(self._budget(), height * width)
         refined = self.config.refined_regions
         lowest = regions + 15 * refined  # every region merged except the refined ones
@@ -164,7 +187,8 @@ class ARRCOC(LocalRuleLearner, nn.Module):
 
     def tiers(self, logits: Tensor, height: int, width: int) -> Tensor:
         """(B, regions) tier of every 2x2-patch region, the most relevant regions in the finest tiers."""
-        return assign_tiers(region_scores(logits, height, width), self.tier_counts(height, width))
+        counts = self.tier_counts(height, width)  # validates the grid first
+        return assign_tiers(region_scores(logits, height, width), counts)
 
     @torch.no_grad()
     def relevance_map(self, images: Tensor, query: QueryInput = None) -> RelevanceMaps:
@@ -185,7 +209,7 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         grid = self.adapter.grid(images)
         if self.config.target == "box":
             if boxes is None:
-                raise ValueError("target 'box' needs boxes (batch, 4) for every image")
+                raise ValueError("target 'box' needs boxes (batch, 4) for every image, got boxes=None")
             return box_target(boxes, (grid.height, grid.width), self.adapter.patch_size)
         if self.config.target == "reward":
             raise ValueError("the 'reward' target depends on the module's own choice: it is made inside learn()")
@@ -206,30 +230,60 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         reduced = self.adapter.head(self.adapter.run_blocks(select(state, kept))).argmax(-1)
         reference = labels if labels is not None else self.adapter.head(self.adapter.run_blocks(state)).argmax(-1)
         reward = (reduced == reference).float()
-        baseline = reward.mean() if self._reward_baseline is None else self._reward_baseline
-        self._reward_baseline = 0.9 * baseline + 0.1 * reward.mean()
+        batch_reward = batch_mean(reward)  # of the whole batch, also when it is sharded over processes
+        baseline = batch_reward if self._reward_baseline is None else self._reward_baseline
+        self._reward_baseline = 0.9 * baseline + 0.1 * batch_reward
         p = torch.sigmoid(out.logits)
         return (p + (reward - baseline)[:, None] * (mask - p)).clamp(0, 1)
 
     def learn(self, images: Tensor, query: QueryInput = None, target: Tensor | None = None,
               boxes: Tensor | None = None, labels: Tensor | None = None,
               optimizer: torch.optim.Optimizer | None = None, max_grad_norm: float | None = None) -> dict[str, float]:
-        """One step: every sub-network's rule fills its .grad, then the optimizer steps.
+        """One step: every sub-network's rule fills its .grad (:meth:`fill_grads`), then the optimizer steps.
 
-        If any rule fails (a diverging relaxation, a non-finite update), every .grad is cleared and
-        no weight changes; the error is raised.
+        If any rule fails (a diverging relaxation, a non-finite update), no weight, buffer or optimizer
+        state changes; the error is raised.
         """
+        metrics = self.fill_grads(images, query, target, boxes, labels)
+        self.step_optimizer(optimizer, max_grad_norm)
+        return metrics
+
+    def fill_grads(self, images: Tensor, query: QueryInput = None, target: Tensor | None = None,
+                   boxes: Tensor | None = None, labels: Tensor | None = None) -> dict[str, float]:
+        """Clear every .grad of the relevance module, then let each sub-network's rule fill its own.
+
+        Changes no weight: an optimizer (after an all-reduce of the .grad, under torchrun) applies it.
+        All or nothing: if any rule fails, every .grad is cleared and the buffers (feature statistics,
+        rule state) and reward baseline are restored to what they were; the error is raised.
+        """
+        buffers = [b for m in (self.relevance, self.rules) for b in m.buffers()]
+        saved = [b.clone() for b in buffers], self._reward_baseline
+        self.relevance.zero_grad(set_to_none=True)
+        try:
+            return self._fill_grads(images, query, target, boxes, labels)
+        except Exception:
+            self.relevance.zero_grad(set_to_none=True)
+            for b, value in zip(buffers, saved[0]):
+                b.copy_(value)
+            self._reward_baseline = saved[1]
+            raise
+
+    def _fill_grads(self, images: Tensor, query: QueryInput, target: Tensor | None, boxes: Tensor | None,
+                    labels: Tensor | None) -> dict[str, float]:
         was_training = self.relevance.training
         self.relevance.train()  # feature statistics follow the training stream
         try:
             out, state, (h, w) = self._relevance(images, query)
         finally:
             self.relevance.train(was_training)
+        if labels is not None and (labels.shape != images.shape[:1] or labels.is_floating_point()):
+            raise ValueError(f"labels must be ({images.shape[0]},) class indices (one per image), got "
+                             f"{tuple(labels.shape)} {labels.dtype}")
         if target is None and self.config.target == "reward":
             target = self.reward_target(out, state, labels)
         elif target is None:
             target = self.relevance_target(images, boxes, state)
-        self.apply_rules(out, target, optimizer, max_grad_norm)
+        self.fill_rule_grads([(out, target)])
         k = num_kept(self._budget(), h * w)
         chosen = torch.zeros_like(out.logits).scatter_(1, top_k(out.logits, k), 1.0)
         wanted = torch.zeros_like(target).scatter_(1, top_k(target, k), 1.0)
@@ -245,7 +299,9 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         """Label-free online step towards a self-supervised target (``AdaptationConfig.target``: perturbation
         importance against the full-token prediction, or the backbone's CLS attention). Updates are bounded;
         if the running proxy (agreement of the reduced with the full prediction) falls ``rollback_drop``
-        below its best, the last good weights come back."""
+        below its best, the last good weights come back. With a clean probe (:meth:`set_probe`), an update
+        after which the probe does not show, with confidence, that at most ``probe_max_drop`` of the frozen
+        module's agreement was lost is undone. An update that diverges is skipped and reported."""
         cfg = self.adaptation
         with torch.no_grad():
             agreement = self.agreement(images, query).mean().item()
@@ -260,6 +316,7 @@ class ARRCOC(LocalRuleLearner, nn.Module):
             elif running < self._best_agreement - cfg.rollback_drop:
                 self.relevance.load_state_dict(self._last_good)
                 self._running_agreement, rolled_back = self._best_agreement, True
+        report = AdaptReport(agreement, self._running_agreement, snapshot, rolled_back)
         if not rolled_back:
             state = self.adapter.tokens(images)
             grid = self.adapter.grid(images)
@@ -268,8 +325,48 @@ class ARRCOC(LocalRuleLearner, nn.Module):
             else:
                 target = perturbation_target(self.adapter, state, (grid.height, grid.width))
             sgd = torch.optim.SGD(self.relevance.parameters(), lr=cfg.lr)
-            self.learn(images, query, target=target, optimizer=sgd, max_grad_norm=cfg.max_grad_norm)
-        return AdaptReport(agreement, self._running_agreement, snapshot, rolled_back)
+            try:
+                self.learn(images, query, target=target, optimizer=sgd, max_grad_norm=cfg.max_grad_norm)
+            except (RelaxationDiverged, NonFiniteUpdate) as error:  # nothing changed (fill_grads is all or nothing)
+                report.skipped = str(error)
+        if self._probe is not None:
+            agrees = self._probe_agrees()
+            frozen = self._probe[3]
+            gained, lost = int((agrees & ~frozen).sum()), int((~agrees & frozen).sum())
+            margin = cfg.probe_max_drop * len(agrees)
+            if lost - gained + cfg.probe_confidence * math.sqrt(gained + lost) > margin:
+                weights, agrees = self._probe_accepted
+                self.relevance.load_state_dict(weights)
+                report.probe_rejected = True
+            else:  # every weight state that serves has passed the probe
+                self._probe_accepted = copy.deepcopy(self.relevance.state_dict()), agrees
+            report.probe_agreement = agrees.float().mean().item()
+        return report
+
+    def set_probe(self, images: Tensor, query: QueryInput = None) -> float:
+        """Guard online adaptation with clean, unlabelled, in-distribution images: their full-token predictions
+        (the backbone is frozen: computed once) are what the reduced predictions must keep agreeing with, image
+        by image, about as often as the module does now (see ``AdaptationConfig.probe_max_drop``). Returns the
+        module's agreement now: the reference."""
+        self.check_images(images)
+        q = self.encode_query(query, images.shape[0])
+        chunk = self.adaptation.probe_chunk
+        with torch.no_grad():
+            full = torch.cat([self.adapter(images[i:i + chunk]).argmax(-1) for i in range(0, len(images), chunk)])
+        self._probe = (images, q, full, torch.ones_like(full, dtype=torch.bool))
+        reference = self._probe_agrees()
+        self._probe = (images, q, full, reference)
+        self._probe_accepted = copy.deepcopy(self.relevance.state_dict()), reference
+        return reference.float().mean().item()
+
+    @torch.no_grad()
+    def _probe_agrees(self) -> Tensor:
+        """(probe size,) whether each probe image's prediction at the budget equals its full-token prediction."""
+        images, q, full, _ = self._probe
+        chunk = self.adaptation.probe_chunk
+        reduced = [self(images[i:i + chunk], None if q is None else q[i:i + chunk]).argmax(-1)
+                   for i in range(0, len(images), chunk)]
+        return torch.cat(reduced) == full
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -304,38 +401,59 @@ class ARRCOC(LocalRuleLearner, nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, model: nn.Module, **kwargs: Any) -> ARRCOC:
-        path = Path(directory)
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file} is missing: not an arrcoc checkpoint folder")
-        try:
-            meta = json.loads(config_file.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_file} is not valid JSON: {err}") from err
-        weights = path / str(meta.get("weights", ""))
-        if not weights.is_file():
-            raise FileNotFoundError(f"weights file {weights} named in {config_file} is missing")
-        if meta.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"checkpoint schema version {meta.get('schema_version')} != supported {SCHEMA_VERSION}")
-        if _sha256(weights) != meta.get("weights_sha256"):
-            raise ValueError(f"{weights} does not match the checksum in {config_file}: corrupted or replaced")
+        meta, tensors = read_checkpoint(directory)
         wrapped = cls(model, RelevanceConfig.from_dict(meta["config"]), **kwargs)
-        tensors = load_file(weights)
-        for prefix, module in (("relevance.", wrapped.relevance), ("rules.", wrapped.rules)):
+        wrapped.load_checkpoint_tensors(tensors, meta, directory)
+        return wrapped
+
+    def load_checkpoint_tensors(self, tensors: dict[str, Tensor], meta: dict[str, Any],
+                                source: str | os.PathLike) -> None:
+        """Load what :func:`read_checkpoint` read into this model's relevance module and rules."""
+        for prefix, module in (("relevance.", self.relevance), ("rules.", self.rules)):
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             try:
                 module.load_state_dict(state)
             except RuntimeError as err:
                 raise ValueError(
-                    f"checkpoint {path} does not fit this backbone ({type(model).__name__}; it was saved for "
-                    f"{meta.get('backbone')}): {err}"
+                    f"checkpoint {source} does not fit this backbone ({type(self.adapter.model).__name__}; it was "
+                    f"saved for {meta.get('backbone')}): {err}"
                 ) from err
-        return wrapped
+
+
+def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``config.json`` and the weights of a :meth:`ARRCOC.save_pretrained` folder, verified: schema version,
+    checksum, and a weights file that is safetensors (nothing is ever unpickled)."""
+    path = Path(directory)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} is missing: not an arrcoc checkpoint folder")
+    try:
+        meta = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file} is not valid JSON: {err}") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"{config_file} must hold a JSON object, got {type(meta).__name__}")
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(
+            f"{config_file}: checkpoint schema version {meta.get('schema_version')!r}, expected {SCHEMA_VERSION}"
+        )
+    weights = path / str(meta.get("weights", ""))
+    if not weights.is_file():
+        raise FileNotFoundError(f"weights file {weights} named in {config_file} is missing")
+    if _sha256(weights) != meta.get("weights_sha256"):
+        raise ValueError(f"{weights} does not match the checksum in {config_file}: corrupted or replaced")
+    try:
+        tensors = load_file(weights)
+    except Exception as err:  # safetensors raises its own error type for a malformed header
+        raise ValueError(f"{weights} is not a valid safetensors file: {err}") from err
+    return meta, tensors
 
 
 def attach(model: nn.Module, budget: float = 0.25, config: RelevanceConfig | dict | None = None,
            **kwargs: Any) -> ARRCOC:
     """Wrap a timm / transformers ViT: ``attach(model, budget=0.25)(images, query=None)``."""
+    if config is not None and not isinstance(config, RelevanceConfig | dict):
+        raise TypeError(f"config must be a RelevanceConfig or a dict of its keys, got {type(config).__name__}")
     if isinstance(config, dict):
         config = RelevanceConfig.from_dict(config)
     config = config or RelevanceConfig()

@@ -21,6 +21,13 @@ from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
 QueryInput = Tensor | str | Sequence[str] | None
 
 
+def check_finite(name: str, values: Tensor) -> None:
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        nan = int(torch.isnan(values).sum())
+        raise ValueError(f"{name} must be finite, got {nan} NaN and {int((~finite).sum()) - nan} infinite values")
+
+
 class LocalRuleLearner:
     config: RelevanceConfig
     relevance: RelevanceModule
@@ -35,6 +42,9 @@ class LocalRuleLearner:
             return None
         if isinstance(query, str):
             query = [query] * batch
+        if not isinstance(query, Tensor | list | tuple):
+            raise TypeError(f"query must be a (batch, {self.config.query_dim}) tensor of embeddings, a string or a "
+                            f"list of strings, got {type(query).__name__}")
         if not isinstance(query, Tensor):
             if self.text_encoder is None:
                 raise ValueError("a text query needs a text encoder: attach(..., text_encoder=...) or pass embeddings")
@@ -43,8 +53,9 @@ class LocalRuleLearner:
             raise ValueError(f"query embeddings must be (batch, {self.config.query_dim}), got {tuple(query.shape)}")
         if query.shape[0] != batch:
             raise ValueError(f"{query.shape[0]} queries for {batch} images: give one query per image")
-        if not torch.isfinite(query).all():
-            raise ValueError("query embeddings contain NaN or Inf")
+        if not query.is_floating_point():
+            raise TypeError(f"query embeddings must be floating point, got {query.dtype}")
+        check_finite("query embeddings", query)
         return query
 
     def _budget(self) -> float | int:
@@ -102,37 +113,57 @@ class LocalRuleLearner:
 
     def apply_rules_over(self, passes: Sequence[tuple[RelevanceOutput, Tensor]],
                          optimizer: torch.optim.Optimizer | None = None, max_grad_norm: float | None = None) -> None:
-        """One optimizer step from several passes of the module over grids of different sizes (which cannot
-        share a batch): each sub-network's update is the mean of its per-pass updates weighted by their
-        images, and the participatory rule, whose negatives are the other queries of its batch, sees the
-        queries and keys of all passes in one batch. With one pass this is exactly :meth:`apply_rules`."""
+        """:meth:`fill_rule_grads` from several passes, then :meth:`step_optimizer`."""
+        self.fill_rule_grads(passes)
+        self.step_optimizer(optimizer, max_grad_norm)
+
+    def fill_rule_grads(self, passes: Sequence[tuple[RelevanceOutput, Tensor]]) -> None:
+        """Clear every .grad of the relevance module, then let each sub-network's rule fill its own; no weight
+        changes (under torchrun the filled .grad is all-reduced before the optimizer steps).
+
+        Several passes of the module over grids of different sizes (which cannot share a batch) make one
+        update: each sub-network's update is the mean of its per-pass updates weighted by their images, and
+        the participatory rule, whose negatives are the other queries of its batch, sees the queries and keys
+        of all passes in one batch. If any rule fails (a diverging relaxation, a non-finite update), every
+        .grad is cleared; the error is raised.
+        """
         for out, target in passes:
             if target.shape != out.logits.shape:
                 raise ValueError(f"target must be (batch, patches) = {tuple(out.logits.shape)}, "
                                  f"got {tuple(target.shape)}")
-        optimizer = optimizer or self.optimizer
-        optimizer.zero_grad(set_to_none=True)
+            if not bool(((target >= 0) & (target <= 1)).all()):  # also false for NaN
+                raise ValueError(f"target must hold relevance values in [0, 1], got values in "
+                                 f"[{target.min().item():.4g}, {target.max().item():.4g}]")
+        self.relevance.zero_grad(set_to_none=True)
         contexts = [self.rule_contexts(out, target.to(out.logits.dtype)) for out, target in passes]
         joint = len(passes) > 1 and all("participatory" in c for c in contexts)
         total = sum(target.shape[0] for _, target in passes)
         parameters = list(self.relevance.parameters())
+        several = len(passes) > 1
         try:
-            for (_, target), pass_contexts in zip(passes, contexts):
-                before = [None if p.grad is None else p.grad.clone() for p in parameters] if len(passes) > 1 else []
-                for name, ctx in pass_contexts.items():
-                    if not (joint and name == "participatory"):
-                        self.rules[name].step(ctx)
-                for p, previous in zip(parameters, before):  # weight this pass's share of the update
-                    if p.grad is not None:
-                        base = torch.zeros_like(p.grad) if previous is None else previous
-                        p.grad = base + (p.grad - base) * (target.shape[0] / total)
-            if joint:
-                queries = torch.cat([c["participatory"].inputs for c in contexts])
-                keys = torch.cat([c["participatory"].target for c in contexts])
-                self.rules["participatory"].step(RuleContext(queries, target=keys))
+            # the small relevance module keeps its own precision under autocast: its relaxations need it
+            with torch.autocast(passes[0][0].logits.device.type, enabled=False):
+                for (_, target), pass_contexts in zip(passes, contexts):
+                    before = [None if p.grad is None else p.grad.clone() for p in parameters] if several else []
+                    for name, ctx in pass_contexts.items():
+                        if not (joint and name == "participatory"):
+                            self.rules[name].step(ctx)
+                    for p, previous in zip(parameters, before):  # weight this pass's share of the update
+                        if p.grad is not None:
+                            base = torch.zeros_like(p.grad) if previous is None else previous
+                            p.grad = base + (p.grad - base) * (target.shape[0] / total)
+                if joint:
+                    queries = torch.cat([c["participatory"].inputs for c in contexts])
+                    keys = torch.cat([c["participatory"].target for c in contexts])
+                    self.rules["participatory"].step(RuleContext(queries, target=keys))
         except Exception:
-            optimizer.zero_grad(set_to_none=True)
+            self.relevance.zero_grad(set_to_none=True)
             raise
+
+    def step_optimizer(self, optimizer: torch.optim.Optimizer | None = None, max_grad_norm: float | None = None
+                       ) -> None:
+        """Apply the filled .grad (clipped to ``max_grad_norm`` if given) with ``optimizer`` (default: the
+        module's own)."""
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.relevance.parameters(), max_grad_norm)
-        optimizer.step()
+        (optimizer or self.optimizer).step()

@@ -20,6 +20,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from arrcoc.rules.distributed import ShardedBatchNorm1d
 from arrcoc.rules.energy import relax
 
 from .allocator import Allocator
@@ -56,6 +57,13 @@ class RelaxationSettings:
     momentum: float = 0.5
     tol: float = 1e-4
 
+    def __post_init__(self) -> None:
+        if self.steps <= 0 or self.step_size <= 0 or self.tol < 0 or not 0 <= self.momentum < 1:
+            raise ValueError(
+                f"relaxation needs steps > 0, step_size > 0, tol >= 0 and 0 <= momentum < 1, got steps={self.steps}, "
+                f"step_size={self.step_size}, tol={self.tol}, momentum={self.momentum}"
+            )
+
 
 @dataclass
 class RelevanceConfig:
@@ -91,7 +99,13 @@ class RelevanceConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.relaxation, dict):
+            known = {f.name for f in dataclasses.fields(RelaxationSettings)}
+            unknown = sorted(set(self.relaxation) - known)
+            if unknown:
+                raise KeyError(f"unknown relaxation key(s) {unknown}; known keys: {sorted(known)}")
             self.relaxation = RelaxationSettings(**self.relaxation)
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int | float):
+            raise TypeError(f"budget must be a number (a fraction in (0, 1] or a token count), got {self.budget!r}")
         if not (0 < self.budget <= 1 or (float(self.budget).is_integer() and self.budget >= 1)):
             raise ValueError(f"budget must be a fraction in (0, 1] or a whole token count >= 1, got {self.budget}")
         if self.dropped not in DROPPED:
@@ -103,6 +117,10 @@ class RelevanceConfig:
         unknown = sorted(set(self.rules) - set(SUBNETWORKS))
         if unknown:
             raise KeyError(f"rules given for unknown sub-networks {unknown}; sub-networks: {sorted(SUBNETWORKS)}")
+        for subnetwork, rule in self.rules.items():
+            if not (isinstance(rule, dict) and isinstance(rule.get("name"), str)):
+                raise ValueError(f"rules.{subnetwork} must be a mapping with a rule 'name' "
+                                 f"({SUBNETWORKS[subnetwork]}), got {rule!r}")
         self.rules = {**{k: dict(v) for k, v in DEFAULT_RULES.items()}, **self.rules}
         if not (self.backbone_tokens or self.texture):
             raise ValueError("the relevance module needs patch features: enable backbone_tokens or texture")
@@ -146,7 +164,8 @@ class RelevanceModule(nn.Module):
         super().__init__()
         self.config, self.patch_size = config, patch_size
         feature_dim = (token_dim if config.backbone_tokens else 0) + (NUM_FEATURES if config.texture else 0)
-        self.feature_norm = nn.BatchNorm1d(feature_dim, affine=False, momentum=0.01)
+        # statistics of the whole batch, also when it is sharded over processes (torchrun)
+        self.feature_norm = ShardedBatchNorm1d(feature_dim, affine=False, momentum=0.01)
         self.perspectival = PerspectivalKnowing(feature_dim, config.perspectival_units)
         temperature = config.rules["participatory"].get("temperature", 0.1)
         self.participatory = ParticipatoryKnowing(config.query_dim, feature_dim, temperature)
@@ -166,10 +185,11 @@ class RelevanceModule(nn.Module):
 
     def patch_features(self, images: Tensor, patch_tokens: Tensor) -> tuple[Tensor, Tensor]:
         """(B, N, F) standardised features and the images' pixels in [0, 1]."""
-        rgb = (images.float() * self.pixel_std + self.pixel_mean).clamp(0, 1)
+        dtype = self.pixel_std.dtype  # the module's own (float32 unless it was converted)
+        rgb = (images.to(dtype) * self.pixel_std + self.pixel_mean).clamp(0, 1)
         parts = []
         if self.config.backbone_tokens:
-            parts.append(patch_tokens.float())
+            parts.append(patch_tokens.to(dtype))
         if self.config.texture:
             parts.append(texture_features(rgb, self.patch_size))
         raw = torch.cat(parts, -1)

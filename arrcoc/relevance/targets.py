@@ -62,7 +62,7 @@ def perturbation_target(
         b_idx, g_idx = images[start:start + chunk], dropped[start:start + chunk]
         sub = TokenSet(state.tokens[b_idx], state.num_prefix, state.patch_index[b_idx])
         reduced = adapter.head(adapter.run_blocks(select(sub, kept[g_idx])))
-        change[b_idx, g_idx] = prediction_change(full[b_idx], reduced, logits).float()
+        change[b_idx, g_idx] = prediction_change(full[b_idx], reduced, logits).to(change.dtype)
     per_patch = torch.zeros(batch, n, device=cell.device).scatter_(1, repeat(cell, "g k -> b (g k)", b=batch),
                                                                   repeat(change, "b g -> b (g k)", k=group * group))
     return _per_image_max(per_patch)

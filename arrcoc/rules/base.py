@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed import all_shards_true
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -154,8 +156,10 @@ class LearningRule(nn.Module):
         for p, u in updates.items():  # validate everything before writing anything
             if u.shape != p.shape:
                 raise RuntimeError(f"rule {self.name!r}: update shape {tuple(u.shape)} != {tuple(p.shape)}")
-            if not torch.isfinite(u).all():
-                raise NonFiniteUpdate(self.name, names.get(p, "?"))
+        non_finite = next((p for p, u in updates.items() if not torch.isfinite(u).all()), None)
+        if not all_shards_true(non_finite is None):  # every process of a sharded batch raises
+            raise NonFiniteUpdate(self.name, names.get(non_finite, "?") if non_finite is not None else
+                                  "(in another process's shard of the batch)")
         for p, u in updates.items():
             u = u.detach().to(p.dtype)
             if p.grad is None:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .base import RuleConfig, RuleContext, register_rule
+from .distributed import batch_mean
 from .hebbian import Activity, HebbianRule
 
 ACTIVATIONS = {"relu": torch.relu, "sigmoid": torch.sigmoid, "linear": lambda u: u}
@@ -52,7 +53,7 @@ class BCM(HebbianRule):
         theta = self.threshold(layer)
         modulation = y * (y - theta)
         m = self.config.threshold_momentum
-        self._pending[layer] = m * theta + (1 - m) * y.pow(2).mean(0)
+        self._pending[layer] = m * theta + (1 - m) * batch_mean(y.pow(2))  # over the whole (sharded) batch
         return modulation.T @ x / x.shape[0], modulation.mean(0)
 
     def advance_state(self) -> None:

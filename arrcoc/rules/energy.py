@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .distributed import max_over_shards, sum_over_shards
+
 Cost = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -100,7 +102,9 @@ def relax(
     :class:`RelaxationDiverged` if the states become non-finite or a plain gradient step (one
     without momentum) raises ``F`` by more than ``rise_tol`` (relative): with a stable step size
     it never climbs; a momentum step that climbs just resets the momentum. Parameters and
-    ``.grad`` are never touched. Returns detached states and a report.
+    ``.grad`` are never touched. Returns detached states and a report. ``F``, the residual and the
+    momentum restarts are whole-batch quantities, combined over the shards inside
+    :func:`~arrcoc.rules.distributed.sharded_batch`, so a sharded batch relaxes as one batch does.
     """
     if steps <= 0:
         raise ValueError(f"relax needs steps > 0, got {steps}")
@@ -126,9 +130,14 @@ def relax(
             if target is not None:
                 total = total + beta * cost(model.output(states), target).sum()
             grads = torch.autograd.grad(total, states)
-            energy = total.item()
-            trace.append(energy)
+            # whole-batch quantities: every decision below is the same on every shard of a sharded batch
+            uphill = sum((v * g).sum() for v, g in zip(velocity, grads))  # > 0: momentum points uphill
+            scalars = {"dtype": torch.float64, "device": total.device}  # NCCL reduces on the GPU
+            energy, uphill = sum_over_shards(torch.tensor([total.item(), float(uphill)], **scalars)).tolist()
             residual = max(g.abs().max().item() for g in grads)
+            moving = float(any(bool(v.any()) for v in velocity))
+            residual, moving = max_over_shards(torch.tensor([residual, moving], **scalars)).tolist()
+            trace.append(energy)
             if not (math.isfinite(energy) and math.isfinite(residual)):
                 raise RelaxationDiverged(step, trace, "non-finite states or energy")
             restart = False
@@ -139,9 +148,10 @@ def relax(
             if residual < tol or step == steps:
                 break
             # restart when momentum overshot or points uphill (O'Donoghue & Candes 2015)
-            if restart or sum((v * g).sum() for v, g in zip(velocity, grads)) > 0:
+            if restart or uphill > 0:
                 velocity = [torch.zeros_like(v) for v in velocity]
-            coasting = momentum > 0 and any(bool(v.any()) for v in velocity)
+                moving = 0.0
+            coasting = momentum > 0 and moving > 0
             velocity = [momentum * v - step_size * g for v, g in zip(velocity, grads)]
             states = [(s + v).detach() for s, v in zip(states, velocity)]
     report = RelaxationReport(step, energy, residual, residual < tol, trace)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .base import RuleConfig, RuleContext, register_rule
+from .distributed import gather_shards
 from .hebbian import Activity, HebbianRule, paired_target
 
 
@@ -40,12 +41,15 @@ class InfoNCEHebbian(HebbianRule):
     single_layer = True
 
     def layer_update(self, layer: int, activity: Activity, ctx: RuleContext) -> tuple[Tensor, Tensor]:
-        keys = paired_target(self.name, ctx, activity.u)
+        # the negatives are the whole batch's, also when it is sharded over processes; this shard's
+        # queries j are the columns `mine`, and the update is their mean
+        keys, mine = gather_shards(paired_target(self.name, ctx, activity.u))
+        outputs, _ = gather_shards(activity.u)
         t, n = self.config.temperature, activity.x.shape[0]
-        scores = keys @ activity.u.T / t  # (keys i, queries j)
-        identity = torch.eye(n, device=scores.device, dtype=scores.dtype)
+        scores = keys @ outputs.T / t  # (keys i, queries j)
+        identity = torch.eye(scores.shape[0], device=scores.device, dtype=scores.dtype)
         modulation = identity - torch.softmax(scores, dim=1)
         if self.config.symmetric:
             modulation = 0.5 * (modulation + identity - torch.softmax(scores, dim=0))
-        post = modulation.T @ keys / (t * n)  # (queries j, out): the key-side factor reaching y_j
+        post = modulation.T[mine] @ keys / (t * n)  # (queries j, out): the key-side factor reaching y_j
         return post.T @ activity.x, post.sum(0)

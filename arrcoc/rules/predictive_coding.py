@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import RuleContext, register_rule
+from .distributed import max_over_shards
 from .energy import LayeredEnergy, PredictionErrorEnergy
 from .energy_rule import EnergyRule, RelaxationConfig
 
@@ -78,7 +79,7 @@ class PredictiveCoding(EnergyRule):
                     for i in range(len(errors) - 1)
                 ]
                 forces = [e - f for e, f in zip(errors, feedback)]
-                if not forces or max(f.abs().max().item() for f in forces) < cfg.tol:
+                if not forces or max_over_shards(max(f.abs().max() for f in forces).double()).item() < cfg.tol:
                     break
                 errors[:-1] = [e - cfg.step_size * f for e, f in zip(errors, forces)]
             updates: dict[nn.Parameter, Tensor] = {}

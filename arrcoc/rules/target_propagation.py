@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import LearningRule, RuleConfig, RuleContext, register_rule
+from .distributed import shard_rows, sum_over_shards
 from .energy import mlp_layers
 
 
@@ -126,20 +127,25 @@ class DifferenceTargetPropagation(TargetRule):
         return self.layer_updates(activities, ctx)
 
     def inverse_updates(self, activities: list[Tensor]) -> dict[str, Tensor]:
-        """One SGD step of each inverse on ``1/2 ||g_l(f_l(h + noise)) - (h + noise)||^2``."""
+        """One SGD step of each inverse on ``1/2 ||g_l(f_l(h + noise)) - (h + noise)||^2``, averaged over the
+        whole batch (each sample draws the noise it would draw in one process, also when sharded)."""
         new: dict[str, Tensor] = {}
+        batch = activities[0].shape[0]
+        whole, mine = shard_rows(batch)
         for index in range(1, len(self.layers)):
             names = (f"inverse_weight_{index}", f"inverse_bias_{index}")
             weight, bias = (getattr(self, n).detach().requires_grad_(True) for n in names)
-            corrupted = activities[index] + self.config.noise * torch.randn_like(activities[index])
+            h = activities[index]
+            noise = torch.randn(whole, *h.shape[1:], dtype=h.dtype, device=h.device)[mine]
+            corrupted = h + self.config.noise * noise
             with torch.enable_grad():
                 with torch.no_grad():
                     above = self.layers[index](corrupted)
                 rebuilt = self.layers[index - 1].activation(F.linear(above, weight, bias))
-                loss = 0.5 * (rebuilt - corrupted).pow(2).sum() / corrupted.shape[0]
+                loss = 0.5 * (rebuilt - corrupted).pow(2).sum() / whole
                 grads = torch.autograd.grad(loss, (weight, bias))
             for n, value, g in zip(names, (weight, bias), grads):
-                new[n] = (value - self.config.inverse_lr * g).detach()
+                new[n] = (value - self.config.inverse_lr * sum_over_shards(g)).detach()
         return new
 
     def advance_state(self) -> None:

@@ -1,0 +1,351 @@
+"""Every public entry point with the bad inputs it was tried with: one list, from which come both the tests
+(tests/test_bad_inputs.py: each row raises its error, and the message says what was expected and what was
+given) and the table in docs/bad_inputs.md (``python tests/bad_inputs.py`` rewrites it; a test fails when
+the table and the list differ).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import yaml
+from torch import nn
+
+import arrcoc
+from arrcoc.data.toy_patches import toy_vit
+from arrcoc.relevance import ARRCOC, RelevanceConfig
+from arrcoc.relevance.trainer import Batch, Trainer, TrainerConfig
+from arrcoc.rules import build_rule
+from arrcoc.rules.energy import Energy, relax
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
+
+
+class Env:
+    """A small model, two images and a scratch folder (shown as ``<dir>`` in the table)."""
+
+    def __init__(self, folder: Path):
+        self.dir = folder
+        self.images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def model(self, budget: float = 0.25, **config: Any) -> ARRCOC:
+        return arrcoc.attach(toy_vit(), budget=budget, config=config or None)
+
+    def with_nan(self, value: float = float("nan")) -> torch.Tensor:
+        images = self.images.clone()
+        images[0, 0, 0, 0] = value
+        return images
+
+    def checkpoint(self) -> Path:
+        """A valid save_pretrained folder of the default model."""
+        self.model().save_pretrained(self.dir / "ckpt")
+        return self.dir / "ckpt"
+
+    def config_json(self) -> tuple[Path, dict[str, Any]]:
+        path = self.checkpoint() / "config.json"
+        return path, json.loads(path.read_text())
+
+    def weights(self) -> Path:
+        path, meta = self.config_json()
+        return path.parent / meta["weights"]
+
+    def yaml(self, text: str) -> Path:
+        path = self.dir / "config.yaml"
+        path.write_text(text)
+        return path
+
+    def trained(self, **config: Any) -> Trainer:
+        """A trainer whose checkpoint_dir holds a training checkpoint after one step with ``config``."""
+        trainer = Trainer(self.model(**config), TrainerConfig(checkpoint_dir=str(self.dir / "run"), progress=False))
+        trainer.fit([Batch(self.images)])
+        return trainer
+
+    def resume(self, **config: Any) -> None:
+        Trainer(self.model(**config), TrainerConfig(checkpoint_dir=str(self.dir / "run"), progress=False)).fit(
+            [Batch(self.images)], resume=True)
+
+
+def _edit_trainer_state(env: Env, key: str, value: Any) -> None:
+    env.trained()
+    state = next((env.dir / "run" / "training").glob("step-*")) / "trainer_state.json"
+    meta = json.loads(state.read_text())
+    meta[key] = value
+    state.write_text(json.dumps(meta))
+
+
+def _pickle_as_weights(env: Env) -> None:
+    """A pickle that would run code if unpickled, named as the weights, with a matching checksum."""
+    import hashlib
+    import pickle
+
+    class Exploit:
+        def __reduce__(self):
+            return (Path.write_text, (env.dir / "pwned", "code ran"))
+
+    path, meta = env.config_json()
+    weights = path.parent / meta["weights"]
+    weights.write_bytes(pickle.dumps(Exploit()))
+    meta["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    path.write_text(json.dumps(meta))
+
+
+class _Quadratic(Energy):
+    def init_states(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x.clone()]
+
+    def energy(self, states: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * states[0].pow(2).sum(-1)
+
+    def output(self, states: list[torch.Tensor]) -> torch.Tensor:
+        return states[0]
+
+
+@dataclass(frozen=True)
+class Case:
+    entry: str  # the public entry point
+    bad_input: str  # what was given
+    call: Callable[[Env], object]
+    error: type[BaseException]
+    says: tuple[str, ...]  # parts of the message: what was expected, what was given
+
+
+def _fixed_size_vit() -> nn.Module:
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48,
+                             depth=1, num_heads=2, num_classes=10)
+
+
+FORWARD = "ARRCOC(images, query) (also relevance_map, learn, adapt, set_probe)"
+ATTACH = "arrcoc.attach(model, budget, config) / RelevanceConfig"
+CASES: list[Case] = [
+    # ---- images and queries ---------------------------------------------------------------------------------
+    Case(FORWARD, "images not a tensor (a list)", lambda e: e.model()([1, 2]), ValueError, ("4-D tensor", "got list")),
+    Case(FORWARD, "images of shape (3, 32, 32)", lambda e: e.model()(e.images[0]), ValueError,
+         ("(batch, channels, height, width)", "got (3, 32, 32)")),
+    Case(FORWARD, "1 channel instead of 3", lambda e: e.model()(e.images[:, :1]), ValueError,
+         ("must have 3 channels", "got 1")),
+    Case(FORWARD, "48x48 images for a fixed 32x32 model", lambda e: e.model()(torch.rand(2, 3, 48, 48)), ValueError,
+         ("the model's 32x32", "48x48", "dynamic_img_size")),
+    Case(FORWARD, "30x30 images (patch 8)", lambda e: e.model()(torch.rand(2, 3, 30, 30)), ValueError,
+         ("divisible by the patch size 8x8", "30x30")),
+    Case(FORWARD, "uint8 images", lambda e: e.model()((e.images * 255).to(torch.uint8)), TypeError,
+         ("floating point in the model's dtype torch.float32", "got torch.uint8")),
+    Case(FORWARD, "bfloat16 images, float32 model, no autocast", lambda e: e.model()(e.images.bfloat16()), TypeError,
+         ("torch.float32", "torch.autocast", "got torch.bfloat16")),
+    Case(FORWARD, "a NaN pixel", lambda e: e.model()(e.with_nan()), ValueError, ("must be finite", "1 NaN")),
+    Case(FORWARD, "an infinite pixel", lambda e: e.model()(e.with_nan(float("inf"))), ValueError,
+         ("must be finite", "1 infinite")),
+    Case(FORWARD, "empty batch (0 images)", lambda e: e.model()(e.images[:0]), ValueError,
+         ("at least one image", "batch of 0")),
+    Case(FORWARD, "3 query embeddings for 2 images", lambda e: e.model()(e.images, torch.randn(3, 384)), ValueError,
+         ("one query per image", "3 queries for 2 images")),
+    Case(FORWARD, "query embeddings of width 16 (the config says 384)",
+         lambda e: e.model()(e.images, torch.randn(2, 16)), ValueError, ("(batch, 384)", "got (2, 16)")),
+    Case(FORWARD, "integer query embeddings", lambda e: e.model()(e.images, torch.ones(2, 384, dtype=torch.long)),
+         TypeError, ("floating point", "got torch.int64")),
+    Case(FORWARD, "a NaN in the query embeddings",
+         lambda e: e.model()(e.images, torch.full((2, 384), float("nan"))), ValueError, ("must be finite", "NaN")),
+    Case(FORWARD, "a query that is neither tensor nor text (an int)", lambda e: e.model()(e.images, 5), TypeError,
+         ("tensor of embeddings, a string or a list of strings", "got int")),
+    Case(FORWARD, "text queries without a text encoder", lambda e: e.model()(e.images, ["red?", "blue?"]),
+         ValueError, ("text query needs a text encoder", "text_encoder=")),
+    Case(FORWARD, "budget of 100 tokens on a 16-patch grid", lambda e: e.model(budget=100)(e.images), ValueError,
+         ("[1, 16]", "got 100")),
+    Case(FORWARD, "tiers with 1 refined region and a 4-token budget",
+         lambda e: e.model(tiers=True, refined_regions=1)(e.images), ValueError, ("needs at least 19", "budget of 4")),
+    Case(FORWARD, "tiers on an odd (3x3) patch grid",
+         lambda e: arrcoc.attach(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=24, patch_size=8,
+                                                   embed_dim=32, depth=1, num_heads=2), budget=0.5,
+                                 config={"tiers": True})(torch.rand(1, 3, 24, 24)), ValueError,
+         ("even sides", "got 3x3")),
+    # ---- attach and configuration ---------------------------------------------------------------------------
+    Case(ATTACH, "an nn.Linear as backbone", lambda e: arrcoc.attach(nn.Linear(2, 2)), TypeError,
+         ("supported families", "torch.nn.modules.linear.Linear")),
+    Case(ATTACH, "budget 0", lambda e: e.model(budget=0), ValueError, ("fraction in (0, 1]", "got 0")),
+    Case(ATTACH, "budget -1", lambda e: e.model(budget=-1), ValueError, ("fraction in (0, 1]", "got -1")),
+    Case(ATTACH, "budget 1.5 (neither a fraction nor a count)", lambda e: e.model(budget=1.5), ValueError,
+         ("whole token count >= 1", "got 1.5")),
+    Case(ATTACH, "budget NaN", lambda e: e.model(budget=float("nan")), ValueError, ("fraction in (0, 1]", "got nan")),
+    Case(ATTACH, "budget 'half'", lambda e: e.model(budget="half"), TypeError, ("must be a number", "'half'")),
+    Case(ATTACH, "config that is a list", lambda e: arrcoc.attach(toy_vit(), config=[0.25]), TypeError,
+         ("RelevanceConfig or a dict", "got list")),
+    Case(ATTACH, "config key typo 'budgett'", lambda e: e.model(budgett=0.5), KeyError, ("known keys", "'budgett'")),
+    Case(ATTACH, "rule for an unknown sub-network 'feild'", lambda e: e.model(rules={"feild": {"name": "ep"}}),
+         KeyError, ("sub-networks: ['allocator'", "['feild']")),
+    Case(ATTACH, "unknown rule name 'eq-prop'", lambda e: e.model(rules={"field": {"name": "eq-prop"}}), KeyError,
+         ("known rules: backprop", "'eq-prop'")),
+    Case(ATTACH, "unknown rule hyper-parameter 'betta'",
+         lambda e: e.model(rules={"field": {"name": "ep", "betta": 1}}), TypeError,
+         ("it accepts ['beta'", "['betta']")),
+    Case(ATTACH, "rule entry without a name", lambda e: e.model(rules={"field": {"beta": 1}}), ValueError,
+         ("mapping with a rule 'name' (energy over patches: ep, chl)", "got {'beta': 1}")),
+    Case(ATTACH, "a one-layer rule for the two-layer allocator",
+         lambda e: e.model(rules={"allocator": {"name": "infonce-hebbian"}}), TypeError,
+         ("exactly one nn.Linear", "has 2")),
+    Case(ATTACH, "rule hyper-parameter value typo (form 'sangr')",
+         lambda e: e.model(rules={"perspectival_encoder": {"name": "hebbian-oja", "form": "sangr"}}), ValueError,
+         ("form must be one of ('sanger'", "got 'sangr'")),
+    Case(ATTACH, "relaxation key typo 'stepsize'", lambda e: e.model(relaxation={"stepsize": 0.1}), KeyError,
+         ("known keys: ['momentum'", "['stepsize']")),
+    Case(ATTACH, "relaxation step_size -1", lambda e: e.model(relaxation={"step_size": -1}), ValueError,
+         ("step_size > 0", "step_size=-1")),
+    Case(ATTACH, "optimizer 'adamw'", lambda e: e.model(optimizer={"name": "adamw"}), ValueError,
+         ("one of ['adam', 'sgd']", "got 'adamw'")),
+    Case(ATTACH, "target 'boxes'", lambda e: e.model(target="boxes"), ValueError,
+         ("one of ('attention', 'perturbation', 'box', 'reward')", "got 'boxes'")),
+    Case(ATTACH, "dropped 'drop'", lambda e: e.model(dropped="drop"), ValueError,
+         ("one of ('discard', 'fuse', 'merge')", "got 'drop'")),
+    # ---- YAML -----------------------------------------------------------------------------------------------
+    Case("RelevanceConfig.from_yaml(path)", "a missing file", lambda e: RelevanceConfig.from_yaml(e.dir / "no.yaml"),
+         FileNotFoundError, ("No such file", "no.yaml")),
+    Case("RelevanceConfig.from_yaml(path)", "a YAML list instead of a mapping",
+         lambda e: RelevanceConfig.from_yaml(e.yaml("- 0.25\n")), ValueError, ("mapping of keys", "got list")),
+    Case("RelevanceConfig.from_yaml(path)", "a key typo in the YAML",
+         lambda e: RelevanceConfig.from_yaml(e.yaml("relevance:\n  budgett: 0.5\n")), KeyError,
+         ("known keys", "'budgett'")),
+    Case("RelevanceConfig.from_yaml(path)", "a Python tag (never constructed, nothing runs)",
+         lambda e: RelevanceConfig.from_yaml(e.yaml("relevance: !!python/object/apply:os.system ['touch pwned']\n")),
+         yaml.constructor.ConstructorError, ("could not determine a constructor", "python/object/apply:os.system")),
+    # ---- learning -------------------------------------------------------------------------------------------
+    Case("ARRCOC.learn / fill_grads", "a (2, 5) target for 2 images of 16 patches",
+         lambda e: e.model().learn(e.images, target=torch.rand(2, 5)), ValueError,
+         ("(batch, patches) = (2, 16)", "got (2, 5)")),
+    Case("ARRCOC.learn / fill_grads", "a NaN target", lambda e: e.model().learn(e.images, target=torch.full((2, 16),
+                                                                                                     float("nan"))),
+         ValueError, ("values in [0, 1]", "nan")),
+    Case("ARRCOC.learn / fill_grads", "target 'box' without boxes", lambda e: e.model(target="box").learn(e.images),
+         ValueError, ("boxes (batch, 4)", "got boxes=None")),
+    Case("ARRCOC.learn / fill_grads", "boxes of shape (2, 3)",
+         lambda e: e.model(target="box").learn(e.images, boxes=torch.rand(2, 3)), ValueError,
+         ("(batch, 4)", "got (2, 3)")),
+    Case("ARRCOC.learn / fill_grads", "3 labels for 2 images",
+         lambda e: e.model(target="reward").learn(e.images, labels=torch.zeros(3, dtype=torch.long)), ValueError,
+         ("(2,) class indices", "got (3,)")),
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    Case("ARRCOC.from_pretrained(dir, model)", "a folder without config.json",
+         lambda e: ARRCOC.from_pretrained(e.dir / "nothing", toy_vit()), FileNotFoundError,
+         ("config.json is missing", "nothing")),
+    Case("ARRCOC.from_pretrained(dir, model)", "config.json that is not JSON",
+         lambda e: (e.config_json()[0].write_text("{not json"), ARRCOC.from_pretrained(e.dir / "ckpt", toy_vit())),
+         ValueError, ("not valid JSON", "config.json")),
+    Case("ARRCOC.from_pretrained(dir, model)", "schema version 99",
+         lambda e: (e.config_json()[0].write_text(json.dumps({**e.config_json()[1], "schema_version": 99})),
+                    ARRCOC.from_pretrained(e.dir / "ckpt", toy_vit())), ValueError,
+         ("schema version 99", "expected 1")),
+    Case("ARRCOC.from_pretrained(dir, model)", "the weights file deleted",
+         lambda e: (e.weights().unlink(), ARRCOC.from_pretrained(e.dir / "ckpt", toy_vit())), FileNotFoundError,
+         ("named in", "is missing")),
+    Case("ARRCOC.from_pretrained(dir, model)", "8 bytes of the weights overwritten",
+         lambda e: (e.weights().write_bytes(e.weights().read_bytes()[:-8] + b"garbage!"),
+                    ARRCOC.from_pretrained(e.dir / "ckpt", toy_vit())), ValueError,
+         ("does not match the checksum", "corrupted or replaced")),
+    Case("ARRCOC.from_pretrained(dir, model)", "a malicious pickle as weights, checksum updated (never unpickled)",
+         lambda e: (_pickle_as_weights(e), ARRCOC.from_pretrained(e.dir / "ckpt", toy_vit())), ValueError,
+         ("not a valid safetensors file", "relevance-")),
+    Case("ARRCOC.from_pretrained(dir, model)", "a checkpoint saved for another backbone (token width 32 vs 48)",
+         lambda e: ARRCOC.from_pretrained(e.checkpoint(), _fixed_size_vit()), ValueError,
+         ("does not fit this backbone (VisionTransformer", "size mismatch")),
+    Case("ARRCOC.from_pretrained(dir, model)", "a config key this version does not know",
+         lambda e: (e.config_json()[0].write_text(json.dumps({**e.config_json()[1], "config": {"budgett": 1}})),
+                    ARRCOC.from_pretrained(e.dir / "ckpt", toy_vit())), KeyError, ("known keys", "'budgett'")),
+    # ---- training -------------------------------------------------------------------------------------------
+    Case("Trainer.fit(batches, resume=True)", "no checkpoint_dir",
+         lambda e: Trainer(e.model(), TrainerConfig(progress=False)).fit([Batch(e.images)], resume=True), ValueError,
+         ("needs TrainerConfig.checkpoint_dir", "resume=True")),
+    Case("Trainer.fit(batches, resume=True)", "a checkpoint trained with another config (budget 0.5)",
+         lambda e: (e.trained(), e.resume(budget=0.5)), ValueError,
+         ("different configuration", "relevance.budget: checkpoint 0.25, this run 0.5")),
+    Case("Trainer.fit(batches, resume=True)", "a checkpoint written by 2 processes, resumed by 1",
+         lambda e: (_edit_trainer_state(e, "world_size", 2), e.resume()), ValueError,
+         ("resume with the same number", "written by 2 processes, this run has 1")),
+    Case("Trainer.fit(batches, resume=True)", "trainer_state.safetensors corrupted",
+         lambda e: (e.trained(), next((e.dir / "run" / "training").glob("step-*/trainer_state.safetensors"))
+                    .write_bytes(b"corrupted"), e.resume()), ValueError,
+         ("does not match the checksum", "trainer_state.safetensors")),
+    Case("TrainerConfig", "epochs 0", lambda e: TrainerConfig(epochs=0), ValueError, (">= 1", "got 0")),
+    Case("TrainerConfig", "schedule 'cosin'", lambda e: TrainerConfig(schedule="cosin"), ValueError,
+         ("'cosine' or 'constant'", "got 'cosin'")),
+    # ---- rules ----------------------------------------------------------------------------------------------
+    Case("arrcoc.rules.build_rule(config, subnet)", "a config that is a number",
+         lambda e: build_rule(5, nn.Linear(2, 2)), ValueError, ("a name or a mapping with a 'name' key", "got 5")),
+    Case("arrcoc.rules.build_rule(config, subnet)", "a Linear rule on a module without Linear layers",
+         lambda e: build_rule("hebbian-oja", nn.Tanh()), TypeError, ("trains nn.Linear layers", "has none")),
+    Case("arrcoc.rules.energy.relax(model, x, ...)", "steps 0",
+         lambda e: relax(_Quadratic(nn.Linear(1, 1)), torch.zeros(1, 2), steps=0), ValueError,
+         ("steps > 0", "got 0")),
+    Case("arrcoc.rules.energy.relax(model, x, ...)", "a target without a nudge (beta 0)",
+         lambda e: relax(_Quadratic(nn.Linear(1, 1)), torch.zeros(1, 2), target=torch.zeros(1, 2)), ValueError,
+         ("needs beta != 0", "target given")),
+]
+
+
+def run(case: Case) -> BaseException:
+    """Call the case in a fresh scratch folder; return what it raised (or raise AssertionError if nothing)."""
+    folder = Path(tempfile.mkdtemp())
+    try:
+        torch.manual_seed(0)
+        case.call(Env(folder))
+    except BaseException as error:  # noqa: BLE001 - what it raises is what is checked
+        error.message = str(error).replace(str(folder), "<dir>")
+        if (folder / "pwned").exists():
+            raise AssertionError(f"{case.bad_input}: code ran while loading") from error
+        return error
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    raise AssertionError(f"{case.entry} accepted {case.bad_input}")
+
+
+def message(error: BaseException) -> str:
+    text = error.message
+    return text[1:-1] if isinstance(error, KeyError) and text.startswith(("'", '"')) else text
+
+
+def table() -> str:
+    rows = ["| entry point | bad input | error |", "|---|---|---|"]
+    for case in CASES:
+        error = run(case)
+        text = " ".join(message(error).split()).replace("|", "\\|")
+        rows.append(f"| {case.entry} | {case.bad_input} | `{type(error).__name__}`: {text} |")
+    return "\n".join(rows)
+
+
+def document() -> str:
+    return (
+        "# Bad inputs and the errors they give\n\n"
+        "Every public entry point, tried with bad inputs; each row is a test (`tests/test_bad_inputs.py`), and "
+        "the table is generated from the same list (`python tests/bad_inputs.py` rewrites it; a test fails "
+        "when they differ). Messages say what was expected and what was given. `<dir>` stands for the folder "
+        "the test used. Property-based tests (`tests/test_properties.py`) allow only these errors.\n\n"
+        + table() + "\n"
+    )
+
+
+def templates() -> list[tuple[str, re.Pattern[str]]]:
+    """(error type name, message pattern) of every documented row: numbers, dtypes, quoted values and the
+    scratch folder may vary."""
+    patterns = []
+    for line in DOC.read_text().splitlines():
+        found = re.fullmatch(r"\| .* \| .* \| `(\w+)`: (.*) \|", line)
+        if not found:
+            continue
+        text = found.group(2).replace("\\|", "|")
+        pattern = re.escape(text)
+        pattern = re.sub(r"torch\\\.\w+", r"torch\\.\\w+", pattern)
+        pattern = re.sub(r"'[^']*'", "'[^']*'", pattern)
+        pattern = re.sub(r"-?(\d+(\\\.\d+)?(e[-+]?\d+)?|nan|inf)", r"[-+.\\deainf]+", pattern)
+        patterns.append((found.group(1), re.compile(pattern.replace("<dir>", ".*"))))
+    return patterns
+
+
+if __name__ == "__main__":
+    DOC.parent.mkdir(exist_ok=True)
+    DOC.write_text(document())
+    print(f"wrote {DOC} ({len(CASES)} rows)")
