@@ -27,10 +27,8 @@ import math
 import multiprocessing
 import os
 import platform
-import shutil
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -251,8 +249,9 @@ def jobs_for(bench: dict) -> list[dict[str, Any]]:
             jobs.append({**common, "kind": "arrcoc", "method": "DynamicViT-style (global backprop)", "overrides": {},
                          "learning": "global", "all_budgets": True})
             for name, overrides in bench["variants"].items():
-                if task == "cluttered" and "participatory" in name:
-                    continue  # no query: the participatory way of knowing is off in the cluttered task anyway
+                overrides = dict(overrides)
+                if task not in overrides.pop("tasks", TASKS):  # a variant may apply to some tasks only
+                    continue
                 jobs.append({**common, "kind": "arrcoc", "method": f"ARR-COC / {name}", "overrides": overrides,
                              "learning": "local", "all_budgets": False})
             jobs += [{**common, "kind": "baseline", "method": name} for name in bench["baselines"]]
@@ -507,6 +506,10 @@ def load_bench(path: str, quick: bool) -> dict[str, Any]:
         bench.update(bench["quick"])
     bench.pop("quick", None)
     bench["variants"] = dict(bench.get("variants") or {})
+    for name, overrides in bench["variants"].items():
+        tasks = (overrides or {}).get("tasks", TASKS)
+        if not isinstance(tasks, list | tuple) or not set(tasks) <= set(TASKS):
+            raise ValueError(f"variant {name!r}: `tasks` must be a list drawn from {list(TASKS)}, got {tasks!r}")
     return bench
 
 
@@ -522,8 +525,8 @@ def main(argv: list[str] | None = None) -> Path:
     bench = load_bench(args.config, args.quick)
     out = args.out or (REPO_ROOT / ("runs/quick" if args.quick else "benchmarks/results"))
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = tempfile.mkdtemp(prefix="arrcoc-canvas-")
-    bench.update(backbone=str(args.backbone), query_fusion=str(args.query_fusion), model_dir=model_dir)
+    model_dir = out / "models"  # the first seed's ARR-COC per task: kept for visualize, the demos and the web app
+    bench.update(backbone=str(args.backbone), query_fusion=str(args.query_fusion), model_dir=str(model_dir))
     start = time.perf_counter()
 
     jobs = jobs_for(bench)
@@ -567,8 +570,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     full_run = out.resolve() == (REPO_ROOT / "benchmarks" / "results").resolve()
     report = write_report(results_json, out, REPO_ROOT / "benchmarks" / "REPORT.md" if full_run else out / "REPORT.md")
-    shutil.rmtree(model_dir, ignore_errors=True)
-    print(f"wrote {out / 'canvas.json'} and {report}")
+    print(f"wrote {out / 'canvas.json'}, {report} and the ARR-COC models in {model_dir}")
     return out
 
 
