@@ -34,6 +34,8 @@ from arrcoc.backbones import BackboneAdapter, adapt_backbone, select, top_k
 from arrcoc.bench.common import REPO_ROOT, save_weights_atomic, warmup_cosine
 from arrcoc.data.canvas import CanvasConfig, canvas_sources, cluttered_split
 from arrcoc.data.digits import DigitSplit
+from arrcoc.data.text import TextEncoder
+from arrcoc.relevance import ARRCOC
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
@@ -43,11 +45,13 @@ __all__ = [
     "build_canvas_vit",
     "evaluate_keep_ratios",
     "load_canvas_vit",
+    "load_trained_arrcoc",
     "pretrain",
     "save_canvas_vit",
 ]
 
 DEFAULT_CHECKPOINT = REPO_ROOT / "benchmarks" / "checkpoints" / "canvas_vit.safetensors"
+TRAINED_MODELS = REPO_ROOT / "benchmarks" / "results" / "models"  # written by `arrcoc bench canvas`
 KEEP_RATIOS = (1.0, 0.5, 0.25, 0.125)
 
 
@@ -246,6 +250,25 @@ def load_canvas_vit(path: str | Path | None = None, device: str | torch.device =
         )
     model.load_state_dict(weights)
     return model.to(device).eval()
+
+
+def load_trained_arrcoc(task: str, directory: str | Path | None = None, backbone: str | Path | None = None) -> ARRCOC:
+    """The ARR-COC model the canvas benchmark trained for ``task`` ("cluttered" or "query"; its first seed),
+    on the canvas ViT at ``backbone`` (default: the committed one). ``directory``: the benchmark's models
+    folder (default ``benchmarks/results/models``; ``runs/quick/models`` after ``arrcoc bench --quick``);
+    the model is ``directory/task``. The query task's model gets the MiniLM text encoder, so that it takes
+    sentences as queries."""
+    tasks = ("cluttered", "query")
+    if task not in tasks:
+        raise ValueError(f"task must be one of {tasks}, got {task!r}")
+    folder = (Path(directory) if directory is not None else TRAINED_MODELS) / task
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no trained ARR-COC model for the {task} task in {folder}: `arrcoc bench canvas` writes it to "
+            f"{TRAINED_MODELS.relative_to(REPO_ROOT)}/{task} (`arrcoc bench --quick` to runs/quick/models/{task})"
+        )
+    text_encoder = TextEncoder() if task == "query" else None
+    return ARRCOC.from_pretrained(folder, load_canvas_vit(backbone), text_encoder=text_encoder)
 
 
 # ---- command ------------------------------------------------------------------------------------
