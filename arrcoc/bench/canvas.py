@@ -57,6 +57,7 @@ from arrcoc.data import TextEncoder, cluttered_split, query_split
 from arrcoc.relevance import ARRCOC, AdaptationConfig, RelevanceConfig
 from arrcoc.relevance.global_backprop import global_backprop_step
 from arrcoc.relevance.targets import box_target
+from arrcoc.visualize import canvas_queries, demo_canvases, explain, queries_figure, save_figure
 
 from .common import REPO_ROOT, find_config, save_json_atomic, timed
 from .pretrain import DEFAULT_CHECKPOINT, load_canvas_vit
@@ -455,43 +456,16 @@ def adaptation(bench: dict, model: ARRCOC, stream_images: int, batch: int, targe
 # ---- heatmaps ------------------------------------------------------------------------------------------
 @torch.no_grad()
 def heatmaps(model: ARRCOC, path: Path, images: int = 3) -> None:
-    """Relevance and kept patches on query canvases, each image under every query it could be asked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from arrcoc.data import COLORS, POSITIONS
-    from arrcoc.data.canvas import query_split as raw_query_split
-
+    """Relevance and kept patches on query canvases, each image under four questions about two of its digits."""
     global _TEXT
     _TEXT = _TEXT or TextEncoder()
-    data = raw_query_split("test", images, seed=5)
-    grid = model.adapter.grid()
-    fig, axes = plt.subplots(images, 5, figsize=(13, 2.8 * images), squeeze=False)
-    for row in range(images):
-        slots = [s for s in range(4) if bool(data.present[row, s])][:2]
-        colors = list(COLORS)
-        asked = [f"which digit is {colors[int(data.slot_colors[row, s])]}?" for s in slots]
-        asked += [f"what number is in the {POSITIONS[s]}?" for s in slots]
-        image = data.images[row]
-        axes[row, 0].imshow(image.permute(1, 2, 0).numpy())
-        axes[row, 0].set_title("canvas", fontsize=8)
-        for col, sentence in enumerate(asked[:4], start=1):
-            maps = model.relevance_map(image[None], _TEXT([sentence]))
-            kept = torch.zeros(grid.num_patches).scatter_(0, maps.kept[0], 1.0).view(grid.height, grid.width)
-            shade = kept.repeat_interleave(grid.patch_size[0], 0).repeat_interleave(grid.patch_size[1], 1)
-            ax = axes[row, col]
-            ax.imshow((image * (0.15 + 0.85 * shade)).permute(1, 2, 0).numpy())  # dropped patches dimmed
-            ax.contour(shade.numpy(), levels=[0.5], colors="white", linewidths=0.8)
-            ax.set_title(f'"{sentence}"', fontsize=8)
-        for ax in axes[row]:
-            ax.axis("off")
-    fig.suptitle("ARR-COC on query canvases: the patches it keeps (outlined; the rest dimmed) for each query",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    canvases = demo_canvases()
+    rows = []
+    for index in range(images):
+        asked = canvas_queries(canvases, index)
+        rows.append(explain(model, canvases.images[index], asked, embeddings=_TEXT(asked)))
+    title = "ARR-COC on query canvases: relevance and the patches it keeps (outlined; the rest dimmed) per query"
+    save_figure(queries_figure(rows, title), path, dpi=110)
 
 
 # ---- command -------------------------------------------------------------------------------------------
