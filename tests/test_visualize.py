@@ -2,6 +2,7 @@
 untrained ARR-COC over the committed canvas ViT (pictures of machinery, not of results)."""
 
 import re
+import runpy
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from PIL import Image
 import arrcoc
 from arrcoc import visualize
 from arrcoc.backbones.tiers import MERGED, NORMAL, REFINED
+from arrcoc.bench.common import REPO_ROOT
 from arrcoc.bench.pretrain import load_canvas_vit, load_trained_arrcoc
 from arrcoc.relevance import RelevanceConfig
 
@@ -121,6 +123,15 @@ def test_bad_input_is_refused_with_what_was_expected(checkpoint, tmp_path, capsy
         visualize.main([*args, "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_query_demo_writes_one_figure_of_all_queries(checkpoint, tmp_path, capsys):
+    demo = runpy.run_path(str(REPO_ROOT / "demos" / "query_relevance.py"))
+    path = demo["main"](["--checkpoint", str(checkpoint), "--canvas", "3", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert printed.count("with all tokens") == 4 and f"wrote {path}" in printed  # the canvas's four questions
+    with Image.open(path) as png:
+        assert png.format == "PNG"
 
 
 def test_bad_settings_and_missing_benchmark_models(tmp_path, capsys):
