@@ -3,6 +3,7 @@ untrained ARR-COC over the committed canvas ViT (pictures of machinery, not of r
 
 import re
 import runpy
+import sys
 
 import pytest
 import torch
@@ -144,3 +145,11 @@ def test_bad_settings_and_missing_benchmark_models(tmp_path, capsys):
         load_trained_arrcoc("query", tmp_path)
     with pytest.raises(ValueError, match="task must be one of"):
         load_trained_arrcoc("mnist", tmp_path)
+
+
+def test_the_web_demo_names_its_extra_when_gradio_is_missing(monkeypatch):
+    from arrcoc import web
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio now raises ImportError
+    with pytest.raises(ImportError, match=re.escape("pip install 'arrcoc[web]'")):
+        web.require_gradio()
