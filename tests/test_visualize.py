@@ -53,6 +53,16 @@ def test_tiers_dim_only_merged_regions():
     assert torch.equal(shade == 1.0, tiers != MERGED)
 
 
+def test_a_model_with_tiers_is_drawn_by_tier():
+    model = arrcoc.attach(load_canvas_vit(), budget=0.75, config=RelevanceConfig(tiers=True, refined_regions=1))
+    e = visualize.explain(model, visualize.demo_canvases().images[0])[0]
+    counts = model.tier_counts(8, 8)
+    assert e.tokens == counts.total == counts.merged + 4 * counts.normal + 16 * counts.refined
+    assert (e.tiers == REFINED).sum() == 4 * counts.refined and (e.tiers == NORMAL).sum() == 4 * counts.normal
+    figure = visualize.overlay_figure([e])
+    assert any(ax.get_title().startswith(f"tiers: {e.tokens} patch tokens") for ax in figure.axes)
+
+
 def test_outlines_follow_the_patch_borders_in_pixels():
     one = torch.zeros(8, 8, dtype=torch.bool)
     one[2, 3] = True
