@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
         print(f"{args.task} task, {world_size} process(es), {len(history)} steps in {metrics['seconds']:.0f} s; "
               f"test accuracy {100 * accuracy['budget']:.1f}% at budget {config.budget:g} "
               f"({100 * accuracy['all_tokens']:.1f}% with every token)\n"
-              f"wrote the checkpoint folder {args.out} (config.json + weights, training/) and {args.out / 'metrics.json'}")
+              f"wrote the checkpoint folder {args.out} (config.json + weights, training/) and "
+              f"{args.out / 'metrics.json'}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return args.out
