@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "bench":
         if args.suite is None and {"-h", "--help"} & set(rest):
             bench.print_help()
-            return
+            bench.exit()
         importlib.import_module(BENCHMARKS[args.suite or "canvas"]).main(rest)
         return
     module_name = COMMANDS[args.command][0]

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     adapting = adapting_copy(frozen, lr=AdaptationConfig.lr, target="attention")
     if args.probe_images:
         probe = task_data("cluttered", "train", args.probe_images, seed=7).images
-        print(f"clean probe of {args.probe_images} canvases; agreement with full tokens {adapting.set_probe(probe):.3f}")
+        reference = adapting.set_probe(probe)
+        print(f"clean probe of {args.probe_images} canvases; agreement with full tokens {reference:.3f}")
     log = prequential(frozen, adapting, task_data("cluttered", "shift", stream_images, seed=0), batch_size=32)
     summary = summarize(log)
     print(f"after {summary['images']} shifted canvases: running accuracy {summary['frozen_accuracy']:.1f}% frozen, "
