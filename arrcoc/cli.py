@@ -1,4 +1,4 @@
-"""The ``arrcoc`` command line."""
+"""The ``arrcoc`` command line: a dispatcher; each command's work and options live in its module."""
 
 from __future__ import annotations
 
@@ -16,19 +16,63 @@ BENCHMARKS = {
     "vlm": "arrcoc.bench.vlm_prefill",  # LLaVA prefill time / memory vs. kept visual tokens
 }
 
+# command: (module with main(argv, prog), one-line summary); imported only when its command runs
+COMMANDS = {
+    "train": ("arrcoc.bench.train", "train the relevance module on a canvas task (checkpoint folder + metrics)"),
+    "eval": ("arrcoc.bench.evaluate", "accuracy, box coverage and speed of a checkpoint at several budgets"),
+    "adapt": ("arrcoc.bench.adapt", "online adaptation over a stream of images, frozen vs. adapting"),
+    "visualize": ("arrcoc.visualize", "relevance maps and kept patches of a checkpoint"),
+    "sweep": ("arrcoc.bench.sweep", "the rule-ablation grid of a sweep file (configs/sweep.yaml)"),
+}
+
+EXAMPLES = """examples:
+  arrcoc train --out runs/train                       # cluttered canvases, local rules
+  arrcoc eval --checkpoint runs/train --budgets 0.5 0.25 0.125
+  arrcoc adapt --checkpoint runs/train --probe-images 256
+  arrcoc visualize --help
+  arrcoc sweep --config configs/sweep.yaml
+  arrcoc bench --quick                                # the canvas benchmark's smoke run
+Every command takes --config; `arrcoc COMMAND --help` describes its options.
+"""
+
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="arrcoc", description="ARR-COC: query-aware token budgets for ViTs.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="arrcoc", description="ARR-COC: query-aware token budgets for ViTs.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, summary) in COMMANDS.items():
+        # no help option of its own: --help goes on to the command's module, which knows the options
+        commands.add_parser(name, help=summary, add_help=False)
     bench = commands.add_parser(
         "bench",
         help="run a benchmark (writes JSON + Markdown + PNG)",
-        description="Run a benchmark; options after the suite name go to it (see `arrcoc bench SUITE --help`).",
+        description="Run a benchmark; options after the suite name go to it (see `arrcoc bench SUITE --help`). "
+                    "--config names the suite's config: canvas (the default suite) configs/canvas_bench.yaml, "
+                    "rules configs/rules_mnist.yaml, sweep configs/sweep.yaml.",
+        epilog="examples:\n  arrcoc bench --quick\n  arrcoc bench canvas --config configs/canvas_bench.yaml\n"
+               "  arrcoc bench sweep --quick --out runs/sweep",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
     )
-    bench.add_argument("suite", nargs="?", default="canvas", choices=sorted(BENCHMARKS))
+    bench.add_argument("suite", nargs="?", choices=sorted(BENCHMARKS))
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
-        importlib.import_module(BENCHMARKS[args.suite]).main(rest)
+        if args.suite is None and {"-h", "--help"} & set(rest):
+            bench.print_help()
+            bench.exit()
+        importlib.import_module(BENCHMARKS[args.suite or "canvas"]).main(rest)
+        return
+    module_name = COMMANDS[args.command][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name:
+            raise
+        parser.exit(2, f"arrcoc {args.command}: not available in this installation ({module_name} is missing)\n")
+    if args.command == "visualize":
+        module.main(rest)
+    else:
+        module.main(rest, prog=f"arrcoc {args.command}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -102,10 +103,11 @@ def frozen_module(config: ReliabilityConfig, checkpoint: Path) -> ARRCOC:
     return model
 
 
-def adapting_copy(frozen: ARRCOC, lr: float) -> ARRCOC:
-    """A fresh wrapper around the same backbone with the frozen module's weights, adapting at ``lr``."""
+def adapting_copy(frozen: ARRCOC, lr: float, **settings: Any) -> ARRCOC:
+    """A fresh wrapper around the same backbone with the frozen module's weights, adapting at ``lr`` (and the
+    other ``AdaptationConfig`` ``settings``)."""
     model = arrcoc.attach(frozen.adapter.model, budget=frozen.config.budget, config=frozen.config,
-                          adaptation=AdaptationConfig(lr=lr))
+                          adaptation=AdaptationConfig(lr=lr, **settings))
     model.relevance.load_state_dict(frozen.relevance.state_dict())
     return model
 

@@ -26,7 +26,7 @@ import arrcoc
 from arrcoc.data.toy_patches import TOY_TASKS, toy_vit
 from arrcoc.relevance import ARRCOC, RelevanceConfig
 
-from .common import find_config, save_json_atomic
+from .common import config_file, find_config, save_json_atomic
 
 
 def apply_override(config: dict[str, Any], dotted: str, value: Any) -> None:
@@ -35,6 +35,18 @@ def apply_override(config: dict[str, Any], dotted: str, value: Any) -> None:
     for key in path:
         node = node.setdefault(key, {})
     node[last] = copy.deepcopy(value)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``KEY=YAML`` from the command line (``rules.allocator={name: backprop}``) as (dotted key, value);
+    usable as an argparse ``type=``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"an override is KEY=VALUE (VALUE in YAML), got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        raise argparse.ArgumentTypeError(f"the value of {key.strip()!r} is not valid YAML: {error}") from None
 
 
 def label(value: Any) -> str:
@@ -62,18 +74,26 @@ def run_cell(base: dict, overrides: dict[str, Any], task: str, steps: int, seed:
     return {"first_correct": 100.0 * (first == test.answer).float().mean().item(), "step_ms": step_ms}
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/sweep.yaml")
+EXAMPLES = """examples:
+  arrcoc sweep --config configs/sweep.yaml                     # the committed grid, 3 seeds
+  arrcoc sweep --config configs/sweep.yaml --quick --out runs/sweep   # 20 steps, one seed (smoke run)
+  arrcoc bench sweep --quick                                   # the same command under `arrcoc bench`
+"""
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=config_file, default="configs/sweep.yaml", help="sweep file (YAML)")
     parser.add_argument("--quick", action="store_true", help="20 steps, one seed: a smoke run, not a result")
     parser.add_argument("--out", help="output folder (default: benchmarks/results, or runs/quick with --quick)")
     args = parser.parse_args(argv)
-    sweep = yaml.safe_load(find_config(args.config).read_text())
+    sweep = yaml.safe_load(args.config.read_text())
     unknown = sorted(set(sweep) - {"task", "base", "grid", "steps", "seeds"})
     if unknown:
-        raise KeyError(f"unknown sweep key(s) {unknown}; expected task, base, grid, steps, seeds")
-    if sweep["task"] not in TOY_TASKS:
-        raise KeyError(f"unknown task {sweep['task']!r}; tasks: {sorted(TOY_TASKS)}")
+        parser.error(f"{args.config}: unknown sweep key(s) {unknown}; expected task, base, grid, steps, seeds")
+    if sweep.get("task") not in TOY_TASKS:
+        parser.error(f"{args.config}: unknown task {sweep.get('task')!r}; tasks: {sorted(TOY_TASKS)}")
     base = RelevanceConfig.from_yaml(find_config(sweep["base"])).to_dict() if "base" in sweep else {}
     base.update({"target": "box"})  # toy tasks know their answer boxes
     grid: dict[str, list] = sweep["grid"]
