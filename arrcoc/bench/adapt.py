@@ -13,7 +13,6 @@ and ``adapt.png`` (running accuracy over the stream), and with ``--save-adapted`
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,9 @@ from tqdm import tqdm
 
 from arrcoc.relevance import ARRCOC, AdaptationConfig
 
-from .canvas import TASKS, TaskData, task_data
-from .common import config_file, parse_with_config, save_json_atomic
-from .evaluate import load_checkpoint
+from .canvas import TaskData, task_data
+from .common import parse_with_config, save_json_atomic
+from .evaluate import checkpoint_parser, load_checkpoint
 
 EXAMPLES = """examples:
   arrcoc adapt --checkpoint runs/train                                  # 2048 shift canvases, batches of 32
@@ -100,12 +99,7 @@ def plot_stream(log: dict[str, list[Any]], path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="folder written by `arrcoc train`")
-    parser.add_argument("--config", type=config_file, help="YAML of defaults for these options, e.g. "
-                                                            "configs/adapt.yaml (the command line wins)")
-    parser.add_argument("--task", choices=TASKS, help="default: the checkpoint's (metrics.json), else cluttered")
+    parser = checkpoint_parser(prog, __doc__, EXAMPLES, "configs/adapt.yaml")
     parser.add_argument("--split", choices=("train", "test", "shift"), default="shift", help="the stream's canvases")
     parser.add_argument("--images", type=int, default=2048, help="stream length")
     parser.add_argument("--batch-size", type=int, default=32)

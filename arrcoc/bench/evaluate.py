@@ -113,14 +113,20 @@ def plot_budgets(rows: list[dict[str, float]], path: Path, title: str, metric: s
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
+def checkpoint_parser(prog: str | None, doc: str, examples: str, config_example: str) -> argparse.ArgumentParser:
+    """The options every command on a trained checkpoint shares (eval, adapt)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], epilog=examples,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="folder written by `arrcoc train`")
-    parser.add_argument("--config", type=config_file, help="YAML of defaults for these options, e.g. "
-                                                            "configs/eval.yaml (the command line wins)")
+    parser.add_argument("--config", type=config_file, help=f"YAML of defaults for these options, e.g. "
+                                                            f"{config_example} (the command line wins)")
     parser.add_argument("--task", choices=TASKS, help="default: the task in the checkpoint's metrics.json, "
                                                       "else cluttered")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
+    parser = checkpoint_parser(prog, __doc__, EXAMPLES, "configs/eval.yaml")
     parser.add_argument("--budgets", type=budget_fraction, nargs="+", default=[0.5, 0.25, 0.125])
     parser.add_argument("--test-images", type=int, default=1000)
     parser.add_argument("--speed-images", type=int, default=64, help="batch the timing runs on")
