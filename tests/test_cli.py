@@ -9,7 +9,7 @@ import pytest
 from arrcoc import ARRCOC
 from arrcoc.bench.pretrain import load_canvas_vit
 from arrcoc.bench.sweep import parse_override
-from arrcoc.cli import main
+from arrcoc.cli import BENCHMARKS, main
 
 # visualize belongs to another module (arrcoc.visualize); its help is tested there
 COMMANDS = ["train", "eval", "adapt", "sweep", "bench"]
@@ -22,6 +22,14 @@ def test_help_of_every_command_mentions_config(command, capsys):
     assert exit_.value.code in (0, None)
     text = capsys.readouterr().out
     assert f"arrcoc {command}" in text and "--config" in text and "examples:" in text
+
+
+@pytest.mark.parametrize("suite", sorted(BENCHMARKS))
+def test_every_benchmark_suite_takes_a_config(suite, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", suite, "--help"])
+    assert exit_.value.code in (0, None)
+    assert "--config" in capsys.readouterr().out
 
 
 def test_top_level_help_lists_every_command(capsys):

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from arrcoc.rules import RuleContext, build_rule
 from arrcoc.rules.energy import mlp_layers
 
-from .common import REPO_ROOT, save_json_atomic
+from .common import REPO_ROOT, config_file, parse_with_config, save_json_atomic
 
 BETAS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
 PC_STEPS = [5, 10, 20, 50, 100, 200, 500]
@@ -173,7 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
-    args = parser.parse_args(argv)
+    parser.add_argument("--config", type=config_file,
+                        help="YAML of defaults for these options (keys: option names with underscores)")
+    args = parse_with_config(parser, argv)
     data = run(args.seed, args.batch_size)
     data.update(
         command="python -m arrcoc.bench.alignment " + " ".join(argv if argv is not None else sys.argv[1:]),

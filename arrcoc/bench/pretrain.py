@@ -37,6 +37,8 @@ from arrcoc.data.digits import DigitSplit
 from arrcoc.data.text import TextEncoder
 from arrcoc.relevance import ARRCOC
 
+from .common import config_file, parse_with_config
+
 __all__ = [
     "DEFAULT_CHECKPOINT",
     "CanvasViTConfig",
@@ -283,7 +285,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, help="override the number of epochs")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default 2)")
     parser.add_argument("--out", type=Path, help="checkpoint path (.safetensors)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--config", type=config_file,
+                        help="YAML of defaults for these options (keys: option names with underscores)")
+    args = parse_with_config(parser, argv)
 
     model_config, train_config = (QUICK_MODEL, QUICK_TRAIN) if args.quick else (CanvasViTConfig(), PretrainConfig())
     overrides = {"seed": args.seed}

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from arrcoc.data import TEXT_DIM, TextEncoder, query_split
 
-from .common import REPO_ROOT, save_weights_atomic, warmup_cosine
+from .common import REPO_ROOT, config_file, parse_with_config, save_weights_atomic, warmup_cosine
 from .pretrain import DEFAULT_CHECKPOINT, load_canvas_vit
 
 DEFAULT_QUERY_FUSION = REPO_ROOT / "benchmarks" / "checkpoints" / "query_fusion.safetensors"
@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--backbone", type=Path, default=DEFAULT_CHECKPOINT, help="canvas ViT checkpoint")
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args(argv)
+    parser.add_argument("--config", type=config_file,
+                        help="YAML of defaults for these options (keys: option names with underscores)")
+    args = parse_with_config(parser, argv)
     config = QUICK if args.quick else QueryFusionConfig()
     given = {"seed": args.seed, "epochs": args.epochs, "threads": args.threads}
     overrides = {k: v for k, v in given.items() if v is not None}

@@ -38,6 +38,8 @@ from arrcoc.data.canvas import SHIFT_CANVAS, canvas_sources, cluttered_split, ma
 from arrcoc.relevance import ARRCOC, AdaptationConfig
 from arrcoc.relevance.trainer import Batch, Trainer, TrainerConfig
 
+from .common import config_file, parse_with_config
+
 STREAMS = ("noise", "adversarial")
 # digit fragments over bright photographs; the target digit is drawn 1-1.5 px wide, i.e. absent
 ADVERSARIAL_CANVAS = replace(SHIFT_CANVAS, digit_scale=(1.0, 1.5), num_fragments=(8, 12))
@@ -263,7 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="output folder")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="only rewrite the Markdown and PNG beside a reliability.json from an earlier run")
-    args = parser.parse_args(argv)
+    parser.add_argument("--config", type=config_file,
+                        help="YAML of defaults for these options (keys: option names with underscores)")
+    args = parse_with_config(parser, argv)
     if args.render is not None:
         report = json.loads(args.render.read_text())
         args.render.with_suffix(".md").write_text(markdown(report))

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from arrcoc.backbones import adapt_backbone, keep_top_k, make_baseline, run_reduced
 from arrcoc.backbones.adapters import BackboneAdapter
 
-from .common import save_json_atomic, timed
+from .common import config_file, parse_with_config, save_json_atomic, timed
 
 MODELS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224"}
 ALLOCATOR_MODES = {"scores": "discard", "scores+fuse": "fuse", "scores+merge": "merge"}
@@ -208,7 +208,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, i.e. all cores)")
     parser.add_argument("--out", help="output folder (default: benchmarks/results, or runs/quick with --quick)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--config", type=config_file,
+                        help="YAML of defaults for these options (keys: option names with underscores)")
+    args = parse_with_config(parser, argv)
     args.models = args.models or (["vit_small"] if args.quick else list(MODELS))
     args.batch = args.batch or (8 if args.quick else 32)
     args.repeats = args.repeats or (3 if args.quick else 7)

@@ -37,7 +37,7 @@ import arrcoc
 from arrcoc.backbones import num_kept
 from arrcoc.data.toy_vlm import BOS, IMAGE, ToyVLMSize, toy_prompts, toy_vlm
 
-from .common import save_json_atomic, timed
+from .common import config_file, parse_with_config, save_json_atomic, timed
 from .throughput import cpu_name
 
 FULL_SIZE = ToyVLMSize(vision_hidden=256, vision_layers=4, text_hidden=512, text_layers=8, heads=8, kv_heads=8,
@@ -200,7 +200,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", help="output folder (default: benchmarks/results, or runs/quick with --quick)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--config", type=config_file,
+                        help="YAML of defaults for these options (keys: option names with underscores)")
+    args = parse_with_config(parser, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
