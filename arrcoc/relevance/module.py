@@ -26,7 +26,7 @@ from arrcoc.rules.energy import relax
 from .allocator import Allocator
 from .field import RelevanceField, grid_positions
 from .knowing import ParticipatoryKnowing, PerspectivalKnowing, standardize_per_image
-from .texture import NUM_FEATURES, patch_entropy, texture_features
+from .texture import NUM_FEATURES, patch_entropy, rgb_to_lab, texture_features
 
 # Sub-networks and the rules that suit them (any of them may also be `frozen`; those with a target
 # may be `backprop`, i.e. autograd inside that sub-network only).
@@ -183,23 +183,26 @@ class RelevanceModule(nn.Module):
             "allocator": self.allocator.net,
         }
 
-    def patch_features(self, images: Tensor, patch_tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, N, F) standardised features and the images' pixels in [0, 1]."""
+    def patch_features(self, images: Tensor, patch_tokens: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(B, N, F) standardised features, and the images' CIE-Lab pixels (B, 3, H, W) when the texture stack
+        or propositional knowing needs them (converted once: the conversion is a large share of the cost)."""
         dtype = self.pixel_std.dtype  # the module's own (float32 unless it was converted)
         rgb = (images.to(dtype) * self.pixel_std + self.pixel_mean).clamp(0, 1)
+        lab = rgb_to_lab(rgb) if self.config.texture or self.config.propositional else None
         parts = []
         if self.config.backbone_tokens:
             parts.append(patch_tokens.to(dtype))
         if self.config.texture:
-            parts.append(texture_features(rgb, self.patch_size))
+            parts.append(texture_features(rgb, lab, self.patch_size))
         raw = torch.cat(parts, -1)
         b, n, f = raw.shape
-        return self.feature_norm(raw.reshape(b * n, f)).reshape(b, n, f), rgb
+        return self.feature_norm(raw.reshape(b * n, f)).reshape(b, n, f), lab
 
-    def evidence(self, rgb: Tensor, features: Tensor, context: Tensor, query: Tensor | None) -> Tensor:
+    def evidence(self, lab: Tensor | None, features: Tensor, context: Tensor, query: Tensor | None) -> Tensor:
         cfg = self.config
         zeros = features.new_zeros(features.shape[:2])
-        propositional = standardize_per_image(patch_entropy(rgb, self.patch_size)) if cfg.propositional else zeros
+        propositional = (standardize_per_image(patch_entropy(lab[:, :1], self.patch_size)) if cfg.propositional
+                         else zeros)
         perspectival = standardize_per_image(self.perspectival(context)) if cfg.perspectival else zeros
         participatory = (
             standardize_per_image(self.participatory(context, query))
@@ -217,9 +220,9 @@ class RelevanceModule(nn.Module):
 
     def forward(self, images: Tensor, patch_tokens: Tensor, grid: tuple[int, int], query: Tensor | None = None
                 ) -> RelevanceOutput:
-        features, rgb = self.patch_features(images, patch_tokens)
+        features, lab = self.patch_features(images, patch_tokens)
         context = features - features.mean(1, keepdim=True)
-        evidence = self.evidence(rgb, features, context, query)
+        evidence = self.evidence(lab, features, context, query)
         positions = grid_positions(*grid, device=images.device)
         field_input = RelevanceField.pack(evidence, positions, query, self.config.query_dim)
         if self.config.field:

@@ -41,10 +41,9 @@ def rgb_to_lab(rgb: Tensor) -> Tensor:
     return torch.stack([lightness, green_red, blue_yellow], dim=1)
 
 
-def pixel_channels(rgb: Tensor) -> Tensor:
-    """(B, 3, H, W) in [0, 1] -> (B, len(CHANNELS), H, W)."""
+def pixel_channels(rgb: Tensor, lab: Tensor) -> Tensor:
+    """(B, 3, H, W) in [0, 1] and its :func:`rgb_to_lab` -> (B, len(CHANNELS), H, W)."""
     b, _, h, w = rgb.shape
-    lab = rgb_to_lab(rgb)
     lightness = lab[:, :1]
     kernel = torch.stack([_SOBEL, _SOBEL.T])[:, None].to(rgb)
     sobel = F.conv2d(F.pad(lightness, (1, 1, 1, 1), mode="replicate"), kernel)
@@ -65,24 +64,24 @@ def patch_pixels(channels: Tensor, patch_size: tuple[int, int]) -> Tensor:
     return rearrange(channels, "b c (h p1) (w p2) -> b (h w) c (p1 p2)", p1=patch_size[0], p2=patch_size[1])
 
 
-def texture_features(rgb: Tensor, patch_size: tuple[int, int]) -> Tensor:
-    """(B, 3, H, W) in [0, 1] -> (B, N, NUM_FEATURES): per-patch mean and std of every channel.
-
-    Pooled moments (E[x], E[x^2]) instead of a gather into patches: a few times faster on a CPU."""
-    channels = pixel_channels(rgb)
+def texture_features(rgb: Tensor, lab: Tensor, patch_size: tuple[int, int]) -> Tensor:
+    """(B, 3, H, W) in [0, 1] and its :func:`rgb_to_lab` -> (B, N, NUM_FEATURES): per-patch mean and std of
+    every channel. Pooled moments (E[x], E[x^2]) instead of a gather into patches: a few times faster on a CPU."""
+    channels = pixel_channels(rgb, lab)
     mean = F.avg_pool2d(channels, patch_size)
     std = (F.avg_pool2d(channels * channels, patch_size) - mean * mean).clamp_min(0).sqrt()
     return rearrange(torch.cat([mean, std], dim=1), "b c h w -> b (h w) c")
 
 
-def patch_entropy(rgb: Tensor, patch_size: tuple[int, int], bins: int = 8, width: float = 0.5) -> Tensor:
-    """(B, N) information content of each patch: entropy (bits) of its soft lightness histogram.
+def patch_entropy(lightness: Tensor, patch_size: tuple[int, int], bins: int = 8, width: float = 0.5) -> Tensor:
+    """(B, 1, H, W) CIE lightness (channel 0 of :func:`rgb_to_lab`) -> (B, N) information content of each
+    patch: entropy (bits) of its soft lightness histogram.
 
     Propositional knowing needs no learning: a flat patch has ~0 bits, a patch of strokes, edges or
     texture spreads its lightness over many bins. Soft (Gaussian) binning keeps it smooth in the pixels.
     """
-    lightness = patch_pixels(rgb_to_lab(rgb)[:, :1], patch_size)[:, :, 0]  # (B, N, P)
-    centres = torch.linspace(0.0, 1.0, bins, device=rgb.device, dtype=rgb.dtype)
+    lightness = patch_pixels(lightness, patch_size)[:, :, 0]  # (B, N, P)
+    centres = torch.linspace(0.0, 1.0, bins, device=lightness.device, dtype=lightness.dtype)
     weights = torch.exp(-0.5 * ((lightness[..., None] - centres) * (bins - 1) / width).pow(2))
     histogram = weights.sum(-2)
     p = histogram / histogram.sum(-1, keepdim=True).clamp_min(1e-12)
