@@ -1,4 +1,4 @@
-"""Run by tests/test_checkpoints.py in a subprocess: SIGKILL a process at every step of a save.
+"""Run by tests/test_faults.py in a subprocess: SIGKILL a process at every step of a save.
 
 A save is a sequence of file-system events (a safetensors file written, a rename, a removal). For each event
 k, a forked child starts saving checkpoint B over a folder that holds checkpoint A, stops at event k (after a
@@ -23,11 +23,10 @@ import torch
 torch.set_num_threads(1)  # no thread pool in the parent: fork is safe
 
 import arrcoc  # noqa: E402
+import arrcoc.relevance.checkpoint as checkpoint_module  # noqa: E402
 import arrcoc.relevance.training_state as training_state  # noqa: E402
 from arrcoc.data.toy_patches import toy_vit  # noqa: E402
 from arrcoc.relevance.trainer import Trainer, TrainerConfig  # noqa: E402
-
-attach_module = sys.modules["arrcoc.relevance.attach"]  # the package's `attach` attribute is the function
 
 PAUSE_AT = -1  # the event the child stops at (-1: never)
 EVENTS: list[str] = []
@@ -63,8 +62,8 @@ def patch_file_system() -> None:
         event("remove", self)
         return real_unlink(self, *args, **kwargs)
 
-    real_save_file = attach_module.save_file
-    attach_module.save_file = training_state.save_file = save_file
+    real_save_file = checkpoint_module.save_file
+    checkpoint_module.save_file = training_state.save_file = save_file
     os.replace, shutil.rmtree, Path.unlink = replace, rmtree, unlink
 
 

@@ -6,6 +6,7 @@ import torch
 
 import arrcoc
 from arrcoc.backbones import adapt_vlm, num_kept
+from arrcoc.data.toy_patches import toy_vit
 from arrcoc.data.toy_vlm import BOS, IMAGE, IMAGE_TOKEN, TOY_FAMILIES, toy_prompts, toy_vlm
 
 # two prompts of different lengths (left padding), one with two images
@@ -188,6 +189,23 @@ def test_learning_is_local_and_forward_only(family):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     changed = {n: any(not torch.equal(a, b) for a, b in zip(start[n], s.parameters())) for n, s in subnets.items()}
     assert all(changed.values()), changed
+
+
+def test_a_trained_vlm_module_saves_and_loads_with_its_config(tmp_path):
+    model, inputs = family_case("qwen2_vl")
+    wrapped = arrcoc.attach_vlm(model, budget=0.25, config={"group": 1, "chunk": 4})
+    wrapped.learn(**inputs)
+    wrapped.save_pretrained(tmp_path / "vlm")
+    loaded = arrcoc.VLMARRCOC.from_pretrained(tmp_path / "vlm", model)
+    assert loaded.vlm_config == wrapped.vlm_config and loaded.config.budget == 0.25
+    for key, value in wrapped.relevance.state_dict().items():
+        assert torch.equal(value, loaded.relevance.state_dict()[key]), key
+    assert all(torch.equal(a, b) for a, b in zip(wrapped.allocate(**inputs).keep, loaded.allocate(**inputs).keep))
+    # a ViT checkpoint is not a VLM checkpoint, and the other way round: both say so
+    vit = arrcoc.attach(toy_vit(), budget=0.25)
+    vit.save_pretrained(tmp_path / "vit")
+    with pytest.raises(ValueError, match="not a VLM checkpoint"):
+        arrcoc.VLMARRCOC.from_pretrained(tmp_path / "vit", model)
 
 
 def quadrant_hit_rate(participatory: bool, steps: int = 80) -> float:

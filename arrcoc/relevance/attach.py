@@ -11,18 +11,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from arrcoc.backbones import (
@@ -41,11 +36,10 @@ from arrcoc.rules import NonFiniteUpdate
 from arrcoc.rules.distributed import batch_mean
 from arrcoc.rules.energy import RelaxationDiverged
 
+from .checkpoint import read_checkpoint
 from .learning import LocalRuleLearner, QueryInput, check_finite
 from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
 from .targets import attention_target, box_target, perturbation_target
-
-SCHEMA_VERSION = 1
 
 
 @dataclass
@@ -368,85 +362,13 @@ class ARRCOC(LocalRuleLearner, nn.Module):
                    for i in range(0, len(images), chunk)]
         return torch.cat(reduced) == full
 
-    # ---- checkpoints ----------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """safetensors weights + ``config.json`` (schema version, checksum), crash-safe.
-
-        The weights go to a new file named by their hash; only then is ``config.json`` atomically
-        replaced to point at it, and the old weights removed. A crash at any moment leaves a
-        ``config.json`` that points at complete weights.
-        """
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {f"relevance.{k}": v for k, v in self.relevance.state_dict().items()}
-        tensors.update({f"rules.{k}": v for k, v in self.rules.state_dict().items()})
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        staging = path / "relevance.safetensors.partial"
-        _atomic_write(staging, lambda tmp: save_file(tensors, tmp))
-        digest = _sha256(staging)
-        weights = path / f"relevance-{digest[:16]}.safetensors"
-        os.replace(staging, weights)
-        config_file = path / "config.json"
-        previous = json.loads(config_file.read_text()).get("weights") if config_file.is_file() else None
-        meta = {
-            "schema_version": SCHEMA_VERSION,
-            "config": self.config.to_dict(),
-            "backbone": type(self.adapter.model).__name__,
-            "weights": weights.name,
-            "weights_sha256": digest,
-        }
-        _atomic_write(config_file, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
-        if previous and previous != weights.name and (path / previous).is_file():
-            (path / previous).unlink()
-
+    # ---- checkpoints (save_pretrained: LocalRuleLearner) ------------------------------------------
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, model: nn.Module, **kwargs: Any) -> ARRCOC:
         meta, tensors = read_checkpoint(directory)
         wrapped = cls(model, RelevanceConfig.from_dict(meta["config"]), **kwargs)
         wrapped.load_checkpoint_tensors(tensors, meta, directory)
         return wrapped
-
-    def load_checkpoint_tensors(self, tensors: dict[str, Tensor], meta: dict[str, Any],
-                                source: str | os.PathLike) -> None:
-        """Load what :func:`read_checkpoint` read into this model's relevance module and rules."""
-        for prefix, module in (("relevance.", self.relevance), ("rules.", self.rules)):
-            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            try:
-                module.load_state_dict(state)
-            except RuntimeError as err:
-                raise ValueError(
-                    f"checkpoint {source} does not fit this backbone ({type(self.adapter.model).__name__}; it was "
-                    f"saved for {meta.get('backbone')}): {err}"
-                ) from err
-
-
-def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """``config.json`` and the weights of a :meth:`ARRCOC.save_pretrained` folder, verified: schema version,
-    checksum, and a weights file that is safetensors (nothing is ever unpickled)."""
-    path = Path(directory)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} is missing: not an arrcoc checkpoint folder")
-    try:
-        meta = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_file} is not valid JSON: {err}") from err
-    if not isinstance(meta, dict):
-        raise ValueError(f"{config_file} must hold a JSON object, got {type(meta).__name__}")
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(
-            f"{config_file}: checkpoint schema version {meta.get('schema_version')!r}, expected {SCHEMA_VERSION}"
-        )
-    weights = path / str(meta.get("weights", ""))
-    if not weights.is_file():
-        raise FileNotFoundError(f"weights file {weights} named in {config_file} is missing")
-    if _sha256(weights) != meta.get("weights_sha256"):
-        raise ValueError(f"{weights} does not match the checksum in {config_file}: corrupted or replaced")
-    try:
-        tensors = load_file(weights)
-    except Exception as err:  # safetensors raises its own error type for a malformed header
-        raise ValueError(f"{weights} is not a valid safetensors file: {err}") from err
-    return meta, tensors
 
 
 def attach(model: nn.Module, budget: float = 0.25, config: RelevanceConfig | dict | None = None,
@@ -460,19 +382,3 @@ def attach(model: nn.Module, budget: float = 0.25, config: RelevanceConfig | dic
     if budget != config.budget:
         config = RelevanceConfig.from_dict({**config.to_dict(), "budget": budget})
     return ARRCOC(model, config, **kwargs)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -7,6 +7,7 @@ the optimizer from the config and applies one step of every rule to a pass of th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from arrcoc.rules import RuleContext, build_rule
 
+from .checkpoint import write_checkpoint
 from .knowing import ParticipatoryKnowing
 from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
 
@@ -34,6 +36,33 @@ class LocalRuleLearner:
     rules: nn.ModuleDict
     optimizer: torch.optim.Optimizer
     text_encoder: Callable[[list[str]], Tensor] | None
+    adapter: Any  # the frozen backbone's adapter (``.model``: the backbone)
+
+    # ---- checkpoints (each wrapper's from_pretrained reads them back) ----------------------------------
+    def checkpoint_config(self) -> dict[str, Any]:
+        """What ``config.json`` records to rebuild this wrapper (the relevance config; the VLM wrapper adds its own)."""
+        return self.config.to_dict()
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """The relevance module's and rules' weights (safetensors) + ``config.json`` (config, backbone, schema
+        version, checksum), crash-safe: see :mod:`arrcoc.relevance.checkpoint`."""
+        tensors = {f"relevance.{k}": v for k, v in self.relevance.state_dict().items()}
+        tensors.update({f"rules.{k}": v for k, v in self.rules.state_dict().items()})
+        write_checkpoint(directory, tensors,
+                         {"config": self.checkpoint_config(), "backbone": type(self.adapter.model).__name__})
+
+    def load_checkpoint_tensors(self, tensors: dict[str, Tensor], meta: dict[str, Any],
+                                source: str | os.PathLike) -> None:
+        """Load what :func:`~arrcoc.relevance.checkpoint.read_checkpoint` read into the relevance module and rules."""
+        for prefix, module in (("relevance.", self.relevance), ("rules.", self.rules)):
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            try:
+                module.load_state_dict(state)
+            except RuntimeError as err:
+                raise ValueError(
+                    f"checkpoint {source} does not fit this backbone ({type(self.adapter.model).__name__}; it was "
+                    f"saved for {meta.get('backbone')}): {err}"
+                ) from err
 
     def encode_query(self, query: QueryInput, batch: int) -> Tensor | None:
         """(batch, query_dim) query embeddings from embeddings, one string or a list of strings (through the

@@ -122,6 +122,11 @@ class RelevanceConfig:
                 raise ValueError(f"rules.{subnetwork} must be a mapping with a rule 'name' "
                                  f"({SUBNETWORKS[subnetwork]}), got {rule!r}")
         self.rules = {**{k: dict(v) for k, v in DEFAULT_RULES.items()}, **self.rules}
+        for name in ("pixel_mean", "pixel_std"):  # JSON and YAML give lists: one config, one value
+            values = getattr(self, name)
+            if not (isinstance(values, list | tuple) and len(values) == 3):
+                raise ValueError(f"{name} must be 3 numbers (one per RGB channel), got {values!r}")
+            setattr(self, name, tuple(float(v) for v in values))
         if not (self.backbone_tokens or self.texture):
             raise ValueError("the relevance module needs patch features: enable backbone_tokens or texture")
 

@@ -31,7 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .attach import ARRCOC, _sha256, read_checkpoint
+from .attach import ARRCOC
+from .checkpoint import read_checkpoint, sha256
 
 TRAINER_SCHEMA_VERSION = 1
 STATE_JSON = "trainer_state.json"
@@ -103,7 +104,7 @@ def save_training_checkpoint(directory: str | os.PathLike, model: ARRCOC, optimi
             "optimizer": {"class": type(optimizer).__name__, "param_groups": _to_json(optimizer_state["param_groups"]),
                           "scalars": _to_json(scalars)},
             "tensors": STATE_TENSORS,
-            "tensors_sha256": _sha256(folder / STATE_TENSORS),
+            "tensors_sha256": sha256(folder / STATE_TENSORS),
         }
         (folder / STATE_JSON).write_text(json.dumps(meta, indent=2))
 
@@ -154,7 +155,7 @@ def load_training_checkpoint(path: str | os.PathLike, model: ARRCOC, optimizer: 
     tensor_file = folder / str(meta.get("tensors", ""))
     if not tensor_file.is_file():
         raise FileNotFoundError(f"{tensor_file} named in {state_file} is missing")
-    if _sha256(tensor_file) != meta.get("tensors_sha256"):
+    if sha256(tensor_file) != meta.get("tensors_sha256"):
         raise ValueError(f"{tensor_file} does not match the checksum in {state_file}: corrupted or replaced")
     try:
         tensors = load_file(tensor_file)

@@ -18,6 +18,7 @@ distribution moves (KL), when a g x g group of an image's visual tokens is dropp
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from arrcoc.backbones import num_kept
 from arrcoc.backbones.vlm import IGNORE_INDEX, EncodedPrompt, TokenGrid, VLMAdapter, adapt_vlm
 
+from .checkpoint import read_checkpoint
 from .learning import LocalRuleLearner, QueryInput
 from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
 from .targets import box_target, prediction_change
@@ -100,6 +102,23 @@ class VLMARRCOC(LocalRuleLearner, nn.Module):
         self.relevance = RelevanceModule(self.config, self.adapter.feature_dim, self.adapter.cell)
         self._build_rules()
         self.eval()
+
+    # ---- checkpoints (save_pretrained: LocalRuleLearner) ------------------------------------------
+    def checkpoint_config(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.vlm_config), "relevance": self.config.to_dict()}
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, model: nn.Module,
+                        text_encoder: Callable[[list[str]], Tensor] | None = None) -> VLMARRCOC:
+        """A :meth:`save_pretrained` folder on ``model`` (the same VLM architecture it was trained on)."""
+        meta, tensors = read_checkpoint(directory)
+        config = meta.get("config")
+        if not isinstance(config, dict) or "relevance" not in config:
+            raise ValueError(f"{directory} is not a VLM checkpoint (its config has no 'relevance' section): it was "
+                             f"saved for {meta.get('backbone')}; load ViT checkpoints with ARRCOC.from_pretrained")
+        wrapped = cls(model, VLMConfig(**config), text_encoder)
+        wrapped.load_checkpoint_tensors(tensors, meta, directory)
+        return wrapped
 
     # ---- inputs ---------------------------------------------------------------------------------
     def _split(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
