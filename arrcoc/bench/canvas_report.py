@@ -79,6 +79,11 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
     return rows
 
 
+# one colour per method in every panel (ARR-COC's red is its own; C2 is the query-fusion line)
+METHOD_COLORS = {"ARR-COC": "C3", "DynamicViT-style (global backprop)": "C0", "random": "C1", "grid": "C8",
+                 "evit": "C4", "ats": "C5", "tome": "C6", "box oracle": "grey"}
+
+
 def _plots(results: dict[str, Any], out: Path) -> dict[str, str]:
     import matplotlib
 
@@ -100,7 +105,8 @@ def _plots(results: dict[str, Any], out: Path) -> dict[str, str]:
             if not points:
                 continue
             xs = [100 * b for b, _ in points]
-            style = {"ARR-COC": dict(lw=2.5, color="C3"), "box oracle": dict(ls=":", color="grey")}.get(method, {})
+            style = dict(color=METHOD_COLORS.get(method), **({"lw": 2.5, "zorder": 3} if method == "ARR-COC" else {}),
+                         **({"ls": ":"} if method == "box oracle" else {}))
             ax.errorbar(xs, [m for _, (m, _) in points], yerr=[h for _, (_, h) in points], marker="o", ms=4,
                         capsize=2, label=method, **style)
         fusion = table[task].get("query fusion (reference)")
@@ -112,8 +118,9 @@ def _plots(results: dict[str, Any], out: Path) -> dict[str, str]:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(TASK_TITLES[task], fontsize=10)
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[-1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=6, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))  # room for the legend below both panels
     files["curves"] = "canvas_accuracy.png"
     fig.savefig(out / files["curves"], dpi=110)
     plt.close(fig)
@@ -140,9 +147,11 @@ def _plots(results: dict[str, Any], out: Path) -> dict[str, str]:
                   for i in range(len(curve))]
         ax.plot([adapted["batch"] * (i + 1) for i in range(len(curve))], smooth, label=label)
     ax.axhline(adapted["test_accuracy"], color="black", ls="--", lw=1, label="before the shift")
+    if "full_tokens_shift" in adapted:  # the backbone's own loss under the shift: what no allocation can recover
+        ax.axhline(adapted["full_tokens_shift"], color="grey", ls=":", lw=1.5, label="all tokens, on the shift")
     ax.set_xlabel("images of the shifted stream seen")
     ax.set_ylabel(f"accuracy at {adapted['budget']:.0%} (%)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     files["adaptation"] = "canvas_adaptation.png"

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +13,8 @@ from typing import Any
 import torch
 import yaml
 from safetensors.torch import save_file
+
+from arrcoc.relevance.checkpoint import atomic_write
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,31 +30,14 @@ def find_config(path: str | Path) -> Path:
 
 def save_json_atomic(path: Path, data: object) -> None:
     """Write to a temporary file beside ``path`` and rename it over: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
 
 
 def save_weights_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
-    """``path`` (.safetensors) and its ``.json`` twin (``metadata``), each written to a temporary file and
-    renamed over, world-readable."""
+    """``path`` (.safetensors) and its ``.json`` twin (``metadata``), each written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp))
     save_json_atomic(path.with_suffix(".json"), metadata)
-    os.chmod(path.with_suffix(".json"), 0o644)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: float

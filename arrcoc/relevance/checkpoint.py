@@ -30,6 +30,9 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """``write(temporary name)`` beside ``path``, then rename it over ``path``; nothing is left half-written."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); a saved file gets the usual mode
     try:
         write(tmp)
         os.replace(tmp, path)
