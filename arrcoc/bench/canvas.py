@@ -489,7 +489,7 @@ def load_bench(path: str, quick: bool) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the README's smoke run (~5 min on 2 cores); not a result")
+    parser.add_argument("--quick", action="store_true", help="the README's smoke run (~1.5 min on 2 cores)")
     parser.add_argument("--config", default="configs/canvas_bench.yaml")
     parser.add_argument("--backbone", type=Path, default=DEFAULT_CHECKPOINT, help="canvas ViT checkpoint")
     parser.add_argument("--query-fusion", type=Path, default=DEFAULT_QUERY_FUSION)
