@@ -60,30 +60,39 @@ def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, Tensor], m
         (path / previous).unlink()
 
 
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path`` (a checkpoint's description), or a clear error naming ``what`` was expected."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: not an arrcoc {what}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_verified(path: Path, expected_sha256: str | None, named_in: Path) -> dict[str, Tensor]:
+    """The tensors of the safetensors file ``path`` that ``named_in`` names, after checking its checksum."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} named in {named_in} is missing")
+    if sha256(path) != expected_sha256:
+        raise ValueError(f"{path} does not match the checksum in {named_in}: corrupted or replaced")
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own error type for a malformed header
+        raise ValueError(f"{path} is not a valid safetensors file: {err}") from err
+
+
 def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """``config.json`` and the weights of a checkpoint folder, verified: schema version, checksum, and a
     weights file that is safetensors."""
-    path = Path(directory)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} is missing: not an arrcoc checkpoint folder")
-    try:
-        meta = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_file} is not valid JSON: {err}") from err
-    if not isinstance(meta, dict):
-        raise ValueError(f"{config_file} must hold a JSON object, got {type(meta).__name__}")
+    config_file = Path(directory) / "config.json"
+    meta = read_json_object(config_file, "checkpoint folder")
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(
             f"{config_file}: checkpoint schema version {meta.get('schema_version')!r}, expected {SCHEMA_VERSION}"
         )
-    weights = path / str(meta.get("weights", ""))
-    if not weights.is_file():
-        raise FileNotFoundError(f"weights file {weights} named in {config_file} is missing")
-    if sha256(weights) != meta.get("weights_sha256"):
-        raise ValueError(f"{weights} does not match the checksum in {config_file}: corrupted or replaced")
-    try:
-        tensors = load_file(weights)
-    except Exception as err:  # safetensors raises its own error type for a malformed header
-        raise ValueError(f"{weights} is not a valid safetensors file: {err}") from err
-    return meta, tensors
+    weights = Path(directory) / str(meta.get("weights", ""))
+    return meta, load_verified(weights, meta.get("weights_sha256"), config_file)

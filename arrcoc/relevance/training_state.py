@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from .attach import ARRCOC
-from .checkpoint import read_checkpoint, sha256
+from .checkpoint import load_verified, read_checkpoint, read_json_object, sha256
 
 TRAINER_SCHEMA_VERSION = 1
 STATE_JSON = "trainer_state.json"
@@ -128,15 +128,10 @@ def load_training_checkpoint(path: str | os.PathLike, model: ARRCOC, optimizer: 
     and number of processes (the data order depends on it); returns where training stands."""
     folder = Path(path)
     state_file = folder / STATE_JSON
-    if not state_file.is_file():
-        raise FileNotFoundError(f"{state_file} is missing: not an arrcoc training checkpoint")
-    try:
-        meta = json.loads(state_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{state_file} is not valid JSON: {err}") from err
-    if not isinstance(meta, dict) or meta.get("schema_version") != TRAINER_SCHEMA_VERSION:
-        got = meta.get("schema_version") if isinstance(meta, dict) else type(meta).__name__
-        raise ValueError(f"{state_file}: trainer state schema version {got!r}, expected {TRAINER_SCHEMA_VERSION}")
+    meta = read_json_object(state_file, "training checkpoint")
+    if meta.get("schema_version") != TRAINER_SCHEMA_VERSION:
+        raise ValueError(f"{state_file}: trainer state schema version {meta.get('schema_version')!r}, expected "
+                         f"{TRAINER_SCHEMA_VERSION}")
     differences = _differences(meta.get("relevance_config"), _to_json(model.config.to_dict()), "relevance.")
     differences += _differences(meta.get("schedule"), _to_json(schedule_config), "trainer.")
     if differences:
@@ -152,15 +147,7 @@ def load_training_checkpoint(path: str | os.PathLike, model: ARRCOC, optimizer: 
     if meta.get("optimizer", {}).get("class") != type(optimizer).__name__:
         raise ValueError(f"training checkpoint {folder} holds {meta.get('optimizer', {}).get('class')} state, "
                          f"this run's optimizer is {type(optimizer).__name__}")
-    tensor_file = folder / str(meta.get("tensors", ""))
-    if not tensor_file.is_file():
-        raise FileNotFoundError(f"{tensor_file} named in {state_file} is missing")
-    if sha256(tensor_file) != meta.get("tensors_sha256"):
-        raise ValueError(f"{tensor_file} does not match the checksum in {state_file}: corrupted or replaced")
-    try:
-        tensors = load_file(tensor_file)
-    except Exception as err:  # safetensors' own error type for a malformed header
-        raise ValueError(f"{tensor_file} is not a valid safetensors file: {err}") from err
+    tensors = load_verified(folder / str(meta.get("tensors", "")), meta.get("tensors_sha256"), state_file)
 
     weights_meta, weights = read_checkpoint(folder)
     model.load_checkpoint_tensors(weights, weights_meta, folder)
