@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -534,7 +535,7 @@ def main(argv: list[str] | None = None) -> Path:
         "seeds": bench["seeds"], "budgets": bench["budgets"], "test_images": bench["test_images"],
         "train": bench["train"], "tasks": bench["tasks"],
         "torch": torch.__version__, "python": sys.version.split()[0], "cpu": platform.processor() or platform.machine(),
-        "device": "cpu", "workers": args.workers,
+        "device": "cpu", "workers": args.workers, "commit": source_commit(),
         "wall_seconds": time.perf_counter() - start,
     }
     results_json = {"meta": meta, "accuracy": table, "throughput": speed, "training_cost": cost,
@@ -546,6 +547,18 @@ def main(argv: list[str] | None = None) -> Path:
     report = write_report(results_json, out, REPO_ROOT / "benchmarks" / "REPORT.md" if full_run else out / "REPORT.md")
     print(f"wrote {out / 'canvas.json'}, {report} and the ARR-COC models in {model_dir}")
     return out
+
+
+def source_commit() -> str | None:
+    """The git commit of the source checkout the benchmark ran from (None outside a git checkout)."""
+    try:
+        done = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
 
 
 def _json(path: Path) -> dict[str, Any] | None:

@@ -172,7 +172,8 @@ def write_report(results: dict[str, Any], out: Path, report: Path) -> Path:
                                          if meta["mode"] == "quick" else ""),
         "",
         f"Command: `{meta['command']}` ({meta['wall_seconds'] / 60:.1f} min on {meta['cpu']}, "
-        f"{meta['workers']} worker processes, torch {meta['torch']}). Seeds {meta['seeds']}; "
+        f"{meta['workers']} worker processes, torch {meta['torch']}"
+        + (f", code at commit {meta['commit'][:7]}" if meta.get("commit") else "") + f"). Seeds {meta['seeds']}; "
         f"{meta['test_images']} test canvases per task and seed (TEST source digits only; each seed draws its own); "
         f"relevance modules trained for {meta['train']['steps']} steps of {meta['train']['batch_size']} canvases. "
         "Accuracies are means with a 95% interval over the seeds (Student t).",
