@@ -1,5 +1,7 @@
 """The ARR-COC relevance module: identity at budget 1, local learning only, toy tasks, checkpoints."""
 
+import dataclasses
+
 import pytest
 import timm
 import torch
@@ -257,3 +259,42 @@ def test_reward_modulated_target_follows_the_outcome_of_the_choice():
     assert any(not torch.equal(b, p) for b, p in zip(before, wrapped.relevance.parameters()))
     with pytest.raises(ValueError, match="inside learn"):
         wrapped.relevance_target(batch.images)
+
+
+def test_within_image_contrast_is_the_gradient_of_the_patch_softmax_cross_entropy():
+    """participatory_contrast 'patches': the contrastive Hebbian update towards the clamped output equals the
+    gradient of the cross-entropy between the coupling's softmax over an image's patches and its target."""
+    from arrcoc.relevance.knowing import ParticipatoryKnowing
+    from arrcoc.rules import RuleContext, build_rule
+
+    torch.manual_seed(0)
+    knowing = ParticipatoryKnowing(query_dim=5, feature_dim=7, temperature=0.1).double()
+    torch.nn.init.normal_(knowing.query_map.weight, std=0.3)
+    features, query = torch.randn(4, 9, 7, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    target = (torch.rand(4, 9, dtype=torch.float64) > 0.6).double()
+    target[:, 0] = 1.0  # every image has a queried patch
+
+    rule = build_rule("contrastive-hebbian", knowing.query_map)
+    rule.step(RuleContext(query, target=knowing.clamped_output(features, query, target)))
+    local = knowing.query_map.weight.grad.clone()
+
+    knowing.query_map.weight.grad = None
+    wanted = target / target.sum(-1, keepdim=True)
+    loss = -(wanted * torch.log_softmax(knowing(features, query), dim=-1)).sum(-1).mean()
+    (true,) = torch.autograd.grad(loss, knowing.query_map.weight)
+    assert torch.allclose(local, true, atol=1e-12), (local - true).abs().max()
+
+
+def test_within_image_contrast_needs_a_rule_that_moves_towards_a_clamped_output():
+    with pytest.raises(ValueError, match="contrastive-hebbian"):
+        RelevanceConfig(participatory_contrast="patches")
+    with pytest.raises(ValueError, match="participatory_contrast must be one of"):
+        RelevanceConfig(participatory_contrast="images")
+    config = RelevanceConfig(participatory_contrast="patches", rules={"participatory": {"name": "contrastive-hebbian"}})
+    model = arrcoc.attach(toy_vit(), budget=0.25, config=config)
+    images = torch.rand(4, 3, 32, 32)
+    boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0]] * 4)
+    model.config = dataclasses.replace(model.config, target="box")
+    before = model.relevance.participatory.query_map.weight.clone()
+    model.learn(images, query=torch.randn(4, config.query_dim), boxes=boxes)
+    assert not torch.equal(before, model.relevance.participatory.query_map.weight)

@@ -47,6 +47,16 @@ class ParticipatoryKnowing(nn.Module):
         """(B, N) coupling of every patch with its image's query."""
         return torch.einsum("bnf,bf->bn", features, self.query_map(query)) / self.temperature
 
+    @torch.no_grad()
+    def clamped_output(self, features: Tensor, query: Tensor, target: Tensor) -> Tensor:
+        """(B, F) the positive phase of within-image contrast: the map's output W q moved by
+        (E_target[f] - E_p[f]) / T, with p the softmax of the coupling over the image's patches. A contrastive
+        Hebbian (delta) rule towards it makes exactly the gradient of the cross-entropy between the patch
+        softmax and the normalised target: Hebbian on the queried patches, anti-Hebbian on the ones it picks."""
+        chosen = torch.softmax(self(features, query), dim=-1)
+        wanted = target / target.sum(-1, keepdim=True).clamp_min(1e-6)
+        return self.query_map(query) + torch.einsum("bn,bnf->bf", wanted - chosen, features) / self.temperature
+
     @staticmethod
     def queried_content(features: Tensor, target: Tensor) -> Tensor:
         """(B, F) the features of the relevant patches (target-weighted mean): the key a query should

@@ -122,8 +122,11 @@ class LocalRuleLearner:
             responses = relevance.perspectival.responses(out.context)
             contexts["perspectival_readout"] = RuleContext(responses, target=target[..., None])
         if cfg.participatory and out.query is not None:
-            key = ParticipatoryKnowing.queried_content(out.context, target)
-            contexts["participatory"] = RuleContext(out.query, target=key)
+            if cfg.participatory_contrast == "patches":
+                positive = relevance.participatory.clamped_output(out.context, out.query, target)
+            else:  # the key the query should retrieve against the batch's other queries
+                positive = ParticipatoryKnowing.queried_content(out.context, target)
+            contexts["participatory"] = RuleContext(out.query, target=positive)
         if cfg.field:
             contexts["field"] = RuleContext(out.field_input, target=target)
         # d(binary cross-entropy)/d(logit) of the whole allocator output (its MLP plus the field's logit)

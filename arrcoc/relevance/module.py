@@ -33,7 +33,8 @@ from .texture import NUM_FEATURES, patch_entropy, rgb_to_lab, texture_features
 SUBNETWORKS = {
     "perspectival_encoder": "label-free: hebbian-oja, hebbian-bcm",
     "perspectival_readout": "to the relevance target: contrastive-hebbian, backprop, fa",
-    "participatory": "query-patch coupling: infonce-hebbian, backprop",
+    "participatory": "query-patch coupling: infonce-hebbian, contrastive-hebbian (participatory_contrast: patches), "
+                     "backprop",
     "field": "energy over patches: ep, chl",
     "allocator": "budget logits: fa, dfa, backprop",
 }
@@ -46,6 +47,7 @@ DEFAULT_RULES: dict[str, dict[str, Any]] = {
 }
 DROPPED = ("discard", "fuse", "merge")
 TARGETS = ("attention", "perturbation", "box", "reward")
+PARTICIPATORY_CONTRASTS = ("batch", "patches")
 
 
 @dataclass
@@ -79,6 +81,10 @@ class RelevanceConfig:
     propositional: bool = True
     perspectival: bool = True
     participatory: bool = True
+    # What the participatory coupling learns to tell apart: "batch" (an image's queried content from the other
+    # images' queries: InfoNCE with batch negatives, rule infonce-hebbian) or "patches" (the queried patches from
+    # the other patches of the same image: softmax over the patches; rule contrastive-hebbian or backprop with mse)
+    participatory_contrast: str = "batch"
     field: bool = True
     adaptive_balance: bool = True
     # sizes
@@ -122,6 +128,13 @@ class RelevanceConfig:
                 raise ValueError(f"rules.{subnetwork} must be a mapping with a rule 'name' "
                                  f"({SUBNETWORKS[subnetwork]}), got {rule!r}")
         self.rules = {**{k: dict(v) for k, v in DEFAULT_RULES.items()}, **self.rules}
+        if self.participatory_contrast not in PARTICIPATORY_CONTRASTS:
+            raise ValueError(f"participatory_contrast must be one of {PARTICIPATORY_CONTRASTS}, "
+                             f"got {self.participatory_contrast!r}")
+        if self.participatory_contrast == "patches" and self.rules["participatory"]["name"] == "infonce-hebbian":
+            raise ValueError("participatory_contrast 'patches' gives the participatory rule a clamped output to move "
+                             "towards: use rules.participatory {name: contrastive-hebbian} (or {name: backprop, "
+                             "loss: mse}); infonce-hebbian contrasts the batch")
         for name in ("pixel_mean", "pixel_std"):  # JSON and YAML give lists: one config, one value
             values = getattr(self, name)
             if not (isinstance(values, list | tuple) and len(values) == 3):
