@@ -203,6 +203,11 @@ CASES: list[Case] = [
          ("one of ('attention', 'perturbation', 'box', 'reward')", "got 'boxes'")),
     Case(ATTACH, "dropped 'drop'", lambda e: e.model(dropped="drop"), ValueError,
          ("one of ('discard', 'fuse', 'merge')", "got 'drop'")),
+    Case(ATTACH, "participatory_contrast 'images'", lambda e: e.model(participatory_contrast="images"), ValueError,
+         ("participatory_contrast must be one of ('batch', 'patches')", "got 'images'")),
+    Case(ATTACH, "participatory_contrast 'patches' with the batch-contrast rule",
+         lambda e: e.model(participatory_contrast="patches"), ValueError,
+         ("use rules.participatory {name: contrastive-hebbian}", "infonce-hebbian contrasts the batch")),
     # ---- YAML -----------------------------------------------------------------------------------------------
     Case("RelevanceConfig.from_yaml(path)", "a missing file", lambda e: RelevanceConfig.from_yaml(e.dir / "no.yaml"),
          FileNotFoundError, ("No such file", "no.yaml")),
