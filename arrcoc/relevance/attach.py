@@ -197,18 +197,20 @@ class ARRCOC(LocalRuleLearner, nn.Module):
 
     # ---- learning -----------------------------------------------------------------------------
     @torch.no_grad()
-    def relevance_target(self, images: Tensor, boxes: Tensor | None = None, state: TokenSet | None = None) -> Tensor:
-        """(B, N) the configured forward-only target (see :mod:`arrcoc.relevance.targets`); ``state``: the
-        images' embedded tokens, if already computed."""
+    def relevance_target(self, images: Tensor, boxes: Tensor | None = None, state: TokenSet | None = None,
+                         kind: str | None = None) -> Tensor:
+        """(B, N) the forward-only target ``kind`` (default: the configured one; see
+        :mod:`arrcoc.relevance.targets`); ``state``: the images' embedded tokens, if already computed."""
+        kind = kind or self.config.target
         grid = self.adapter.grid(images)
-        if self.config.target == "box":
+        if kind == "box":
             if boxes is None:
                 raise ValueError("target 'box' needs boxes (batch, 4) for every image, got boxes=None")
             return box_target(boxes, (grid.height, grid.width), self.adapter.patch_size)
-        if self.config.target == "reward":
+        if kind == "reward":
             raise ValueError("the 'reward' target depends on the module's own choice: it is made inside learn()")
         state = self.adapter.tokens(images) if state is None else state
-        if self.config.target == "attention":
+        if kind == "attention":
             return attention_target(self.adapter, state)
         return perturbation_target(self.adapter, state, (grid.height, grid.width))
 
@@ -312,12 +314,7 @@ class ARRCOC(LocalRuleLearner, nn.Module):
                 self._running_agreement, rolled_back = self._best_agreement, True
         report = AdaptReport(agreement, self._running_agreement, snapshot, rolled_back)
         if not rolled_back:
-            state = self.adapter.tokens(images)
-            grid = self.adapter.grid(images)
-            if cfg.target == "attention":
-                target = attention_target(self.adapter, state)
-            else:
-                target = perturbation_target(self.adapter, state, (grid.height, grid.width))
+            target = self.relevance_target(images, kind=cfg.target)
             sgd = torch.optim.SGD(self.relevance.parameters(), lr=cfg.lr)
             try:
                 self.learn(images, query, target=target, optimizer=sgd, max_grad_norm=cfg.max_grad_norm)
