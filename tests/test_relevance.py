@@ -298,3 +298,46 @@ def test_within_image_contrast_needs_a_rule_that_moves_towards_a_clamped_output(
     before = model.relevance.participatory.query_map.weight.clone()
     model.learn(images, query=torch.randn(4, config.query_dim), boxes=boxes)
     assert not torch.equal(before, model.relevance.participatory.query_map.weight)
+
+
+def test_inference_standardises_features_with_the_statistics_of_training():
+    # The texture features vary ~0.01 where the normaliser's running variance starts at 1: with an exponential
+    # average the inference-time features came out several times too small after a few hundred steps.
+    wrapped = arrcoc.attach(toy_vit(), budget=0.25, config={"target": "attention"})
+    g = torch.Generator().manual_seed(0)
+    batches = [textured_patch_images(8, [WHITE], g)[0] for _ in range(5)]
+    for images in batches:
+        wrapped.learn(images)
+    relevance = wrapped.relevance.eval()
+    raw = []
+    hook = relevance.feature_norm.register_forward_pre_hook(lambda _, args: raw.append(args[0]))
+    with torch.no_grad():
+        images = torch.cat(batches)
+        features, _ = relevance.patch_features(images, wrapped.adapter.tokens(images).patches)
+    hook.remove()
+    std = features.flatten(0, 1).std(0)
+    varying = raw[0].var(0) > 1e-3  # well above the normaliser's eps (1e-5), which shrinks the others
+    assert varying.sum() > 20
+    assert ((std[varying] - 1).abs() < 0.05).all(), std[varying]
+
+
+def test_place_code_singles_out_the_region_of_each_field():
+    from arrcoc.relevance.texture import PLACE_FIELDS, place_code
+
+    # patch centres of an 8 x 8 grid in [-1, 1]
+    centres = (torch.arange(8.0) + 0.5) / 4 - 1
+    grid = torch.stack(torch.meshgrid(centres, centres, indexing="ij"))[None]
+    code = place_code(grid)[0]  # (fields, 8, 8)
+    assert code.shape == (PLACE_FIELDS**2, 8, 8) and bool(((code > 0) & (code <= 1)).all())
+    best_field = code.argmax(0)  # row-major fields: a 2 x 2 block of patches per field on this grid
+    expected = (torch.arange(8)[:, None] // 2) * PLACE_FIELDS + torch.arange(8)[None, :] // 2
+    assert torch.equal(best_field, expected)
+
+
+def test_a_subnetwork_can_have_its_own_step_size():
+    optimizer = {"name": "adam", "lr": 2e-3, "subnetwork_lr": {"field": 0.05}}
+    wrapped = arrcoc.attach(toy_vit(), budget=0.25, config={"optimizer": optimizer})
+    field = {id(p) for p in wrapped.relevance.field.parameters()}
+    lrs = {id(p): group["lr"] for group in wrapped.optimizer.param_groups for p in group["params"]}
+    assert set(lrs) == {id(p) for p in wrapped.relevance.parameters()}  # every parameter exactly once
+    assert all(lr == (0.05 if key in field else 2e-3) for key, lr in lrs.items())

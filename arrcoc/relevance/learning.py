@@ -108,10 +108,26 @@ class LocalRuleLearner:
         return rule
 
     def _make_optimizer(self, spec: dict[str, Any]) -> torch.optim.Optimizer:
+        """The optimizer that applies every rule's update: ``lr`` for all sub-networks, except those named in
+        ``subnetwork_lr`` (e.g. ``{field: 0.03}``: the field's energy parameters learn slowly by EP)."""
         kinds = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
         if spec.get("name") not in kinds:
             raise ValueError(f"optimizer name must be one of {sorted(kinds)}, got {spec.get('name')!r}")
-        return kinds[spec["name"]](self.relevance.parameters(), lr=float(spec.get("lr", 1e-3)))
+        unknown = sorted(set(spec) - {"name", "lr", "subnetwork_lr"})
+        if unknown:
+            raise KeyError(f"unknown optimizer key(s) {unknown}; known: ['lr', 'name', 'subnetwork_lr']")
+        own_lr = dict(spec.get("subnetwork_lr") or {})
+        subnetworks = self.relevance.subnetworks()
+        if not set(own_lr) <= set(subnetworks):
+            raise KeyError(f"optimizer.subnetwork_lr names unknown sub-network(s) {sorted(set(own_lr) - set(subnetworks))};"
+                           f" sub-networks: {sorted(subnetworks)}")
+        groups, grouped = [], set()
+        for name, lr in own_lr.items():
+            params = list(subnetworks[name].parameters())
+            grouped.update(map(id, params))
+            groups.append({"params": params, "lr": float(lr)})
+        rest = [p for p in self.relevance.parameters() if id(p) not in grouped]
+        return kinds[spec["name"]]([{"params": rest}, *groups], lr=float(spec.get("lr", 1e-3)))
 
     def rule_contexts(self, out: RelevanceOutput, target: Tensor) -> dict[str, RuleContext]:
         """What each sub-network's rule sees in one step (only the sub-networks in use)."""

@@ -2,9 +2,11 @@
 
 Per pixel: RGB, CIE-Lab (lightness and two colour opponents), Sobel x / y / magnitude of lightness,
 position (y, x), eccentricity (distance from the centre) and local contrast (std of lightness in a
-3x3 window). Per patch: mean and std of each channel over the patch's pixels. Cheap (no learning,
+3x3 window). Per patch: mean and std of each channel over the patch's pixels, and a coarse code of
+the patch's place: the responses of 4 x 4 Gaussian place fields tiling the image. Cheap (no learning,
 a few convolutions) and it carries what the backbone's early tokens blur: colour and local contrast,
-which a query such as "the red digit" needs.
+which a query such as "the red digit" needs, and place, which "the digit in the top left" needs: a
+linear read-out of (y, x) can only rank patches along a ramp, place fields can single out a region.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from torch import Tensor
 
 CHANNELS = ("r", "g", "b", "lightness", "green_red", "blue_yellow", "sobel_x", "sobel_y", "sobel_magnitude",
             "pos_y", "pos_x", "eccentricity", "local_contrast")
-NUM_FEATURES = 2 * len(CHANNELS)  # mean and std per channel
+PLACE_FIELDS = 4  # per axis: centres at -0.75, -0.25, 0.25, 0.75 of the image's [-1, 1] extent
+NUM_FEATURES = 2 * len(CHANNELS) + PLACE_FIELDS**2  # mean and std per channel, then the place code
 
 _SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0
 # sRGB (D65) -> XYZ, rows X, Y, Z, each divided by the white point so that white maps to (1, 1, 1)
@@ -70,7 +73,20 @@ def texture_features(rgb: Tensor, lab: Tensor, patch_size: tuple[int, int]) -> T
     channels = pixel_channels(rgb, lab)
     mean = F.avg_pool2d(channels, patch_size)
     std = (F.avg_pool2d(channels * channels, patch_size) - mean * mean).clamp_min(0).sqrt()
-    return rearrange(torch.cat([mean, std], dim=1), "b c h w -> b (h w) c")
+    position = CHANNELS.index("pos_y")
+    return rearrange(torch.cat([mean, std, place_code(mean[:, position:position + 2])], dim=1),
+                     "b c h w -> b (h w) c")
+
+
+def place_code(centre: Tensor) -> Tensor:
+    """(B, 2, h, w) patch centres (y, x) in [-1, 1] -> (B, PLACE_FIELDS**2, h, w) Gaussian place-field
+    responses; the fields' width is half their spacing, so neighbouring fields overlap a little."""
+    spacing = 2.0 / PLACE_FIELDS
+    centres = torch.linspace(-1 + spacing / 2, 1 - spacing / 2, PLACE_FIELDS, device=centre.device, dtype=centre.dtype)
+    distance_y = (centre[:, 0, None] - centres[:, None, None]).pow(2)  # (B, fields, h, w)
+    distance_x = (centre[:, 1, None] - centres[:, None, None]).pow(2)
+    distance2 = distance_y[:, :, None] + distance_x[:, None, :]  # (B, fields_y, fields_x, h, w)
+    return torch.exp(-distance2 / (2 * (spacing / 2) ** 2)).flatten(1, 2)
 
 
 def patch_entropy(lightness: Tensor, patch_size: tuple[int, int], bins: int = 8, width: float = 0.5) -> Tensor:
