@@ -352,6 +352,10 @@ def peak_memory_growth(fn) -> float:
 
 def _training_cost_worker(learning: str, bench: dict, batch_size: int, steps: int) -> dict[str, float]:
     torch.set_num_threads(1)
+    # A fixed mmap threshold (mallopt M_MMAP_THRESHOLD = -3): every block over 128 KiB is its own mapping,
+    # returned to the OS when freed, so the RSS follows the live tensors. glibc's default threshold grows
+    # after frees and keeps later large blocks on the heap, which made the measured peak vary ~30% run to run.
+    ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)
     torch.manual_seed(0)
     data = task_data("cluttered", "train", batch_size, 0)
     config = relevance_config(bench, "cluttered", {})
