@@ -86,7 +86,7 @@ def _allocation_share(a: dict[str, Any]) -> str:
     text = (f"Of the {a['test_accuracy'] - a['frozen']:.1f} points lost, the frozen module's shortfall from all "
             f"tokens on the shift is {own:.1f}")
     if own <= 0:
-        return text + ": the allocation loses nothing the backbone keeps, so adaptation has nothing of its own to recover."
+        return text + ": the allocation loses nothing the backbone keeps; adaptation has nothing of its own to recover."
     return text + f"; label-free adaptation recovers {(a['online'] - a['frozen']) / own:.0%} of that."
 
 

@@ -113,19 +113,18 @@ class LocalRuleLearner:
         kinds = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
         if spec.get("name") not in kinds:
             raise ValueError(f"optimizer name must be one of {sorted(kinds)}, got {spec.get('name')!r}")
-        unknown = sorted(set(spec) - {"name", "lr", "subnetwork_lr"})
+        known = ["lr", "name", "subnetwork_lr"]
+        unknown = sorted(set(spec) - set(known))
         if unknown:
-            raise KeyError(f"unknown optimizer key(s) {unknown}; known: ['lr', 'name', 'subnetwork_lr']")
+            raise KeyError(f"unknown optimizer key(s) {unknown}; known: {known}")
         own_lr = dict(spec.get("subnetwork_lr") or {})
         subnetworks = self.relevance.subnetworks()
-        if not set(own_lr) <= set(subnetworks):
-            raise KeyError(f"optimizer.subnetwork_lr names unknown sub-network(s) {sorted(set(own_lr) - set(subnetworks))};"
-                           f" sub-networks: {sorted(subnetworks)}")
-        groups, grouped = [], set()
-        for name, lr in own_lr.items():
-            params = list(subnetworks[name].parameters())
-            grouped.update(map(id, params))
-            groups.append({"params": params, "lr": float(lr)})
+        strangers = sorted(set(own_lr) - set(subnetworks))
+        if strangers:
+            raise KeyError(f"optimizer.subnetwork_lr names unknown sub-network(s) {strangers}; "
+                           f"sub-networks: {sorted(subnetworks)}")
+        groups = [{"params": list(subnetworks[name].parameters()), "lr": float(lr)} for name, lr in own_lr.items()]
+        grouped = {id(p) for group in groups for p in group["params"]}
         rest = [p for p in self.relevance.parameters() if id(p) not in grouped]
         return kinds[spec["name"]]([{"params": rest}, *groups], lr=float(spec.get("lr", 1e-3)))
 
