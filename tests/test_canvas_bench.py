@@ -37,7 +37,7 @@ def test_query_fusion_round_trip_and_query_shape_check(checkpoints):
 def test_benchmark_runs_every_method_and_writes_results_report_and_plots(checkpoints, tmp_path):
     backbone, fusion = checkpoints
     config = {
-        "seeds": [0], "budgets": [1.0, 0.25], "test_images": 12, "train": {"steps": 2, "batch_size": 6},
+        "seeds": [0], "budgets": [1.0, 0.25], "test_images": 12, "train": {"steps": {"cluttered": 2, "query": 3}, "batch_size": 6},
         "baselines": ["random", "evit", "tome"], "base": "configs/arrcoc.yaml",
         "tasks": {"cluttered": {"budget": 0.25, "relevance": {"target": "box"}},
                   "query": {"budget": 0.25, "relevance": {"target": "box"}}},
@@ -65,6 +65,10 @@ def test_benchmark_runs_every_method_and_writes_results_report_and_plots(checkpo
     assert "query fusion (reference)" in results["accuracy"]["query"]
     assert 0 <= results["accuracy"]["query"]["ARR-COC"]["query_overlap"][0] <= 100
     assert results["training_cost"]["local"]["step_ms"] > 0 and results["adaptation"]["stream_images"] == 8
+    adapted = results["adaptation"]
+    assert 0 <= adapted["oracle_shift"] <= 100
+    assert set(adapted["coverage"]) == {"frozen", "teacher", "adapted"}
+    assert all(0 <= c <= 100 for c in adapted["coverage"].values())
     report = (out / "REPORT.md").read_text()
     assert "## Targets" in report and ("PASS" in report or "FAIL" in report)
     for plot in ("canvas_accuracy.png", "canvas_training_cost.png", "canvas_adaptation.png", "canvas_heatmaps.png"):
@@ -77,3 +81,16 @@ def test_unknown_benchmark_keys_are_refused(tmp_path):
     path.write_text(yaml.safe_dump({"seeds": [0], "sedes": [1]}))
     with pytest.raises(KeyError, match="sedes"):
         canvas.load_bench(str(path), quick=False)
+
+
+@pytest.mark.parametrize("steps", [{"cluttered": 200}, {"cluttered": 200, "query": 0}, 2.5, -1])
+def test_training_steps_must_be_positive_and_given_for_every_task(tmp_path, steps):
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump({"seeds": [0], "train": {"steps": steps, "batch_size": 4}}))
+    with pytest.raises(ValueError, match="train.steps must be a positive integer or one per task"):
+        canvas.load_bench(str(path), quick=False)
+
+
+def test_training_steps_per_task_or_shared():
+    assert canvas.train_steps({"train": {"steps": {"cluttered": 2, "query": 5}}}, "query") == 5
+    assert canvas.train_steps({"train": {"steps": 7}}, "cluttered") == 7

@@ -45,6 +45,7 @@ import arrcoc
 from arrcoc.backbones import (
     PROGRESSIVE,
     BackboneAdapter,
+    PatchGrid,
     adapt_backbone,
     equal_compute_baseline,
     make_baseline,
@@ -60,7 +61,7 @@ from arrcoc.relevance.global_backprop import global_backprop_step
 from arrcoc.relevance.targets import box_target
 from arrcoc.visualize import canvas_queries, demo_canvases, explain, queries_figure, save_figure
 
-from .common import REPO_ROOT, find_config, save_json_atomic, timed
+from .common import REPO_ROOT, find_config, save_json_atomic, timed, warmup_cosine
 from .pretrain import DEFAULT_CHECKPOINT, load_canvas_vit
 from .query_fusion import DEFAULT_QUERY_FUSION, load_query_fusion
 from .sweep import apply_override
@@ -161,12 +162,20 @@ def relevance_config(bench: dict, task: str, overrides: dict[str, Any]) -> Relev
     return RelevanceConfig.from_dict(config)
 
 
+def train_steps(bench: dict, task: str) -> int:
+    """``train.steps``: one number for every task, or a number per task."""
+    steps = bench["train"]["steps"]
+    return steps[task] if isinstance(steps, dict) else steps
+
+
 def train_arrcoc(backbone: torch.nn.Module, config: RelevanceConfig, train: TaskData, steps: int, batch_size: int,
                  seed: int, learning: str) -> tuple[ARRCOC, float]:
     """ARR-COC trained by its local rules (``learning="local"``) or by backprop through the frozen backbone
-    (``"global"``, DynamicViT-style); returns it and the mean step time in ms."""
+    (``"global"``, DynamicViT-style), with the step size decaying on a cosine as in ``arrcoc train``; returns it
+    and the mean step time in ms."""
     torch.manual_seed(seed)
     model = arrcoc.attach(backbone, budget=config.budget, config=config)
+    schedule = warmup_cosine(model.optimizer, steps, 0)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
     for step in range(steps):
@@ -175,7 +184,14 @@ def train_arrcoc(backbone: torch.nn.Module, config: RelevanceConfig, train: Task
             model.learn(batch.images, batch.queries, boxes=batch.boxes, labels=batch.labels)
         else:
             global_backprop_step(model, batch.images, batch.labels, batch.queries)
+        schedule.step()
     return model.eval(), 1000 * (time.perf_counter() - start) / steps
+
+
+def box_coverage(kept: torch.Tensor, boxes: torch.Tensor, grid: PatchGrid, k: int) -> torch.Tensor:
+    """(B,) share of the digit's patches (at most K of them) among the ``kept`` patch indices (B, K)."""
+    in_box = box_target(boxes, (grid.height, grid.width), grid.patch_size) > 0
+    return in_box.gather(1, kept).sum(1) / in_box.sum(1).clamp_min(1).clamp_max(k)
 
 
 @torch.no_grad()
@@ -188,8 +204,7 @@ def selection_metrics(model: ARRCOC, data: TaskData) -> dict[str, float]:
     for start in range(0, len(data), EVAL_BATCH):
         batch = data.batch(slice(start, start + EVAL_BATCH))
         kept = model.relevance_map(batch.images, batch.queries).kept
-        in_box = box_target(batch.boxes, (grid.height, grid.width), model.adapter.patch_size) > 0
-        covered.append(in_box.gather(1, kept).sum(1) / in_box.sum(1).clamp_min(1).clamp_max(k))
+        covered.append(box_coverage(kept, batch.boxes, grid, k))
         if batch.queries is not None:
             blind = model.relevance_map(batch.images, None).kept
             overlap.append((kept[:, :, None] == blind[:, None, :]).any(-1).float().mean(1))
@@ -226,8 +241,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         return result
     # ARR-COC (local rules, a variant of them, or the global-backprop allocator)
     config = relevance_config(bench, task, job["overrides"])
-    train = task_data(task, "train", bench["train"]["steps"] * bench["train"]["batch_size"], 100 + seed)
-    model, step_ms = train_arrcoc(backbone, config, train, bench["train"]["steps"], bench["train"]["batch_size"],
+    steps, batch_size = train_steps(bench, task), bench["train"]["batch_size"]
+    train = task_data(task, "train", steps * batch_size, 100 + seed)
+    model, step_ms = train_arrcoc(backbone, config, train, steps, batch_size,
                                   seed, job["learning"])
     result["step_ms"] = step_ms
     budgets = bench["budgets"] if job["all_budgets"] else [config.budget]
@@ -406,6 +422,19 @@ def tent_step(adapter: BackboneAdapter, optimizer: torch.optim.Optimizer, model:
     return logits.detach()
 
 
+@torch.no_grad()
+def teacher_coverage(model: ARRCOC, data: TaskData, kind: str) -> float:
+    """Box coverage of the label-free adaptation target ``kind`` itself (its top-K at the model's budget):
+    adapting towards a target cannot keep more of the digit than the target does."""
+    grid = model.adapter.grid()
+    k = num_kept(model.config.budget, grid.num_patches)
+    covered = []
+    for start in range(0, len(data), EVAL_BATCH):
+        batch = data.batch(slice(start, start + EVAL_BATCH))
+        covered.append(box_coverage(top_k(model.relevance_target(batch.images, kind=kind), k), batch.boxes, grid, k))
+    return 100.0 * torch.cat(covered).mean().item()
+
+
 def adaptation(bench: dict, model: ARRCOC, stream_images: int, batch: int, target: str) -> dict[str, Any]:
     """Prequential accuracy (predict each batch, then adapt on it) on the cluttered shift split: the frozen
     module, ARR-COC's label-free local adaptation (``adapt``), and TENT on the backbone's norm layers.
@@ -420,7 +449,11 @@ def adaptation(bench: dict, model: ARRCOC, stream_images: int, batch: int, targe
     result = {"budget": budget, "stream_images": stream_images, "batch": batch, "target": target,
               "test_accuracy": accuracy(lambda b: model(b.images), test),
               "full_tokens_shift": accuracy(lambda b: model.adapter(b.images), shift),
-              "full_tokens_test": accuracy(lambda b: model.adapter(b.images), test)}
+              "full_tokens_test": accuracy(lambda b: model.adapter(b.images), test),
+              # the ceiling of any allocation on the shift, and how much of the digit each selection keeps
+              "oracle_shift": accuracy(oracle_predict(model.adapter, budget), shift),
+              "coverage": {"frozen": selection_metrics(model, shift)["box_coverage"],
+                           "teacher": teacher_coverage(model, shift, target)}}
 
     def stream(step) -> tuple[float, float, list[float]]:
         correct, curve = 0, []
@@ -442,6 +475,7 @@ def adaptation(bench: dict, model: ARRCOC, stream_images: int, batch: int, targe
         return logits
 
     result["online"], result["online_ms"], result["online_curve"] = stream(adapt_step)
+    result["coverage"]["adapted"] = selection_metrics(model, shift)["box_coverage"]
     model.relevance.load_state_dict(frozen_state)
 
     backbone = copy.deepcopy(model.adapter.model)
@@ -484,6 +518,10 @@ def load_bench(path: str, quick: bool) -> dict[str, Any]:
     if quick:
         bench.update(bench["quick"])
     bench.pop("quick", None)
+    steps = bench["train"]["steps"]
+    per_task = steps if isinstance(steps, dict) else dict.fromkeys(TASKS, steps)
+    if set(per_task) != set(TASKS) or not all(isinstance(n, int) and n > 0 for n in per_task.values()):
+        raise ValueError(f"train.steps must be a positive integer or one per task {list(TASKS)}, got {steps!r}")
     bench["variants"] = dict(bench.get("variants") or {})
     for name, overrides in bench["variants"].items():
         tasks = (overrides or {}).get("tasks", TASKS)
