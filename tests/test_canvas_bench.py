@@ -37,7 +37,8 @@ def test_query_fusion_round_trip_and_query_shape_check(checkpoints):
 def test_benchmark_runs_every_method_and_writes_results_report_and_plots(checkpoints, tmp_path):
     backbone, fusion = checkpoints
     config = {
-        "seeds": [0], "budgets": [1.0, 0.25], "test_images": 12, "train": {"steps": {"cluttered": 2, "query": 3}, "batch_size": 6},
+        "seeds": [0], "budgets": [1.0, 0.25], "test_images": 12,
+        "train": {"steps": {"cluttered": 2, "query": 3}, "batch_size": 6},
         "baselines": ["random", "evit", "tome"], "base": "configs/arrcoc.yaml",
         "tasks": {"cluttered": {"budget": 0.25, "relevance": {"target": "box"}},
                   "query": {"budget": 0.25, "relevance": {"target": "box"}}},
