@@ -92,6 +92,9 @@ def test_training_steps_must_be_positive_and_given_for_every_task(tmp_path, step
         canvas.load_bench(str(path), quick=False)
 
 
-def test_training_steps_per_task_or_shared():
-    assert canvas.train_steps({"train": {"steps": {"cluttered": 2, "query": 5}}}, "query") == 5
-    assert canvas.train_steps({"train": {"steps": 7}}, "cluttered") == 7
+@pytest.mark.parametrize("steps, per_task", [({"cluttered": 2, "query": 5}, {"cluttered": 2, "query": 5}),
+                                             (7, {"cluttered": 7, "query": 7})])
+def test_training_steps_per_task_or_shared(tmp_path, steps, per_task):
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump({"seeds": [0], "train": {"steps": steps, "batch_size": 4}}))
+    assert canvas.load_bench(str(path), quick=False)["train"]["steps"] == per_task

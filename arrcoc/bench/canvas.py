@@ -162,12 +162,6 @@ def relevance_config(bench: dict, task: str, overrides: dict[str, Any]) -> Relev
     return RelevanceConfig.from_dict(config)
 
 
-def train_steps(bench: dict, task: str) -> int:
-    """``train.steps``: one number for every task, or a number per task."""
-    steps = bench["train"]["steps"]
-    return steps[task] if isinstance(steps, dict) else steps
-
-
 def train_arrcoc(backbone: torch.nn.Module, config: RelevanceConfig, train: TaskData, steps: int, batch_size: int,
                  seed: int, learning: str) -> tuple[ARRCOC, float]:
     """ARR-COC trained by its local rules (``learning="local"``) or by backprop through the frozen backbone
@@ -241,7 +235,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         return result
     # ARR-COC (local rules, a variant of them, or the global-backprop allocator)
     config = relevance_config(bench, task, job["overrides"])
-    steps, batch_size = train_steps(bench, task), bench["train"]["batch_size"]
+    steps, batch_size = bench["train"]["steps"][task], bench["train"]["batch_size"]
     train = task_data(task, "train", steps * batch_size, 100 + seed)
     model, step_ms = train_arrcoc(backbone, config, train, steps, batch_size,
                                   seed, job["learning"])
@@ -518,10 +512,12 @@ def load_bench(path: str, quick: bool) -> dict[str, Any]:
     if quick:
         bench.update(bench["quick"])
     bench.pop("quick", None)
+    # train.steps: one number for every task, or one per task; kept as one per task from here on
     steps = bench["train"]["steps"]
     per_task = steps if isinstance(steps, dict) else dict.fromkeys(TASKS, steps)
     if set(per_task) != set(TASKS) or not all(isinstance(n, int) and n > 0 for n in per_task.values()):
         raise ValueError(f"train.steps must be a positive integer or one per task {list(TASKS)}, got {steps!r}")
+    bench["train"] = {**bench["train"], "steps": per_task}
     bench["variants"] = dict(bench.get("variants") or {})
     for name, overrides in bench["variants"].items():
         tasks = (overrides or {}).get("tasks", TASKS)
