@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import arrcoc
+from arrcoc.relevance import AdaptationConfig
 from arrcoc.data.toy_patches import coloured_patch_stream, toy_vit
 
 
@@ -54,6 +55,35 @@ def test_each_online_update_is_bounded(backbone):
         wrapped.adapt(coloured_patch_stream(16, g)[0])
         after = torch.cat([p.detach().flatten() for p in wrapped.relevance.parameters()])
         assert (after - before).norm() <= bound * (1 + 1e-5)
+
+
+def test_adam_updates_move_each_weight_a_bounded_step_and_help(backbone):
+    wrapped = arrcoc.attach(backbone, budget=0.25, adaptation=AdaptationConfig(optimizer="adam"))
+    assert wrapped.adaptation.lr == 3e-3  # the optimizer's own default step size
+    probe, _, where = coloured_patch_stream(200, torch.Generator().manual_seed(99))
+    frozen = ranking(wrapped, probe, where)
+    g = torch.Generator().manual_seed(3)
+    largest = 0.0
+    for _ in range(40):
+        before = torch.cat([p.detach().flatten().clone() for p in wrapped.relevance.parameters()])
+        wrapped.adapt(coloured_patch_stream(32, g)[0])
+        after = torch.cat([p.detach().flatten() for p in wrapped.relevance.parameters()])
+        largest = max(largest, (after - before).abs().max().item())
+    # Adam's step per weight is at most lr (1 - beta1) / sqrt(1 - beta2) ~ 3.16 lr (Kingma & Ba 2015, 2.1)
+    assert 0 < largest <= 3.2 * wrapped.adaptation.lr
+    assert ranking(wrapped, probe, where) >= frozen + 0.5
+    moments = wrapped._adaptation_optimizer[1]
+    wrapped.adaptation = AdaptationConfig(optimizer="adam", lr=1e-3)  # a new config starts afresh
+    wrapped.adapt(coloured_patch_stream(8, g)[0])
+    assert wrapped._adaptation_optimizer[1] is not moments
+
+
+@pytest.mark.parametrize("settings, message", [({"optimizer": "rmsprop"}, "'sgd' or 'adam'"),
+                                               ({"lr": -1.0}, "lr >= 0"), ({"max_grad_norm": 0.0}, "max_grad_norm"),
+                                               ({"target": "box"}, "perturbation' or 'attention")])
+def test_adaptation_config_refuses_bad_settings(settings, message):
+    with pytest.raises(ValueError, match=message):
+        AdaptationConfig(**settings)
 
 
 def test_rollback_restores_the_last_good_weights_exactly(backbone):

@@ -142,11 +142,21 @@ def test_held_out_phrasings_never_in_training(sources):
     assert not set(test.queries) & train_templates
 
 
+def clutter_ink(batch) -> float:
+    """Share of bright pixels outside the target's box: the clutter."""
+    centres = torch.arange(batch.images.shape[-1]).float() + 0.5
+    b = batch.boxes[:, :, None]
+    inside = (((centres >= b[:, 0]) & (centres < b[:, 2]))[:, None, :]
+              & ((centres >= b[:, 1]) & (centres < b[:, 3]))[:, :, None])
+    bright = batch.images.amax(1) > 0.6
+    return (bright & ~inside).float().mean().item()
+
+
 def test_shift_split_statistics_differ(sources, train):
     shift = cluttered_split("shift", 64, seed=3, sources=sources)
-    assert shift.images.mean() > train.images.mean() + 0.03  # brighter textures, more clutter
-    box_side = lambda b: (b[:, 2] - b[:, 0]).mean()  # noqa: E731
-    assert box_side(shift.boxes) < box_side(train.boxes)
+    assert clutter_ink(shift) > 2 * clutter_ink(train)  # 3x the fragments
+    box_height = lambda b: (b[:, 3] - b[:, 1]).mean()  # noqa: E731
+    assert box_height(shift.boxes) > box_height(train.boxes) + 1  # larger digits
     query_train = query_split("train", 64, seed=3, sources=sources)
     query_shift = query_split("shift", 64, seed=3, sources=sources)
     assert query_shift.images.mean() > query_train.images.mean() + 0.03

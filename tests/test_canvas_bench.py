@@ -45,7 +45,7 @@ def test_benchmark_runs_every_method_and_writes_results_report_and_plots(checkpo
         "variants": {"field: frozen": {"rules.field": {"name": "frozen"}},
                      "no participatory": {"participatory": False, "tasks": ["query"]}},
         "throughput": {"batch": 4, "repeats": 1}, "training_cost": {"batch": 4, "steps": 1},
-        "adaptation": {"stream_images": 8, "batch": 4, "target": "attention"},
+        "adaptation": {"stream_images": 8, "held_out": 8, "batch": 4, "budget": 0.25, "target": "attention"},
     }
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -70,6 +70,7 @@ def test_benchmark_runs_every_method_and_writes_results_report_and_plots(checkpo
     assert 0 <= adapted["oracle_shift"] <= 100
     assert set(adapted["coverage"]) == {"frozen", "teacher", "adapted"}
     assert all(0 <= c <= 100 for c in adapted["coverage"].values())
+    assert set(adapted["held_out_accuracy"]) == {"frozen", "online", "tent"} and adapted["budget"] == 0.25
     report = (out / "REPORT.md").read_text()
     assert "## Targets" in report and ("PASS" in report or "FAIL" in report)
     for plot in ("canvas_accuracy.png", "canvas_training_cost.png", "canvas_adaptation.png", "canvas_heatmaps.png"):
