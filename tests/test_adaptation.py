@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import arrcoc
-from arrcoc.relevance import AdaptationConfig
 from arrcoc.data.toy_patches import coloured_patch_stream, toy_vit
+from arrcoc.relevance import AdaptationConfig
 
 
 @pytest.fixture(scope="module")

@@ -271,7 +271,8 @@ def write_report(results: dict[str, Any], out: Path, report: Path) -> Path:
     settings = adapted["adaptation"]
     lines += ["## Online adaptation under a distribution shift", "",
               f"The cluttered shift split (3x the clutter fragments, larger digits) as a stream of "
-              f"{adapted['stream_images']} images in batches of {adapted['batch']}, budget {adapted['budget'] * 100:g}%; "
+              f"{adapted['stream_images']} images in batches of {adapted['batch']}, "
+              f"budget {adapted['budget'] * 100:g}%; "
               "prequential accuracy (each batch is predicted before the method adapts on it), then each adapted "
               f"model on {adapted['held_out']} shift canvases no method saw. ARR-COC adapts towards "
               f"{settings['target']} importance with {settings['optimizer']} (lr {settings['lr']:g}), guarded by its "
