@@ -5,11 +5,12 @@
     python demos/online_adaptation.py --smoke --out /tmp/d   # tiny sizes, seconds (what the tests run)
 
 What it shows: the relevance module learns with local rules on clean cluttered canvases (the committed canvas
-ViT, 25% of the patch tokens), then a stream of shifted canvases (other backgrounds, colours and scales)
-arrives. Each batch is predicted by the frozen module and by the adapting one before the adapting one runs
-``ARRCOC.adapt`` on it (no labels: the backbone's own attention is the target; bounded steps, rollback when
-its agreement with the full-token predictions falls). The labels only measure: the PNG plots the running
-accuracy of both over the stream, with rollbacks and probe rejections marked.
+ViT, 12.5% of the patch tokens), then a stream of shifted canvases (3x the clutter, larger digits) arrives.
+Each batch is predicted by the frozen module and by the adapting one before the adapting one runs
+``ARRCOC.adapt`` on it (no labels: the target is how much the backbone's full-token prediction changes when
+patches are dropped; Adam steps, rollback when its agreement with the full-token predictions falls). The
+labels only measure: the PNG plots the running accuracy of both over the stream, with rollbacks and probe
+rejections marked.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from arrcoc.bench.canvas import task_data, train_arrcoc
 from arrcoc.bench.common import save_json_atomic
 from arrcoc.bench.pretrain import load_canvas_vit
 from arrcoc.bench.reliability import adapting_copy
-from arrcoc.relevance import AdaptationConfig, RelevanceConfig
+from arrcoc.relevance import RelevanceConfig
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,10 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     steps, stream_images = (5, 64) if args.smoke else (200, 2048)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    config = RelevanceConfig(budget=0.25, target="box")
+    config = RelevanceConfig(budget=0.125, target="box")
     train = task_data("cluttered", "train", steps * 32, seed=100)
     frozen, _ = train_arrcoc(load_canvas_vit(), config, train, steps, batch_size=32, seed=0, learning="local")
-    adapting = adapting_copy(frozen, lr=AdaptationConfig.lr, target="attention")
+    adapting = adapting_copy(frozen, lr=3e-3, optimizer="adam", target="perturbation")
     if args.probe_images:
         probe = task_data("cluttered", "train", args.probe_images, seed=7).images
         reference = adapting.set_probe(probe)

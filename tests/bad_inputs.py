@@ -22,7 +22,7 @@ from torch import nn
 
 import arrcoc
 from arrcoc.data.toy_patches import toy_vit
-from arrcoc.relevance import ARRCOC, RelevanceConfig
+from arrcoc.relevance import ARRCOC, AdaptationConfig, RelevanceConfig
 from arrcoc.relevance.trainer import Batch, Trainer, TrainerConfig
 from arrcoc.rules import build_rule
 from arrcoc.rules.energy import Energy, relax
@@ -283,6 +283,13 @@ CASES: list[Case] = [
     Case("TrainerConfig", "epochs 0", lambda e: TrainerConfig(epochs=0), ValueError, (">= 1", "got 0")),
     Case("TrainerConfig", "schedule 'cosin'", lambda e: TrainerConfig(schedule="cosin"), ValueError,
          ("'cosine' or 'constant'", "got 'cosin'")),
+    Case("AdaptationConfig", "optimizer 'rmsprop'", lambda e: AdaptationConfig(optimizer="rmsprop"), ValueError,
+         ("'sgd' or 'adam'", "got 'rmsprop'")),
+    Case("AdaptationConfig", "lr -1", lambda e: AdaptationConfig(lr=-1.0), ValueError, ("lr >= 0", "lr=-1.0")),
+    Case("AdaptationConfig", "max_grad_norm 0", lambda e: AdaptationConfig(max_grad_norm=0.0), ValueError,
+         ("max_grad_norm > 0", "max_grad_norm=0.0")),
+    Case("AdaptationConfig", "target 'box' (needs labels)", lambda e: AdaptationConfig(target="box"), ValueError,
+         ("'perturbation' or 'attention'", "got 'box'")),
     # ---- rules ----------------------------------------------------------------------------------------------
     Case("arrcoc.rules.build_rule(config, subnet)", "a config that is a number",
          lambda e: build_rule(5, nn.Linear(2, 2)), ValueError, ("a name or a mapping with a 'name' key", "got 5")),
