@@ -89,8 +89,10 @@ def _allocation_share(a: dict[str, Any]) -> str:
     cover = a["coverage"]
     text = (f"Of the {lost:.1f} points lost, an allocation could give back at most {max(reachable, 0):.1f}: keeping "
             f"exactly the digit's patches (box oracle) reaches {a['oracle_shift']:.1f}% on the shift (all tokens "
-            f"{a['full_tokens_shift']:.1f}%), so {max(reachable, 0) / lost:.0%} of the loss is within reach of token "
-            f"allocation; the rest is the frozen backbone's. On the shift the frozen module keeps "
+            f"{a['full_tokens_shift']:.1f}%), so "
+            + (f"{max(reachable, 0) / lost:.0%} of the loss is within reach of token allocation; the rest is the "
+               "frozen backbone's." if reachable < lost else "all of the loss is within reach of token allocation.")
+            + f" On the shift the frozen module keeps "
             f"{cover['frozen']:.0f}% of the digit's patches, its label-free target ({a['target']}) "
             f"{cover['teacher']:.0f}%, and the module after adaptation {cover['adapted']:.0f}%.")
     if reachable <= 0:
@@ -293,7 +295,7 @@ def write_report(results: dict[str, Any], out: Path, report: Path) -> Path:
     return report
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m arrcoc.bench.canvas_report RESULTS.json [REPORT.md]: redraw from a run
     path = Path(sys.argv[1])
     data = json.loads(path.read_text())
-    print(write_report(data, path.parent, path.parent / "REPORT.md"))
+    print(write_report(data, path.parent, Path(sys.argv[2]) if len(sys.argv) > 2 else path.parent / "REPORT.md"))
