@@ -443,7 +443,7 @@ def adaptation(model: ARRCOC, stream_images: int, held_out: int, batch: int, bud
     model.adaptation = AdaptationConfig(**settings)
     frozen_state = copy.deepcopy(model.relevance.state_dict())
     result = {"budget": budget, "stream_images": stream_images, "held_out": held_out, "batch": batch,
-              "adaptation": vars(model.adaptation), "target": model.adaptation.target,
+              "adaptation": vars(model.adaptation),
               "test_accuracy": accuracy(lambda b: model(b.images), test),
               "full_tokens_shift": accuracy(lambda b: model.adapter(b.images), shift),
               "full_tokens_test": accuracy(lambda b: model.adapter(b.images), test),

@@ -93,7 +93,7 @@ def _allocation_share(a: dict[str, Any]) -> str:
             + (f"{max(reachable, 0) / lost:.0%} of the loss is within reach of token allocation; the rest is the "
                "frozen backbone's." if reachable < lost else "all of the loss is within reach of token allocation.")
             + f" On the shift the frozen module keeps "
-            f"{cover['frozen']:.0f}% of the digit's patches, its label-free target ({a['target']}) "
+            f"{cover['frozen']:.0f}% of the digit's patches, its label-free target ({a['adaptation']['target']}) "
             f"{cover['teacher']:.0f}%, and the module after adaptation {cover['adapted']:.0f}%.")
     if reachable <= 0:
         return text

@@ -54,6 +54,11 @@ class RelevanceMaps:
     kept: Tensor
 
 
+# online-update optimizers and their default step sizes
+ADAPTATION_OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], float]] = {
+    "sgd": (torch.optim.SGD, 0.05), "adam": (torch.optim.Adam, 3e-3)}
+
+
 @dataclass
 class AdaptationConfig:
     # sgd: plain SGD, so that |step| <= lr * max_grad_norm bounds the weight change of every update (the
@@ -84,18 +89,13 @@ class AdaptationConfig:
     def __post_init__(self) -> None:
         if self.target not in ("perturbation", "attention"):
             raise ValueError(f"adaptation target must be 'perturbation' or 'attention', got {self.target!r}")
-        default_lr = {"sgd": 0.05, "adam": 3e-3}
-        if self.optimizer not in default_lr:
+        if self.optimizer not in ADAPTATION_OPTIMIZERS:
             raise ValueError(f"adaptation optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.lr is None:
-            self.lr = default_lr[self.optimizer]
+            self.lr = ADAPTATION_OPTIMIZERS[self.optimizer][1]
         if not self.lr >= 0 or not self.max_grad_norm > 0:
             raise ValueError(f"adaptation needs lr >= 0 and max_grad_norm > 0, got lr={self.lr}, "
                              f"max_grad_norm={self.max_grad_norm}")
-
-    def make_optimizer(self, params) -> torch.optim.Optimizer:
-        kind = torch.optim.Adam if self.optimizer == "adam" else torch.optim.SGD
-        return kind(params, lr=self.lr)
 
 
 @dataclass
@@ -336,7 +336,7 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         if not rolled_back:
             target = self.relevance_target(images, kind=cfg.target)
             try:
-                self.learn(images, query, target=target, optimizer=self._adaptation_step(),
+                self.learn(images, query, target=target, optimizer=self._online_optimizer(),
                            max_grad_norm=cfg.max_grad_norm)
             except (RelaxationDiverged, NonFiniteUpdate) as error:  # nothing changed (fill_grads is all or nothing)
                 report.skipped = str(error)
@@ -355,12 +355,13 @@ class ARRCOC(LocalRuleLearner, nn.Module):
             report.probe_agreement = agrees.float().mean().item()
         return report
 
-    def _adaptation_step(self) -> torch.optim.Optimizer:
+    def _online_optimizer(self) -> torch.optim.Optimizer:
         """The optimizer of online updates: one per ``AdaptationConfig`` object (Adam's moments carry across
         calls; assigning a new config starts afresh), its step size following ``adaptation.lr``."""
         cfg = self.adaptation
         if self._adaptation_optimizer is None or self._adaptation_optimizer[0] is not cfg:
-            self._adaptation_optimizer = cfg, cfg.make_optimizer(self.relevance.parameters())
+            kind = ADAPTATION_OPTIMIZERS[cfg.optimizer][0]
+            self._adaptation_optimizer = cfg, kind(self.relevance.parameters(), lr=cfg.lr)
         optimizer = self._adaptation_optimizer[1]
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr
