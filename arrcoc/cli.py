@@ -12,17 +12,17 @@ BENCHMARKS = {
     "rules": "arrcoc.bench.rules_mnist",  # every learning rule on 5,000 real MNIST digits
     "alignment": "arrcoc.bench.alignment",  # energy-based rules vs. backprop as the nudge shrinks
     "throughput": "arrcoc.bench.throughput",  # token budgets vs. speed on timm ViTs
-    "sweep": "arrcoc.bench.sweep",  # the relevance module under a grid of rule assignments
+    "sweep": "arrcoc.commands.sweep",  # the relevance module under a grid of rule assignments (= arrcoc sweep)
     "vlm": "arrcoc.bench.vlm_prefill",  # LLaVA prefill time / memory vs. kept visual tokens
 }
 
 # command: (module with main(argv, prog), one-line summary); imported only when its command runs
 COMMANDS = {
-    "train": ("arrcoc.bench.train", "train the relevance module on a canvas task (checkpoint folder + metrics)"),
-    "eval": ("arrcoc.bench.evaluate", "accuracy, box coverage and speed of a checkpoint at several budgets"),
-    "adapt": ("arrcoc.bench.adapt", "online adaptation over a stream of images, frozen vs. adapting"),
-    "visualize": ("arrcoc.visualize", "relevance maps and kept patches of a checkpoint"),
-    "sweep": ("arrcoc.bench.sweep", "the rule-ablation grid of a sweep file (configs/sweep.yaml)"),
+    "train": ("arrcoc.commands.train", "train the relevance module on canvases or your own images"),
+    "eval": ("arrcoc.commands.evaluate", "accuracy, box coverage and speed of a checkpoint at several budgets"),
+    "adapt": ("arrcoc.commands.adapt", "online adaptation over a stream of images, frozen vs. adapting"),
+    "visualize": ("arrcoc.commands.visualize", "relevance maps and kept patches of a checkpoint"),
+    "sweep": ("arrcoc.commands.sweep", "the rule-ablation grid of a sweep file (configs/sweep.yaml)"),
 }
 
 EXAMPLES = """examples:

@@ -1,4 +1,4 @@
-"""Pictures of what ARR-COC keeps, per image and query: ``arrcoc visualize`` and the functions behind it.
+"""Pictures of what ARR-COC keeps, per image and query (the command is :mod:`arrcoc.commands.visualize`).
 
 Three figures (matplotlib, Agg, PNG), one row or column per query:
 
@@ -18,7 +18,6 @@ In Python: ``explain(model, image, queries)``, then ``overlay_figure`` / ``ways_
 
 from __future__ import annotations
 
-import argparse
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from einops import rearrange, repeat
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -38,9 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from arrcoc.backbones.tiers import MERGED, NORMAL, REFINED
-from arrcoc.bench.common import find_config
-from arrcoc.bench.pretrain import load_canvas_vit, load_trained_arrcoc
-from arrcoc.data import COLORS, POSITIONS, QueryBatch, TextEncoder, query_split
+from arrcoc.data import COLORS, POSITIONS, QueryBatch, query_split
 from arrcoc.relevance import ARRCOC
 
 __all__ = [
@@ -48,7 +44,6 @@ __all__ = [
     "Explanation",
     "answer",
     "canvas_queries",
-    "check_budget",
     "demo_canvases",
     "dim_factors",
     "explain",
@@ -56,11 +51,9 @@ __all__ = [
     "image_tensor",
     "kept_mask",
     "load_image",
-    "main",
     "outline_segments",
     "overlay_figure",
     "queries_figure",
-    "save_figure",
     "ways_of_knowing_figure",
 ]
 
@@ -348,13 +341,6 @@ def queries_figure(images: Sequence[Sequence[Explanation]], title: str | None = 
     return fig
 
 
-def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return path
-
-
 def figure_image(fig: Figure, dpi: int = 100) -> np.ndarray:
     """(H, W, 3) uint8 RGB rendering of ``fig``."""
     fig.set_dpi(dpi)
@@ -375,15 +361,6 @@ def canvas_queries(canvases: QueryBatch, index: int, digits: int = 2) -> list[st
     colors = list(COLORS)  # ``slot_colors`` index the default QueryConfig colours, COLORS' order
     return ([f"which digit is {colors[int(canvases.slot_colors[index, s])]}?" for s in slots]
             + [f"what number is in the {POSITIONS[s]}?" for s in slots])
-
-
-def pick_canvas(index: int) -> tuple[Tensor, list[str]]:
-    """Embedded query test canvas ``index`` and its questions."""
-    canvases = demo_canvases()
-    if not 0 <= index < len(canvases):
-        raise ValueError(f"canvas must be an index from 0 to {len(canvases) - 1} (the embedded query test "
-                         f"canvases), got {index}")
-    return canvases.images[index], canvas_queries(canvases, index)
 
 
 def image_tensor(image: Image.Image, size: tuple[int, int], name: str = "image") -> tuple[Tensor, str | None]:
@@ -407,116 +384,3 @@ def load_image(path: str | Path, size: tuple[int, int]) -> tuple[Tensor, str | N
             return image_tensor(image, size, path.name)
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"{path} is not a readable image (expected a PNG, JPEG, BMP, ... file): {err}") from err
-
-
-def check_budget(budget: float, num_patches: int) -> float | int:
-    """A budget as the model takes it: a fraction in (0, 1] or a whole count of patch tokens up to
-    ``num_patches``."""
-    if 0 < budget <= 1:
-        return float(budget)
-    if float(budget).is_integer() and 1 < budget <= num_patches:
-        return int(budget)
-    raise ValueError(f"budget must be a fraction in (0, 1] or a whole number of patch tokens from 1 to "
-                     f"{num_patches}, got {budget:g}")
-
-
-# ---- command -------------------------------------------------------------------------------------------
-DEFAULT_CONFIG = "configs/visualize.yaml"
-SETTINGS = ("checkpoint", "backbone", "canvas", "queries", "budget", "out")
-
-
-def load_settings(path: str | Path) -> dict:
-    """The defaults of ``arrcoc visualize`` from a YAML file of ``SETTINGS`` keys (all optional)."""
-    settings = yaml.safe_load(find_config(path).read_text()) or {}
-    if not isinstance(settings, dict):
-        raise ValueError(f"{path} must be a YAML mapping of {list(SETTINGS)}, got {type(settings).__name__}")
-    unknown = sorted(set(settings) - set(SETTINGS))
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; known: {list(SETTINGS)}")
-    return settings
-
-
-def load_model(checkpoint: str | Path | None, backbone: str | Path | None) -> ARRCOC:
-    """``checkpoint`` (a ``save_pretrained`` folder) on the canvas ViT ``backbone``, with the MiniLM text encoder;
-    without a checkpoint, the canvas benchmark's query-task model."""
-    if checkpoint is None:
-        return load_trained_arrcoc("query", backbone=backbone)
-    if not (Path(checkpoint) / "config.json").is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} is not an ARR-COC checkpoint folder (expected the "
-                                "config.json and weights that ARRCOC.save_pretrained writes)")
-    return ARRCOC.from_pretrained(checkpoint, load_canvas_vit(backbone), text_encoder=TextEncoder())
-
-
-def parser() -> argparse.ArgumentParser:
-    described = argparse.ArgumentParser(
-        prog="arrcoc visualize",
-        description="Draw what ARR-COC keeps for an image under one or more text queries: writes overlay.png "
-                    "(relevance and the budget over the image), ways_of_knowing.png (the three ways of knowing "
-                    "and the balanced relevance) and queries.png (one column per query).",
-        epilog=f"Defaults come from --config ({DEFAULT_CONFIG}: keys {', '.join(SETTINGS)}); options given "
-               "here override them.",
-    )
-    described.add_argument("--config", default=DEFAULT_CONFIG,
-                           help=f"YAML of defaults for the options below (default {DEFAULT_CONFIG})")
-    source = described.add_mutually_exclusive_group()
-    source.add_argument("--image", type=Path, help="an image file (resized to the backbone's input size)")
-    source.add_argument("--canvas", type=int,
-                        help=f"index of an embedded query test canvas, 0-{DEMO_CANVASES - 1}, used without --image")
-    # the config's `queries` stay a separate default: argparse would append --query to a list default
-    described.add_argument("--query", action="append",
-                           help="a text query; repeat for several (default: the config's queries, else for a "
-                                "canvas its own questions, for an image no query)")
-    described.add_argument("--budget", type=float,
-                           help="patch tokens kept: a fraction in (0, 1] or a count (default: the checkpoint's)")
-    described.add_argument("--checkpoint", type=Path,
-                           help="ARR-COC folder written by save_pretrained (default: the canvas benchmark's query "
-                                "model, benchmarks/results/models/query)")
-    described.add_argument("--backbone", type=Path,
-                           help="canvas ViT .safetensors the checkpoint runs on (default: the committed one)")
-    described.add_argument("--out", type=Path, help="output folder (default runs/visualize)")
-    return described
-
-
-def main(argv: list[str] | None = None) -> dict[str, Path]:
-    """``arrcoc visualize``: writes the three figures and returns their paths by kind."""
-    command = parser()
-    known, _ = command.parse_known_args(argv)
-    try:
-        command.set_defaults(**{"out": "runs/visualize", "queries": [], **load_settings(known.config)})
-    except (FileNotFoundError, ValueError) as err:
-        command.error(str(err))
-    args = command.parse_args(argv)
-    try:
-        return visualize(args)
-    except (FileNotFoundError, ValueError) as err:  # bad input: a message, not a traceback
-        command.error(str(err))
-
-
-def visualize(args: argparse.Namespace) -> dict[str, Path]:
-    model = load_model(args.checkpoint, args.backbone)
-    if args.budget is not None:
-        model.set_budget(check_budget(args.budget, model.adapter.grid().num_patches))
-    if args.image is not None:
-        image, note = load_image(args.image, model.adapter.image_size)
-        if note:
-            print(f"note: {note}")
-        queries = args.query or args.queries or [None]
-    else:
-        image, asked = pick_canvas(args.canvas or 0)
-        queries = args.query or args.queries or asked
-    explanations = explain(model, image, queries)
-    answers = [answer(model, image, query) for query in queries]
-    for explanation, result in zip(explanations, answers):
-        print(f"{explanation.caption}: {result}")
-    out = Path(args.out)
-    figures = {"overlay": overlay_figure(explanations, answers),
-               "ways_of_knowing": ways_of_knowing_figure(explanations),
-               "queries": queries_figure([explanations])}
-    paths = {kind: save_figure(fig, out / f"{kind}.png") for kind, fig in figures.items()}
-    for kind, path in paths.items():
-        print(f"wrote {kind.replace('_', ' ')}: {path}")
-    return paths
-
-
-if __name__ == "__main__":
-    main()

@@ -20,16 +20,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from arrcoc.commands.visualize import load_model
 from arrcoc.relevance import ARRCOC
 from arrcoc.visualize import (
     answer,
     canvas_queries,
-    check_budget,
     demo_canvases,
     explain,
     figure_image,
     image_tensor,
-    load_model,
     overlay_figure,
     ways_of_knowing_figure,
 )
@@ -60,7 +59,7 @@ def relevance_views(model: ARRCOC, image: np.ndarray, query: str, tokens: int
         raise ValueError("no image: upload one or pick an embedded canvas")
     pixels, note = image_tensor(Image.fromarray(np.asarray(image, dtype=np.uint8)), model.adapter.image_size)
     total = model.adapter.grid().num_patches
-    model.set_budget(check_budget(tokens / total, total))  # a fraction: a count of 1 would read as "all"
+    model.budget = int(tokens)  # a count of patch tokens (arrcoc.budget): all of them runs the model unmodified
     query = query.strip() or None
     explanations = explain(model, pixels, [query])
     result = answer(model, pixels, query)

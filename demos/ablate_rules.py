@@ -16,19 +16,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from arrcoc.bench.canvas import accuracy, selection_metrics, task_data, train_arrcoc
-from arrcoc.bench.common import config_file, format_table, save_json_atomic
-from arrcoc.bench.pretrain import load_canvas_vit
-from arrcoc.bench.sweep import parse_override
-from arrcoc.bench.train import load_relevance_config
+from arrcoc.config import config_file, parse_override
+from arrcoc.data.tasks import task_data
+from arrcoc.metrics import accuracy, selection_metrics
+from arrcoc.models.canvas_vit import load_canvas_vit
+from arrcoc.relevance import RelevanceConfig
+from arrcoc.reporting import format_table, pyplot, save_figure
+from arrcoc.storage import save_json_atomic
+from arrcoc.training import train_arrcoc
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = [row["rules"] for row in rows]
     fig, axes = plt.subplots(1, 3, figsize=(11, 2.2 + 0.3 * len(rows)))
     for ax, key, label in zip(axes, ("accuracy", "box_coverage", "step_ms"),
@@ -38,9 +37,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.invert_yaxis()
     for ax in axes[1:]:
         ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     test = task_data("cluttered", "test", test_images, seed=1)
     rows = []
     for name, changes in (("default", []), (", ".join(f"{k}={v}" for k, v in overrides), overrides)):
-        config = load_relevance_config(args.config, [("target", "box"), *changes], budget=0.25)
+        config = RelevanceConfig.from_yaml(args.config, [("target", "box"), *changes], budget=0.25)
         model, step_ms = train_arrcoc(backbone, config, train, steps, batch_size=32, seed=0, learning="local")
         rows.append({"rules": name, "accuracy": accuracy(lambda b, m=model: m(b.images), test),
                      "box_coverage": selection_metrics(model, test)["box_coverage"], "step_ms": step_ms})

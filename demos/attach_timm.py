@@ -23,11 +23,13 @@ import timm
 import torch
 
 import arrcoc
-from arrcoc.bench.canvas import task_data, train_arrcoc
-from arrcoc.bench.common import format_table, save_json_atomic
-from arrcoc.bench.evaluate import COLUMNS, evaluate, plot_budgets, speed_at_budgets
-from arrcoc.bench.pretrain import load_canvas_vit
+from arrcoc.commands.evaluate import COLUMNS, evaluate, plot_budgets, speed_at_budgets
+from arrcoc.data.tasks import task_data
+from arrcoc.models.canvas_vit import load_canvas_vit
 from arrcoc.relevance import RelevanceConfig
+from arrcoc.reporting import format_table
+from arrcoc.storage import save_json_atomic
+from arrcoc.training import train_arrcoc
 
 BUDGETS = [1.0, 0.5, 0.25, 0.125]
 

@@ -23,10 +23,12 @@ import torch.nn.functional as F
 from transformers import ViTConfig, ViTForImageClassification
 
 import arrcoc
-from arrcoc.bench.canvas import TaskData, task_data, train_arrcoc
-from arrcoc.bench.common import format_table, save_json_atomic
-from arrcoc.bench.evaluate import evaluate, plot_budgets
+from arrcoc.commands.evaluate import evaluate, plot_budgets
+from arrcoc.data.tasks import TaskData, task_data
 from arrcoc.relevance import RelevanceConfig
+from arrcoc.reporting import format_table
+from arrcoc.storage import save_json_atomic
+from arrcoc.training import train_arrcoc
 
 BUDGETS = [1.0, 0.5, 0.25, 0.125]
 # initializer_range 0.3 instead of 0.02: at 0.02 the random model gives every canvas the same class (measured),

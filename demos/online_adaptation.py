@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from arrcoc.bench.adapt import plot_stream, prequential, summarize
-from arrcoc.bench.canvas import task_data, train_arrcoc
-from arrcoc.bench.common import save_json_atomic
-from arrcoc.bench.pretrain import load_canvas_vit
-from arrcoc.bench.reliability import adapting_copy
-from arrcoc.relevance import RelevanceConfig
+from arrcoc.commands.adapt import plot_stream, prequential, summarize
+from arrcoc.data.tasks import task_data
+from arrcoc.models.canvas_vit import load_canvas_vit
+from arrcoc.relevance import AdaptationConfig, RelevanceConfig
+from arrcoc.storage import save_json_atomic
+from arrcoc.training import train_arrcoc
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     config = RelevanceConfig(budget=0.125, target="box")
     train = task_data("cluttered", "train", steps * 32, seed=100)
     frozen, _ = train_arrcoc(load_canvas_vit(), config, train, steps, batch_size=32, seed=0, learning="local")
-    adapting = adapting_copy(frozen, lr=3e-3, optimizer="adam", target="perturbation")
+    adapting = frozen.fork(AdaptationConfig(lr=3e-3, optimizer="adam", target="perturbation"))
     if args.probe_images:
         probe = task_data("cluttered", "train", args.probe_images, seed=7).images
         reference = adapting.set_probe(probe)

@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from arrcoc.visualize import answer, explain, load_model, pick_canvas, queries_figure, save_figure
+from arrcoc.commands.visualize import load_model, pick_canvas
+from arrcoc.reporting import save_figure
+from arrcoc.visualize import answer, explain, queries_figure
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -17,11 +17,14 @@ from typing import Any
 
 import timm
 import torch
-import yaml
+from PIL import Image
+from safetensors.torch import save_file
 from torch import nn
 
 import arrcoc
-from arrcoc.data.toy_patches import toy_vit
+from arrcoc.data.image_folder import read_image_folder
+from arrcoc.models.pretrained import load_backbone
+from arrcoc.models.toy_vit import toy_vit
 from arrcoc.relevance import ARRCOC, AdaptationConfig, RelevanceConfig
 from arrcoc.relevance.trainer import Batch, Trainer, TrainerConfig
 from arrcoc.rules import build_rule
@@ -82,6 +85,10 @@ def _edit_trainer_state(env: Env, key: str, value: Any) -> None:
     state.write_text(json.dumps(meta))
 
 
+def _overwrite_tail(path: Path, tail: bytes) -> None:
+    path.write_bytes(path.read_bytes()[:-len(tail)] + tail)
+
+
 def _pickle_as_weights(env: Env) -> None:
     """A pickle that would run code if unpickled, named as the weights, with a matching checksum."""
     import hashlib
@@ -109,6 +116,58 @@ class _Quadratic(Energy):
         return states[0]
 
 
+def _blank(image: Image.Image) -> torch.Tensor:
+    """A preprocessing that ignores the image (the folder's errors come before any pixel matters)."""
+    return torch.zeros(3, 8, 8)
+
+
+def _files(env: Env, names: list[str]) -> Path:
+    """``<dir>/photos`` holding ``names``: an 8x8 image for each .png, text (not an image) for anything else."""
+    folder = env.dir / "photos"
+    for name in names:
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".png"):
+            Image.new("RGB", (8, 8)).save(path)
+        else:
+            path.write_text("not an image")
+    return folder
+
+
+def _tiny_timm_weights(env: Env) -> Path:
+    path = env.dir / "vit.safetensors"
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=1, num_heads=2, num_classes=3)
+    save_file(model.state_dict(), str(path))
+    return path
+
+
+def _pickle_weights(env: Env) -> Path:
+    """A .pth that would run code if unpickled."""
+    import pickle
+
+    class Exploit:
+        def __reduce__(self):
+            return (Path.write_text, (env.dir / "pwned", "code ran"))
+
+    path = env.dir / "vit.pth"
+    path.write_bytes(pickle.dumps(Exploit(), protocol=2))
+    return path
+
+
+def _mismatched_transformers_folder(env: Env) -> Path:
+    """A transformers ViT folder whose config.json says width 48 while its weights are 32 wide."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    folder = env.dir / "vit"
+    sizes = {"image_size": 32, "patch_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "intermediate_size": 64, "num_labels": 3}
+    ViTForImageClassification(ViTConfig(hidden_size=32, **sizes)).save_pretrained(folder)
+    ViTConfig(hidden_size=48, architectures=["ViTForImageClassification"], **sizes).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
 @dataclass(frozen=True)
 class Case:
     entry: str  # the public entry point
@@ -123,6 +182,8 @@ def _fixed_size_vit() -> nn.Module:
                              depth=1, num_heads=2, num_classes=10)
 
 
+FOLDER = "arrcoc.data.image_folder.read_image_folder(root, preprocess) (arrcoc train / eval --images)"
+BACKBONE = "arrcoc.models.pretrained.load_backbone(name_or_dir, weights) (arrcoc train / eval --backbone --weights)"
 FORWARD = "ARRCOC(images, query) (also relevance_map, learn, adapt, set_probe)"
 ATTACH = "arrcoc.attach(model, budget, config) / RelevanceConfig"
 CASES: list[Case] = [
@@ -169,12 +230,16 @@ CASES: list[Case] = [
     # ---- attach and configuration ---------------------------------------------------------------------------
     Case(ATTACH, "an nn.Linear as backbone", lambda e: arrcoc.attach(nn.Linear(2, 2)), TypeError,
          ("supported families", "torch.nn.modules.linear.Linear")),
-    Case(ATTACH, "budget 0", lambda e: e.model(budget=0), ValueError, ("fraction in (0, 1]", "got 0")),
-    Case(ATTACH, "budget -1", lambda e: e.model(budget=-1), ValueError, ("fraction in (0, 1]", "got -1")),
+    Case(ATTACH, "budget 0", lambda e: e.model(budget=0), ValueError, ("count budget must be >= 1", "got 0")),
+    Case(ATTACH, "budget -1", lambda e: e.model(budget=-1), ValueError, ("count budget must be >= 1", "got -1")),
     Case(ATTACH, "budget 1.5 (neither a fraction nor a count)", lambda e: e.model(budget=1.5), ValueError,
-         ("whole token count >= 1", "got 1.5")),
-    Case(ATTACH, "budget NaN", lambda e: e.model(budget=float("nan")), ValueError, ("fraction in (0, 1]", "got nan")),
-    Case(ATTACH, "budget 'half'", lambda e: e.model(budget="half"), TypeError, ("must be a number", "'half'")),
+         ("budget ratio must be in (0, 1]", "got 1.5")),
+    Case(ATTACH, "budget 2.0 (a count given as a float)", lambda e: e.model(budget=2.0), ValueError,
+         ("budget ratio must be in (0, 1]", "give the int 2")),
+    Case(ATTACH, "budget NaN", lambda e: e.model(budget=float("nan")), ValueError,
+         ("budget ratio must be in (0, 1]", "got nan")),
+    Case(ATTACH, "budget 'half'", lambda e: e.model(budget="half"), TypeError,
+         ("a ratio (float in (0, 1]) or a token count (int >= 1)", "'half'")),
     Case(ATTACH, "config that is a list", lambda e: arrcoc.attach(toy_vit(), config=[0.25]), TypeError,
          ("RelevanceConfig or a dict", "got list")),
     Case(ATTACH, "config key typo 'budgett'", lambda e: e.model(budgett=0.5), KeyError, ("known keys", "'budgett'")),
@@ -215,7 +280,7 @@ CASES: list[Case] = [
          ("use rules.participatory {name: contrastive-hebbian}", "infonce-hebbian contrasts the batch")),
     # ---- YAML -----------------------------------------------------------------------------------------------
     Case("RelevanceConfig.from_yaml(path)", "a missing file", lambda e: RelevanceConfig.from_yaml(e.dir / "no.yaml"),
-         FileNotFoundError, ("No such file", "no.yaml")),
+         FileNotFoundError, ("config file", "no.yaml' not found")),
     Case("RelevanceConfig.from_yaml(path)", "a YAML list instead of a mapping",
          lambda e: RelevanceConfig.from_yaml(e.yaml("- 0.25\n")), ValueError, ("mapping of keys", "got list")),
     Case("RelevanceConfig.from_yaml(path)", "a key typo in the YAML",
@@ -223,7 +288,7 @@ CASES: list[Case] = [
          ("known keys", "'budgett'")),
     Case("RelevanceConfig.from_yaml(path)", "a Python tag (never constructed, nothing runs)",
          lambda e: RelevanceConfig.from_yaml(e.yaml("relevance: !!python/object/apply:os.system ['touch pwned']\n")),
-         yaml.constructor.ConstructorError, ("could not determine a constructor", "python/object/apply:os.system")),
+         ValueError, ("is not valid YAML: could not determine a constructor", "python/object/apply:os.system")),
     # ---- learning -------------------------------------------------------------------------------------------
     Case("ARRCOC.learn / fill_grads", "a (2, 5) target for 2 images of 16 patches",
          lambda e: e.model().learn(e.images, target=torch.rand(2, 5)), ValueError,
@@ -254,8 +319,8 @@ CASES: list[Case] = [
          lambda e: (e.weights().unlink(), ARRCOC.from_pretrained(e.dir / "ckpt", toy_vit())), FileNotFoundError,
          ("named in", "is missing")),
     Case("ARRCOC.from_pretrained(dir, model)", "8 bytes of the weights overwritten",
-         lambda e: (e.weights().write_bytes(e.weights().read_bytes()[:-8] + b"garbage!"),
-                    ARRCOC.from_pretrained(e.dir / "ckpt", toy_vit())), ValueError,
+         lambda e: (_overwrite_tail(e.weights(), b"garbage!"), ARRCOC.from_pretrained(e.dir / "ckpt", toy_vit())),
+         ValueError,
          ("does not match the checksum", "corrupted or replaced")),
     Case("ARRCOC.from_pretrained(dir, model)", "a malicious pickle as weights, checksum updated (never unpickled)",
          lambda e: (_pickle_as_weights(e), ARRCOC.from_pretrained(e.dir / "ckpt", toy_vit())), ValueError,
@@ -301,6 +366,35 @@ CASES: list[Case] = [
     Case("arrcoc.rules.energy.relax(model, x, ...)", "a target without a nudge (beta 0)",
          lambda e: relax(_Quadratic(nn.Linear(1, 1)), torch.zeros(1, 2), target=torch.zeros(1, 2)), ValueError,
          ("needs beta != 0", "target given")),
+    # ---- your own images and backbone (arrcoc train / eval --images DIR --backbone NAME_OR_DIR) ----------------
+    Case(FOLDER, "a folder that does not exist", lambda e: read_image_folder(e.dir / "nowhere", _blank),
+         FileNotFoundError, ("one sub-folder of images per class", "nowhere does not exist")),
+    Case(FOLDER, "images but no class sub-folders", lambda e: read_image_folder(_files(e, ["a.png"]), _blank),
+         ValueError, ("one sub-folder of images per class", "has no class sub-folders")),
+    Case(FOLDER, "a class folder whose only image cannot be decoded",
+         lambda e: read_image_folder(_files(e, ["cat/1.png", "dog/1.jpg"]), _blank), ValueError,
+         ("expected image files", "photos/dog'] hold no readable image")),
+    Case(BACKBONE, "an unknown timm name 'vit_tiny_patch16'", lambda e: load_backbone("vit_tiny_patch16"), ValueError,
+         ("timm.list_models", "'vit_tiny_patch16' is neither a folder nor a timm model name")),
+    Case(BACKBONE, "a weights file that does not exist",
+         lambda e: load_backbone("vit_tiny_patch16_224", e.dir / "vit.safetensors"), FileNotFoundError,
+         ("expected a .safetensors, .pth or .pt file", "vit.safetensors not found")),
+    Case(BACKBONE, "weights in a .npz file",
+         lambda e: load_backbone("vit_tiny_patch16_224", _files(e, ["vit.npz"]) / "vit.npz"), ValueError,
+         (".safetensors, .pth or .pt file", "got vit.npz")),
+    Case(BACKBONE, "weights of a 32-wide 1-block ViT for the default vit_tiny_patch16_224",
+         lambda e: load_backbone("vit_tiny_patch16_224", _tiny_timm_weights(e)), ValueError,
+         ("do not fit timm vit_tiny_patch16_224", "cls_token: model (1, 1, 192) vs file (1, 1, 32)")),
+    Case(BACKBONE, "a malicious pickle as .pth weights (never unpickled)",
+         lambda e: load_backbone("vit_tiny_patch16_224", _pickle_weights(e)), ValueError,
+         ("not a plain PyTorch state dict", "Unsupported global")),
+    Case(BACKBONE, "a folder without config.json", lambda e: load_backbone(e.dir), FileNotFoundError,
+         ("not a transformers model folder", "no config.json")),
+    Case(BACKBONE, "a transformers folder whose weights do not fit its config.json (width 32 vs 48)",
+         lambda e: load_backbone(_mismatched_transformers_folder(e)), ValueError,
+         ("do not fit the ViTForImageClassification its config.json describes", "model (3, 48) vs file (3, 32)")),
+    Case(BACKBONE, "an unsupported architecture (timm resnet18)", lambda e: load_backbone("resnet18"), TypeError,
+         ("supported families", "timm.models.resnet.ResNet")),
 ]
 
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import arrcoc
-from arrcoc.data.toy_patches import coloured_patch_stream, toy_vit
+from arrcoc.data.toy_patches import coloured_patch_stream
+from arrcoc.models.toy_vit import toy_vit
 from arrcoc.relevance import AdaptationConfig
 
 
@@ -72,10 +73,10 @@ def test_adam_updates_move_each_weight_a_bounded_step_and_help(backbone):
     # Adam's step per weight is at most lr (1 - beta1) / sqrt(1 - beta2) ~ 3.16 lr (Kingma & Ba 2015, 2.1)
     assert 0 < largest <= 3.2 * wrapped.adaptation.lr
     assert ranking(wrapped, probe, where) >= frozen + 0.5
-    moments = wrapped._adaptation_optimizer[1]
+    moments = wrapped.online.optimizer
     wrapped.adaptation = AdaptationConfig(optimizer="adam", lr=1e-3)  # a new config starts afresh
     wrapped.adapt(coloured_patch_stream(8, g)[0])
-    assert wrapped._adaptation_optimizer[1] is not moments
+    assert wrapped.online.optimizer is not moments
 
 
 def test_rollback_restores_the_last_good_weights_exactly(backbone):

@@ -5,9 +5,10 @@ it never falls more than a point below the frozen module's, and every step stays
 import pytest
 import torch
 
-from arrcoc.bench.pretrain import DEFAULT_CHECKPOINT
-from arrcoc.bench.reliability import ReliabilityConfig, adapting_copy, frozen_module, run_stream
+from arrcoc.bench.reliability import ReliabilityConfig, frozen_module, run_stream
 from arrcoc.data.canvas import cluttered_split
+from arrcoc.models.canvas_vit import DEFAULT_CHECKPOINT
+from arrcoc.relevance import AdaptationConfig
 
 CONFIG = ReliabilityConfig(stream_images=80, batch_size=16, pretrain_images=128, probe_images=96, eval_images=200,
                            eval_every=1)
@@ -25,13 +26,13 @@ def setting():
 
 def test_without_the_guard_the_fault_costs_clean_accuracy(setting):
     frozen, probe, evaluation = setting
-    run = run_stream(adapting_copy(frozen, AGGRESSIVE_LR), "noise", False, probe, evaluation, CONFIG)
+    run = run_stream(frozen.fork(AdaptationConfig(lr=AGGRESSIVE_LR)), "noise", False, probe, evaluation, CONFIG)
     assert run["summary"]["worst_drop_points"] > 1.0  # the fault is real
 
 
 def test_with_the_guard_clean_accuracy_never_falls_more_than_a_point(setting):
     frozen, probe, evaluation = setting
-    run = run_stream(adapting_copy(frozen, AGGRESSIVE_LR), "noise", True, probe, evaluation, CONFIG)
+    run = run_stream(frozen.fork(AdaptationConfig(lr=AGGRESSIVE_LR)), "noise", True, probe, evaluation, CONFIG)
     summary = run["summary"]
     assert summary["worst_drop_points"] <= 1.0, run["trajectory"]["accuracy"]
     assert summary["probe_rejections"] > 0  # the guard did the work

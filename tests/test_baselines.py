@@ -8,23 +8,20 @@ from test_backbones import build, images
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from arrcoc.backbones import (
+from arrcoc.backbones import FUSED, PatchGrid, TokenSet, adapt_backbone
+from arrcoc.baselines import (
     BASELINES,
-    FUSED,
     GridScorer,
-    PatchGrid,
-    TokenSet,
     ToMe,
     TopK,
-    adapt_backbone,
     ats_scores,
     cls_attention_scores,
     equal_compute_baseline,
     make_baseline,
-    num_kept,
     run_reduced,
     tokens_per_block,
 )
+from arrcoc.budget import num_kept
 
 ATTENTION_FAMILIES = ["timm-vit-eager", "timm-deit3-layerscale-reg-qknorm", "hf-vit-cls", "hf-dinov2-registers"]
 

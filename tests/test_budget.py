@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from arrcoc.backbones import FUSED, TokenSet, bipartite_merge, keep_top_k, num_kept, select, top_k
+from arrcoc.backbones import FUSED, TokenSet, bipartite_merge, keep_top_k, select, top_k
+from arrcoc.budget import num_kept
 
 B, P, T, D = 3, 2, 16, 8
 
@@ -30,7 +31,7 @@ def test_num_kept_from_ratio_or_count(budget: float | int, k: int) -> None:
         (0.0, ValueError, r"ratio must be in \(0, 1\], got 0.0"),
         (1.5, ValueError, r"ratio must be in \(0, 1\], got 1.5"),
         (-0.2, ValueError, r"\(0, 1\]"),
-        (0, ValueError, r"K must be in \[1, 16\].*got 0"),
+        (0, ValueError, r"count budget must be >= 1, got 0"),
         (17, ValueError, r"K must be in \[1, 16\].*got 17"),
         (True, TypeError, "ratio"),
         ("half", TypeError, "ratio"),
@@ -175,3 +176,55 @@ def test_attention_bias_is_log_size() -> None:
     assert bias.shape == (B, 1, 1, P + T)
     assert torch.allclose(bias.exp()[:, 0, 0], s.size)
     assert state().attention_bias() is None
+
+
+# ---- the budget: one definition (arrcoc.budget) ----------------------------------------------------------
+def test_a_budget_is_a_ratio_or_a_count_and_int_one_is_one_token():
+    from arrcoc.budget import check_budget, keeps_all
+
+    assert num_kept(1, 16) == 1  # a count of one token, not "all"
+    assert num_kept(1.0, 16) == 16 and keeps_all(1.0, 16)
+    assert num_kept(16, 16) == 16 and keeps_all(16, 16)
+    assert num_kept(0.25, 16) == 4 and not keeps_all(0.25, 16)
+    assert num_kept(0.01, 16) == 1  # a ratio keeps at least one token
+    with pytest.raises(ValueError, match=r"\[1, 16\]"):
+        num_kept(17, 16)
+    with pytest.raises(ValueError, match="give the int 2"):
+        check_budget(2.0)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        check_budget(0.0)
+    with pytest.raises(TypeError, match="ratio"):
+        check_budget(True)
+
+
+def test_attached_model_budget_int_one_keeps_one_token_and_float_one_is_the_identity():
+    import arrcoc
+    from arrcoc.models.toy_vit import toy_vit
+
+    backbone = toy_vit()
+    images = torch.rand(2, 3, 32, 32)
+    one = arrcoc.attach(backbone, budget=1)
+    assert one.budget == 1 and one.relevance_map(images).kept.shape == (2, 1)
+    assert not torch.equal(one(images), backbone(images))
+    assert torch.equal(arrcoc.attach(backbone, budget=1.0)(images), backbone(images))
+    assert torch.equal(arrcoc.attach(backbone, budget=16)(images), backbone(images))  # every one of 16 patches
+
+
+def test_assigning_model_budget_applies_it_or_raises_and_changes_nothing():
+    import arrcoc
+    from arrcoc.models.toy_vit import toy_vit
+
+    model = arrcoc.attach(toy_vit(), budget=0.25)
+    images = torch.rand(2, 3, 32, 32)
+    model.budget = 0.5
+    assert model.config.budget == 0.5 and model.relevance.field.budget == 0.5
+    assert model.relevance_map(images).kept.shape == (2, 8)
+    model.budget = 3
+    assert model.relevance_map(images).kept.shape == (2, 3)
+    for bad, error in ((1.5, ValueError), (0, ValueError), ("half", TypeError)):
+        with pytest.raises(error):
+            model.budget = bad
+        assert model.budget == 3
+    with pytest.raises(ValueError, match=r"\[1, 16\]"):
+        model.budget = 17
+        model(images)  # a count beyond the grid: refused when the grid is known

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from arrcoc.backbones import adapt_backbone
-from arrcoc.bench.pretrain import CanvasViTConfig, build_canvas_vit, load_canvas_vit, save_canvas_vit
 from arrcoc.data import (
     COLORS,
     POSITIONS,
@@ -21,6 +20,7 @@ from arrcoc.data import (
     query_phrasings,
     query_split,
 )
+from arrcoc.models.canvas_vit import CanvasViTConfig, build_canvas_vit, load_canvas_vit, save_canvas_vit
 
 torch.set_num_threads(1)
 TINY = CanvasViTConfig(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)

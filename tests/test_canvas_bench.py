@@ -7,9 +7,9 @@ import yaml
 
 from arrcoc.bench import canvas
 from arrcoc.bench.canvas_report import targets
-from arrcoc.bench.common import save_weights_atomic
-from arrcoc.bench.pretrain import CanvasViTConfig, build_canvas_vit, load_canvas_vit, save_canvas_vit
-from arrcoc.bench.query_fusion import QueryFusionViT, load_query_fusion
+from arrcoc.models.canvas_vit import CanvasViTConfig, build_canvas_vit, load_canvas_vit, save_canvas_vit
+from arrcoc.models.query_fusion import QueryFusionViT, load_query_fusion
+from arrcoc.storage import save_weights_atomic
 
 TINY = CanvasViTConfig(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
 

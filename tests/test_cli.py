@@ -7,9 +7,9 @@ import json
 import pytest
 
 from arrcoc import ARRCOC
-from arrcoc.bench.pretrain import load_canvas_vit
-from arrcoc.bench.sweep import parse_override
 from arrcoc.cli import BENCHMARKS, main
+from arrcoc.config import parse_override
+from arrcoc.models.canvas_vit import load_canvas_vit
 
 # visualize belongs to another module (arrcoc.visualize); its help is tested there
 COMMANDS = ["train", "eval", "adapt", "sweep", "bench"]
@@ -42,7 +42,7 @@ def test_top_level_help_lists_every_command(capsys):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "train"
-    main(["train", "--out", str(out), "--images", "64", "--batch-size", "32", "--epochs", "1", "--test-images", "40",
+    main(["train", "--out", str(out), "--canvases", "64", "--batch-size", "32", "--epochs", "1", "--test-images", "40",
           "--override", "target=box", "--budget", "0.25"])
     return out
 
@@ -56,7 +56,7 @@ def test_train_writes_a_loadable_checkpoint_and_metrics(checkpoint):
 
 
 def test_eval_reports_every_budget(checkpoint, tmp_path, capsys):
-    main(["eval", "--checkpoint", str(checkpoint), "--budgets", "1", "0.25", "--test-images", "40",
+    main(["eval", "--checkpoint", str(checkpoint), "--budgets", "1.0", "0.25", "--test-images", "40",
           "--speed-images", "8", "--repeats", "1", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
     assert [row["budget"] for row in rows] == [1.0, 0.25]
@@ -105,8 +105,9 @@ def test_sweep_runs_a_grid(tmp_path):
     (["eval", "--checkpoint", "no/such/folder"], "checkpoint folder no/such/folder does not exist"),
     (["adapt", "--checkpoint", "no/such/folder"], "does not exist"),
     (["train", "--task", "imagenet"], "invalid choice: 'imagenet'"),
-    (["eval", "--checkpoint", ".", "--budgets", "0.5", "1.5"], "budget must be a fraction of the patch tokens"),
-    (["train", "--budget", "0"], "(0, 1]"),
+    (["eval", "--checkpoint", ".", "--budgets", "0.5", "1.5"], "a budget ratio must be in (0, 1], got 1.5"),
+    (["train", "--budget", "0"], "a token count budget must be >= 1, got 0"),
+    (["train", "--budget", "0.0"], "a budget ratio must be in (0, 1], got 0.0"),
     (["train", "--config", "no/such.yaml"], "config file 'no/such.yaml' not found"),
     (["train", "--override", "rules.allocator"], "an override is KEY=VALUE"),
     (["eval", "--checkpoint", "."], "config.json is missing: not an arrcoc checkpoint folder"),
@@ -124,7 +125,7 @@ def test_unknown_setting_in_a_command_config_is_named(checkpoint, tmp_path, caps
     settings.write_text("budgetz: [0.5]\n")
     with pytest.raises(SystemExit) as exit_:
         main(["eval", "--checkpoint", str(checkpoint), "--config", str(settings)])
-    assert exit_.value.code == 2 and "unknown setting(s) ['budgetz']" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "unknown setting key(s) ['budgetz']" in capsys.readouterr().err
 
 
 def test_parse_override_reads_yaml_values():

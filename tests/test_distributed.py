@@ -1,6 +1,6 @@
 """Local-rule training under ``torchrun --nproc_per_node 2`` (gloo, CPU) equals one process on the whole batch.
 
-The worker (tests/torchrun_worker.py) measures, in float64 and float32, the difference between the update
+The worker (tests/scripts/torchrun_worker.py) measures, in float64 and float32, the difference between the update
 made from two unequal shards (5 + 3 samples, all-reduced .grad) and the one-process update on the 8 samples:
 for the relevance module under rule assignments that cover every batch-coupled computation, and for every
 registered rule on a small MLP. float64 shows the algorithm is exact (differences ~1e-11 and below);
@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 import arrcoc
-from arrcoc.data.toy_patches import toy_vit
+from arrcoc.models.toy_vit import toy_vit
 from arrcoc.relevance.trainer import Trainer, TrainerConfig, distributed_loader
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 import torchrun_worker as worker  # noqa: E402
 
 TOLERANCE = 1e-6  # max abs difference of the update, as issue 9 asks

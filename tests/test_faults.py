@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import arrcoc
-from arrcoc.data.toy_patches import query_patch_task, toy_vit
+from arrcoc.data.toy_patches import query_patch_task
+from arrcoc.models.toy_vit import toy_vit
 from arrcoc.relevance.trainer import Batch, Trainer, TrainerConfig
 from arrcoc.rules import NonFiniteUpdate
 from arrcoc.rules.energy import RelaxationDiverged
@@ -23,7 +24,7 @@ STATEFUL = {"target": "reward", "rules": {"perspectival_encoder": {"name": "hebb
 
 def test_a_process_killed_at_any_point_of_a_save_leaves_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "report.json"
-    script = Path(__file__).parent / "kill_during_save.py"
+    script = Path(__file__).parent / "scripts" / "kill_during_save.py"
     result = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]

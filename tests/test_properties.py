@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import arrcoc
-from arrcoc.backbones import num_kept
+from arrcoc.budget import keeps_all, num_kept
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bad_inputs import templates  # noqa: E402
@@ -73,16 +73,16 @@ def test_forward_keeps_exactly_the_promised_tokens_or_raises_a_documented_error(
         hook.remove()
     grid_h, grid_w = height // PATCH, width // PATCH
     patches = grid_h * grid_w
-    if budget == 1.0:  # the identity: every token, the original model
+    if keeps_all(budget, patches):  # the identity: every token, the original model
         promised = patches
     elif tiers:
         promised = wrapped.tier_counts(grid_h, grid_w).total
     else:  # top K, plus one summary token when tokens were dropped and are fused (EViT)
-        k = num_kept(budget if budget <= 1 else int(budget), patches)
+        k = num_kept(budget, patches)
         promised = k + (dropped == "fuse" and k < patches)
     event("ran" + (" with tiers" if tiers else ""))
     assert seen[0] == 1 + promised  # CLS + exactly the promised patch tokens
-    assert kept.shape == (batch, num_kept(budget if budget <= 1 else int(budget), patches))
+    assert kept.shape == (batch, num_kept(budget, patches))
     assert logits.shape == (batch, 5) and torch.isfinite(logits.float()).all()
 
 

@@ -14,9 +14,9 @@ from arrcoc.data.toy_patches import (
     query_patch_task,
     single_patch_task,
     textured_patch_images,
-    toy_vit,
     word_queries,
 )
+from arrcoc.models.toy_vit import toy_vit
 from arrcoc.relevance import ARRCOC, RelevanceConfig
 from arrcoc.rules.energy import RelaxationDiverged, relax
 
@@ -186,17 +186,15 @@ def test_a_diverging_field_is_reported_and_changes_nothing():
 
 
 def test_default_yaml_config_is_the_default_config():
-    from arrcoc.bench.common import find_config
+    from arrcoc.config import find_config
 
     assert RelevanceConfig.from_yaml(find_config("configs/arrcoc.yaml")) == RelevanceConfig()
 
 
 def test_yaml_with_a_python_tag_is_refused(tmp_path):
-    import yaml
-
     evil = tmp_path / "evil.yaml"
     evil.write_text("relevance: !!python/object/apply:os.system ['echo pwned']\n")
-    with pytest.raises(yaml.constructor.ConstructorError):
+    with pytest.raises(ValueError, match="is not valid YAML: could not determine a constructor"):
         RelevanceConfig.from_yaml(evil)
 
 
@@ -215,7 +213,7 @@ def test_trainer_runs_epochs_with_a_schedule_and_checkpoints(tmp_path):
 
 
 def test_global_backprop_baseline_trains_through_the_frozen_backbone():
-    from arrcoc.relevance.global_backprop import global_backprop_step
+    from arrcoc.baselines import global_backprop_step
 
     model = toy_vit()
     wrapped = arrcoc.attach(model, budget=0.25)

@@ -12,9 +12,12 @@ from PIL import Image
 import arrcoc
 from arrcoc import visualize
 from arrcoc.backbones.tiers import MERGED, NORMAL, REFINED
-from arrcoc.bench.common import REPO_ROOT
-from arrcoc.bench.pretrain import load_canvas_vit, load_trained_arrcoc
+from arrcoc.commands import visualize as visualize_command
+from arrcoc.commands.common import load_trained_arrcoc
+from arrcoc.config import REPO_ROOT
+from arrcoc.models.canvas_vit import load_canvas_vit
 from arrcoc.relevance import RelevanceConfig
+from arrcoc.reporting import save_figure
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +89,7 @@ def test_explanations_match_the_model_and_draw_one_panel_per_query(model, tmp_pa
     figure = visualize.queries_figure([explanations])
     titles = [ax.get_title() for ax in figure.axes if ax.get_visible()]
     assert sum(f'"{q}"' in t.replace("\n", " ") for q in queries for t in titles) == 3
-    path = visualize.save_figure(figure, tmp_path / "queries.png", dpi=50)
+    path = save_figure(figure, tmp_path / "queries.png", dpi=50)
     with Image.open(path) as png:
         width, height = figure.get_size_inches() * 50
         assert png.format == "PNG" and png.size == (round(width), round(height))
@@ -97,7 +100,7 @@ def test_explanations_match_the_model_and_draw_one_panel_per_query(model, tmp_pa
 
 def test_visualize_command_writes_the_three_figures(checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
-    paths = visualize.main(["--checkpoint", str(checkpoint), "--canvas", "2", "--query", "which digit is red?",
+    paths = visualize_command.main(["--checkpoint", str(checkpoint), "--canvas", "2", "--query", "which digit is red?",
                             "--query", "what number is in the top left?", "--budget", "0.25", "--out", str(out)])
     assert set(paths) == {"overlay", "ways_of_knowing", "queries"}
     printed = capsys.readouterr().out
@@ -112,15 +115,15 @@ def test_visualize_command_writes_the_three_figures(checkpoint, tmp_path, capsys
 def test_an_image_file_is_resized_with_a_note(checkpoint, tmp_path, capsys):
     photo = tmp_path / "photo.png"
     Image.new("RGB", (100, 50), (200, 30, 30)).save(photo)
-    paths = visualize.main(["--checkpoint", str(checkpoint), "--image", str(photo), "--out", str(tmp_path)])
+    paths = visualize_command.main(["--checkpoint", str(checkpoint), "--image", str(photo), "--out", str(tmp_path)])
     assert "resized from 100x50 to 64x64 px" in capsys.readouterr().out and paths["overlay"].is_file()
 
 
 @pytest.mark.parametrize("args, message", [
     (["--image", "missing.png"], "image file missing.png not found"),
     (["--image", "{text}"], "is not a readable image"),
-    (["--budget", "1.5"], "budget must be a fraction in (0, 1] or a whole number of patch tokens from 1 to 64, "
-                          "got 1.5"),
+    (["--budget", "1.5"], "a budget ratio must be in (0, 1], got 1.5"),
+    (["--budget", "65"], "token count budget K must be in [1, 64] (number of patches), got 65"),
     (["--canvas", "64"], "canvas must be an index from 0 to 63"),
     (["--checkpoint", "{tmp}"], "is not an ARR-COC checkpoint folder"),
 ])
@@ -131,7 +134,7 @@ def test_bad_input_is_refused_with_what_was_expected(checkpoint, tmp_path, capsy
     if "--checkpoint" not in args:
         args += ["--checkpoint", str(checkpoint)]
     with pytest.raises(SystemExit) as exit_info:
-        visualize.main([*args, "--out", str(tmp_path)])
+        visualize_command.main([*args, "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -149,8 +152,8 @@ def test_bad_settings_and_missing_benchmark_models(tmp_path, capsys):
     config = tmp_path / "visualize.yaml"
     config.write_text("queries: [a]\nbudgte: 0.5\n")
     with pytest.raises(SystemExit):
-        visualize.main(["--config", str(config)])
-    assert "unknown key(s) ['budgte']" in capsys.readouterr().err
+        visualize_command.main(["--config", str(config)])
+    assert "unknown visualize setting key(s) ['budgte']" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="`arrcoc bench canvas` writes it"):
         load_trained_arrcoc("query", tmp_path)
     with pytest.raises(ValueError, match="task must be one of"):

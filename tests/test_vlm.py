@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import arrcoc
-from arrcoc.backbones import adapt_vlm, num_kept
-from arrcoc.data.toy_patches import toy_vit
+from arrcoc.backbones import adapt_vlm
+from arrcoc.budget import num_kept
 from arrcoc.data.toy_vlm import BOS, IMAGE, IMAGE_TOKEN, TOY_FAMILIES, toy_prompts, toy_vlm
+from arrcoc.models.toy_vit import toy_vit
 
 # two prompts of different lengths (left padding), one with two images
 PROMPTS = {
@@ -268,7 +269,8 @@ def test_a_prompt_without_an_image_placeholder_is_refused():
 def test_more_tokens_than_an_image_has_is_refused():
     model, inputs = family_case("qwen2_vl")  # images of 6, 4 and 2 visual tokens
     wrapped = arrcoc.attach_vlm(model, budget=4)
-    with pytest.raises(ValueError, match=r"image 2 has 2 visual tokens to allocate: token count K must be in \[1, 2\]"):
+    with pytest.raises(ValueError, match=r"image 2 has 2 visual tokens to allocate: token count budget K must be "
+                                         r"in \[1, 2\]"):
         wrapped.generate(**inputs, max_new_tokens=2)
     assert [k.numel() for k in arrcoc.attach_vlm(model, budget=2).allocate(**inputs).keep] == [2, 2, 2]
     # a ratio gives each image of a mixed batch its own K; prompts of different length are re-padded

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 import arrcoc  # noqa: E402
-from arrcoc.bench.pretrain import CanvasViTConfig, build_canvas_vit  # noqa: E402
+from arrcoc.models.canvas_vit import CanvasViTConfig, build_canvas_vit  # noqa: E402
 from arrcoc.web import serve  # noqa: E402
 
 TINY = CanvasViTConfig(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)

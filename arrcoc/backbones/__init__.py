@@ -1,6 +1,7 @@
 """Backbone adapters and token-budget mechanics for frozen ViTs.
 
-Takes token indices and scores, never policies: what to keep is decided elsewhere.
+Takes token indices and scores, never policies: what to keep is decided elsewhere (the relevance module,
+:mod:`arrcoc.baselines`). The budget itself is :mod:`arrcoc.budget`.
 """
 
 from .adapters import (
@@ -13,23 +14,8 @@ from .adapters import (
     register_adapter,
     supported_families,
 )
-from .baselines import (
-    BASELINES,
-    BEFORE_BLOCKS,
-    PROGRESSIVE,
-    GridScorer,
-    ToMe,
-    TopK,
-    ats_scores,
-    cls_attention_scores,
-    equal_compute_baseline,
-    make_baseline,
-    random_scores,
-    run_reduced,
-    tokens_per_block,
-)
 from .tiers import MERGED, NORMAL, REFINED, TierCounts, assign_tiers, region_scores, tiered_tokens
-from .tokens import FUSED, TokenSet, bipartite_merge, check_index, keep_top_k, num_kept, select, top_k
+from .tokens import DROPPED_MODES, FUSED, Dropped, TokenSet, bipartite_merge, check_index, keep_top_k, select, top_k
 from .vlm import EncodedPrompt, ShortPrompt, TokenGrid, VLMAdapter, adapt_vlm, supported_vlm_families
 
 __all__ = [
@@ -40,18 +26,8 @@ __all__ = [
     "assign_tiers",
     "region_scores",
     "tiered_tokens",
-    "BASELINES",
-    "BEFORE_BLOCKS",
-    "PROGRESSIVE",
-    "GridScorer",
-    "ToMe",
-    "TopK",
-    "ats_scores",
-    "cls_attention_scores",
-    "equal_compute_baseline",
-    "make_baseline",
-    "random_scores",
-    "run_reduced",
+    "DROPPED_MODES",
+    "Dropped",
     "FUSED",
     "AttentionStats",
     "BackboneAdapter",
@@ -63,11 +39,9 @@ __all__ = [
     "bipartite_merge",
     "check_index",
     "keep_top_k",
-    "num_kept",
     "register_adapter",
     "select",
     "supported_families",
-    "tokens_per_block",
     "top_k",
     "EncodedPrompt",
     "ShortPrompt",

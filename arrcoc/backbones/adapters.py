@@ -471,9 +471,19 @@ def supported_families() -> list[str]:
 
 
 def adapt_backbone(model: nn.Module, trainable: bool = False, **options: Any) -> BackboneAdapter:
-    """Wrap ``model`` in its family's adapter. The backbone is frozen (no grad, eval) unless ``trainable``.
+    """Wrap ``model`` in its family's adapter: ``embed`` / ``run_blocks`` / ``head`` on any subset of tokens.
 
-    options go to the adapter (``interpolate_pos_encoding=True`` for transformers models).
+    Args:
+        model: a timm ``VisionTransformer`` (ViT, DeiT, registers, LayerScale, q/k norm) or a transformers
+            ViT / CLIP / SigLIP / DINOv2 vision model (see :func:`supported_families`).
+        trainable: leave the parameters as they are; by default the backbone is frozen (no grad, eval mode).
+        **options: passed to the adapter (``interpolate_pos_encoding=True`` for transformers models).
+
+    Returns:
+        The family's :class:`BackboneAdapter`, exact on every token: ``adapter(images)`` equals the model's output.
+
+    Raises:
+        TypeError: an unsupported model (the message lists the supported families).
     """
     for matches, adapter in _REGISTRY:
         if matches(model):

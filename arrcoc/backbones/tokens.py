@@ -16,14 +16,16 @@ What happens to the patch tokens that are not kept:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from arrcoc.budget import Budget, num_kept
+
 Dropped = Literal["discard", "fuse", "merge"]
-DROPPED_MODES: tuple[str, ...] = ("discard", "fuse", "merge")
+DROPPED_MODES: tuple[str, ...] = get_args(Dropped)
 
 FUSED = -1  # patch_index of a summary token that stands for several dropped patches
 
@@ -74,19 +76,6 @@ class TokenSet:
         if self.size is None:
             return None
         return self.size.log()[:, None, None, :].to(self.tokens.dtype)
-
-
-def num_kept(budget: float | int, num_patches: int) -> int:
-    """K from a ratio in (0, 1] of ``num_patches`` (rounded, at least 1) or a count in [1, num_patches]."""
-    if isinstance(budget, bool) or not isinstance(budget, int | float):
-        raise TypeError(f"budget must be a ratio (float in (0, 1]) or a count (int), got {budget!r}")
-    if isinstance(budget, int):
-        if not 1 <= budget <= num_patches:
-            raise ValueError(f"token count K must be in [1, {num_patches}] (number of patches), got {budget}")
-        return budget
-    if not 0.0 < budget <= 1.0:
-        raise ValueError(f"budget ratio must be in (0, 1], got {budget}")
-    return max(1, round(budget * num_patches))
 
 
 def check_index(index: Tensor, batch: int, num_patches: int) -> None:
@@ -141,7 +130,7 @@ def top_k(scores: Tensor, k: int) -> Tensor:
 def keep_top_k(
     state: TokenSet,
     scores: Tensor,
-    budget: float | int,
+    budget: Budget,
     dropped: Dropped = "discard",
     metric: Tensor | None = None,
 ) -> TokenSet:

@@ -12,8 +12,6 @@ Writes ``alignment.json``, ``alignment.md`` and ``alignment.png`` (log-log 1 - c
 from __future__ import annotations
 
 import argparse
-import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from arrcoc.config import config_file, parse_with_config
+from arrcoc.reporting import command_line, device_label, output_dir, pyplot, run_metadata, save_figure, save_results
 from arrcoc.rules import RuleContext, build_rule
 from arrcoc.rules.energy import mlp_layers
-
-from .common import REPO_ROOT, config_file, parse_with_config, save_json_atomic
 
 BETAS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
 PC_STEPS = [5, 10, 20, 50, 100, 200, 500]
@@ -121,13 +119,7 @@ def run(seed: int, batch_size: int) -> dict[str, Any]:
 
 
 def write_outputs(data: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    save_json_atomic(out / "alignment.json", data)
+    plt = pyplot()
     sweeps = list(dict.fromkeys(r["sweep"] for r in data["results"]))
     fig, axes = plt.subplots(2, (len(sweeps) + 1) // 2, figsize=(4 * ((len(sweeps) + 1) // 2), 7), squeeze=False)
     for ax, sweep in zip(axes.flat, sweeps):
@@ -144,9 +136,7 @@ def write_outputs(data: dict[str, Any], out: Path) -> None:
     for ax in list(axes.flat)[len(sweeps):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "alignment.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "alignment.png")
 
     lines = [
         "# Alignment of local rules with backprop",
@@ -165,26 +155,23 @@ def write_outputs(data: dict[str, Any], out: Path) -> None:
             f"| {r['sweep']} | {r['axis']} | {r['value']:g} | {layers} | {r['cosine']:.6f} | {r['relaxation_steps']} |"
         )
     lines += ["", "![1 - cosine per layer](alignment.png)", ""]
-    (out / "alignment.md").write_text("\n".join(lines))
+    save_results(out, "alignment", data, "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, help="output folder (default: benchmarks/results)")
     parser.add_argument("--config", type=config_file,
                         help="YAML of defaults for these options (keys: option names with underscores)")
     args = parse_with_config(parser, argv)
+    out = output_dir(args.out, quick=False)
     data = run(args.seed, args.batch_size)
-    data.update(
-        command="python -m arrcoc.bench.alignment " + " ".join(argv if argv is not None else sys.argv[1:]),
-        device=platform.processor() or platform.machine(), torch=torch.__version__,
-        threads=torch.get_num_threads(),
-    )
-    write_outputs(data, args.out)
-    print(f"wrote {args.out / 'alignment.md'}, .json, .png; "
-          f"{data['relaxation_steps_per_second']:.0f} relaxation steps/s")
+    # the rules run on the CPU (float64) whatever accelerator the machine has
+    data.update(run_metadata(command_line("arrcoc.bench.alignment", argv), device=device_label(torch.device("cpu"))))
+    write_outputs(data, out)
+    print(f"{data['relaxation_steps_per_second']:.0f} relaxation steps/s")
 
 
 if __name__ == "__main__":

@@ -23,101 +23,50 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
-import math
 import multiprocessing
-import os
-import platform
 import statistics
-import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm import tqdm
 
 import arrcoc
-from arrcoc.backbones import (
+from arrcoc.backbones import BackboneAdapter, adapt_backbone
+from arrcoc.baselines import (
     PROGRESSIVE,
-    BackboneAdapter,
-    PatchGrid,
-    adapt_backbone,
+    Tent,
     equal_compute_baseline,
+    global_backprop_step,
     make_baseline,
-    num_kept,
+    oracle_predict,
     run_reduced,
-    select,
     tokens_per_block,
-    top_k,
 )
-from arrcoc.data import TextEncoder, cluttered_split, query_split
+from arrcoc.budget import num_kept
+from arrcoc.config import REPO_ROOT, load_yaml_mapping
+from arrcoc.data.tasks import TASKS, shared_text_encoder, task_data
+from arrcoc.metrics import accuracy, peak_memory_growth, selection_metrics, target_coverage, timed
+from arrcoc.models.canvas_vit import DEFAULT_CHECKPOINT, load_canvas_vit
+from arrcoc.models.query_fusion import DEFAULT_QUERY_FUSION, load_query_fusion
 from arrcoc.relevance import ARRCOC, AdaptationConfig, RelevanceConfig
-from arrcoc.relevance.global_backprop import global_backprop_step
-from arrcoc.relevance.targets import box_target
-from arrcoc.visualize import canvas_queries, demo_canvases, explain, queries_figure, save_figure
+from arrcoc.reporting import read_json, run_metadata, save_figure
+from arrcoc.storage import save_json_atomic
+from arrcoc.training import train_arrcoc
+from arrcoc.visualize import canvas_queries, demo_canvases, explain, queries_figure
 
-from .common import REPO_ROOT, find_config, save_json_atomic, timed, warmup_cosine
-from .pretrain import DEFAULT_CHECKPOINT, load_canvas_vit
-from .query_fusion import DEFAULT_QUERY_FUSION, load_query_fusion
-from .sweep import apply_override
+from .canvas_report import write_report
 
-TASKS = ("cluttered", "query")
 EVAL_BATCH = 250
 
 
-# ---- data -----------------------------------------------------------------------------------------
-@dataclass
-class TaskData:
-    """One split of one task; ``queries`` are sentence embeddings (query task) or None."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    boxes: torch.Tensor
-    queries: torch.Tensor | None = None
-    sentences: list[str] | None = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batch(self, index: slice | torch.Tensor) -> TaskData:
-        sentences = None
-        if self.sentences is not None:
-            rows = range(len(self))[index] if isinstance(index, slice) else index.tolist()
-            sentences = [self.sentences[i] for i in rows]
-        queries = None if self.queries is None else self.queries[index]
-        return TaskData(self.images[index], self.labels[index], self.boxes[index], queries, sentences)
-
-
-_TEXT: TextEncoder | None = None
-
-
-def task_data(task: str, split: str, n: int, seed: int) -> TaskData:
-    """Canvases of ``task`` (cluttered | query), ``split`` (train | test | shift), deterministic in ``seed``."""
-    global _TEXT
-    if task == "cluttered":
-        data = cluttered_split(split, n, seed=seed)
-        return TaskData(data.images, data.labels, data.boxes)
-    if task != "query":
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    data = query_split(split, n, seed=seed)
-    _TEXT = _TEXT or TextEncoder()
-    return TaskData(data.images, data.labels, data.boxes, _TEXT(data.queries), data.queries)
-
-
 # ---- methods ---------------------------------------------------------------------------------------
-@torch.no_grad()
-def accuracy(predict, data: TaskData) -> float:
-    """Accuracy of ``predict(batch) -> logits`` over ``data`` in batches."""
-    correct = 0
-    for start in range(0, len(data), EVAL_BATCH):
-        batch = data.batch(slice(start, start + EVAL_BATCH))
-        correct += int((predict(batch).argmax(-1) == batch.labels).sum())
-    return 100.0 * correct / len(data)
+def relevance_config(bench: dict, task: str, overrides: dict[str, Any]) -> RelevanceConfig:
+    """The task's relevance config: the base file, the task's and the variant's overrides, the task's budget."""
+    return RelevanceConfig.from_yaml(bench["base"], {**bench["tasks"][task].get("relevance", {}), **overrides},
+                                     budget=bench["tasks"][task]["budget"])
 
 
 def baseline_predict(adapter: BackboneAdapter, name: str, budget: float, equal_compute: bool = False):
@@ -131,81 +80,6 @@ def baseline_predict(adapter: BackboneAdapter, name: str, budget: float, equal_c
         reducer = make_baseline(name, budget, adapter.depth, grid)
     mean_tokens = statistics.fmean(tokens_per_block(reducer, grid.num_patches, adapter.depth))
     return (lambda batch: adapter.head(run_reduced(adapter, batch.images, reducer))), mean_tokens
-
-
-def oracle_predict(adapter: BackboneAdapter, budget: float):
-    """Keep the K patches that overlap the (queried) digit's ground-truth box most: an upper bound."""
-    grid = adapter.grid()
-    k = num_kept(budget, grid.num_patches)
-
-    def predict(batch: TaskData) -> torch.Tensor:
-        target = box_target(batch.boxes, (grid.height, grid.width), adapter.patch_size)
-        # ties (patches fully inside the box) go to the patch nearest the box centre
-        kept = top_k(target + _centrality(batch, grid), k)
-        return adapter.head(adapter.run_blocks(select(adapter.tokens(batch.images), kept)))
-
-    return predict
-
-
-def _centrality(batch: TaskData, grid) -> torch.Tensor:
-    ys, xs = torch.meshgrid(torch.arange(grid.height), torch.arange(grid.width), indexing="ij")
-    centres = (torch.stack([xs.flatten(), ys.flatten()], -1).float() + 0.5) * grid.patch_size[0]
-    box_centre = torch.stack([batch.boxes[:, 0] + batch.boxes[:, 2], batch.boxes[:, 1] + batch.boxes[:, 3]], -1) / 2
-    return -1e-3 * (centres[None] - box_centre[:, None]).norm(dim=-1)
-
-
-def relevance_config(bench: dict, task: str, overrides: dict[str, Any]) -> RelevanceConfig:
-    config = RelevanceConfig.from_yaml(find_config(bench["base"])).to_dict()
-    for dotted, value in {**bench["tasks"][task].get("relevance", {}), **overrides}.items():
-        apply_override(config, dotted, value)
-    config["budget"] = bench["tasks"][task]["budget"]
-    return RelevanceConfig.from_dict(config)
-
-
-def train_arrcoc(backbone: torch.nn.Module, config: RelevanceConfig, train: TaskData, steps: int, batch_size: int,
-                 seed: int, learning: str) -> tuple[ARRCOC, float]:
-    """ARR-COC trained by its local rules (``learning="local"``) or by backprop through the frozen backbone
-    (``"global"``, DynamicViT-style), with the step size decaying on a cosine as in ``arrcoc train``; returns it
-    and the mean step time in ms."""
-    torch.manual_seed(seed)
-    model = arrcoc.attach(backbone, budget=config.budget, config=config)
-    schedule = warmup_cosine(model.optimizer, steps, 0)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    start = time.perf_counter()
-    for step in range(steps):
-        batch = train.batch(order[(step * batch_size) % len(train):][:batch_size])
-        if learning == "local":
-            model.learn(batch.images, batch.queries, boxes=batch.boxes, labels=batch.labels)
-        else:
-            global_backprop_step(model, batch.images, batch.labels, batch.queries)
-        schedule.step()
-    return model.eval(), 1000 * (time.perf_counter() - start) / steps
-
-
-def box_coverage(kept: torch.Tensor, boxes: torch.Tensor, grid: PatchGrid, k: int) -> torch.Tensor:
-    """(B,) share of the digit's patches (at most K of them) among the ``kept`` patch indices (B, K)."""
-    in_box = box_target(boxes, (grid.height, grid.width), grid.patch_size) > 0
-    return in_box.gather(1, kept).sum(1) / in_box.sum(1).clamp_min(1).clamp_max(k)
-
-
-@torch.no_grad()
-def selection_metrics(model: ARRCOC, data: TaskData) -> dict[str, float]:
-    """Box coverage (share of the target digit's patches kept) and, with queries, the top-K overlap of the
-    selections with and without the query (1 = the query changes nothing)."""
-    grid = model.adapter.grid()
-    k = num_kept(model.config.budget, grid.num_patches)
-    covered, overlap = [], []
-    for start in range(0, len(data), EVAL_BATCH):
-        batch = data.batch(slice(start, start + EVAL_BATCH))
-        kept = model.relevance_map(batch.images, batch.queries).kept
-        covered.append(box_coverage(kept, batch.boxes, grid, k))
-        if batch.queries is not None:
-            blind = model.relevance_map(batch.images, None).kept
-            overlap.append((kept[:, :, None] == blind[:, None, :]).any(-1).float().mean(1))
-    metrics = {"box_coverage": 100.0 * torch.cat(covered).mean().item()}
-    if overlap:
-        metrics["query_overlap"] = 100.0 * torch.cat(overlap).mean().item()
-    return metrics
 
 
 # ---- jobs (run in worker processes, one thread each) -----------------------------------------------
@@ -290,15 +164,6 @@ def collect(results: list[dict[str, Any]]) -> dict[str, Any]:
     return table
 
 
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% interval (Student t over seeds; 0 for one seed)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, 0.0
-    t = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}.get(len(values), 1.96)
-    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
-
-
 # ---- timing and memory --------------------------------------------------------------------------------
 @torch.no_grad()
 def throughput(bench: dict, models: dict[str, ARRCOC], threads: int, batch: int, repeats: int) -> dict[str, Any]:
@@ -331,40 +196,12 @@ def throughput(bench: dict, models: dict[str, ARRCOC], threads: int, batch: int,
     return {"batch": len(images), "threads": threads, "repeats": repeats, "full_ms": 1000 * full, "rows": rows}
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_memory_growth(fn) -> float:
-    """MB by which the process's resident memory rises above its level before ``fn()`` while it runs:
-    freed heap is first handed back to the OS (``malloc_trim``), then a thread samples the RSS every
-    0.2 ms. CPU PyTorch has no allocator statistics; on CUDA, ``max_memory_allocated`` would serve."""
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    base = peak = _rss_bytes()
-    running = True
-
-    def sample() -> None:
-        nonlocal peak
-        while running:
-            peak = max(peak, _rss_bytes())
-            time.sleep(0.0002)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        fn()
-    finally:
-        running = False
-        sampler.join()
-    return (max(peak, _rss_bytes()) - base) / 2**20
-
-
 def _training_cost_worker(learning: str, bench: dict, batch_size: int, steps: int) -> dict[str, float]:
     torch.set_num_threads(1)
     # A fixed mmap threshold (mallopt M_MMAP_THRESHOLD = -3): every block over 128 KiB is its own mapping,
     # returned to the OS when freed, so the RSS follows the live tensors. glibc's default threshold grows
-    # after frees and keeps later large blocks on the heap, which made the measured peak vary ~30% run to run.
+    # after frees and keeps later large blocks on the heap, so the measured peak varied run to run
+    # (docs/decisions.md).
     ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)
     torch.manual_seed(0)
     data = task_data("cluttered", "train", batch_size, 0)
@@ -400,35 +237,6 @@ def training_cost(bench: dict, batch: int, steps: int) -> dict[str, Any]:
 
 
 # ---- online adaptation under a distribution shift ------------------------------------------------------
-def tent_step(adapter: BackboneAdapter, optimizer: torch.optim.Optimizer, model: ARRCOC,
-              images: torch.Tensor) -> torch.Tensor:
-    """TENT: one step of entropy minimisation of the reduced prediction over the backbone's norm layers
-    (backprop through the backbone); returns the logits it predicted before the step."""
-    out, state, _ = model._relevance(images, None)
-    scores = out.logits.detach()
-    with torch.enable_grad():
-        kept = top_k(scores, num_kept(model.config.budget, scores.shape[1]))
-        logits = adapter.head(adapter.run_blocks(select(state, kept)))
-        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean()
-        optimizer.zero_grad(set_to_none=True)
-        entropy.backward()
-        optimizer.step()
-    return logits.detach()
-
-
-@torch.no_grad()
-def teacher_coverage(model: ARRCOC, data: TaskData, kind: str) -> float:
-    """Box coverage of the label-free adaptation target ``kind`` itself (its top-K at the model's budget):
-    adapting towards a target cannot keep more of the digit than the target does."""
-    grid = model.adapter.grid()
-    k = num_kept(model.config.budget, grid.num_patches)
-    covered = []
-    for start in range(0, len(data), EVAL_BATCH):
-        batch = data.batch(slice(start, start + EVAL_BATCH))
-        covered.append(box_coverage(top_k(model.relevance_target(batch.images, kind=kind), k), batch.boxes, grid, k))
-    return 100.0 * torch.cat(covered).mean().item()
-
-
 def adaptation(model: ARRCOC, stream_images: int, held_out: int, batch: int, budget: float, test_images: int,
                **settings: Any) -> dict[str, Any]:
     """Prequential accuracy (predict each batch, then adapt on it) on the cluttered shift split: the frozen
@@ -450,7 +258,7 @@ def adaptation(model: ARRCOC, stream_images: int, held_out: int, batch: int, bud
               # the ceiling of any allocation on the shift, and how much of the digit each selection keeps
               "oracle_shift": accuracy(oracle_predict(model.adapter, budget), shift),
               "coverage": {"frozen": selection_metrics(model, shift)["box_coverage"],
-                           "teacher": teacher_coverage(model, shift, model.adaptation.target)},
+                           "teacher": target_coverage(model, shift, model.adaptation.target)},
               "held_out_accuracy": {"frozen": accuracy(lambda b: model(b.images), unseen)}}
 
     def stream(step) -> tuple[float, float, list[float]]:
@@ -477,16 +285,9 @@ def adaptation(model: ARRCOC, stream_images: int, held_out: int, batch: int, bud
     result["held_out_accuracy"]["online"] = accuracy(lambda b: model(b.images), unseen)
     model.relevance.load_state_dict(frozen_state)
 
-    backbone = copy.deepcopy(model.adapter.model)
-    tent_model = arrcoc.attach(backbone, budget=budget, config=model.config)
-    tent_model.relevance.load_state_dict(frozen_state)
-    norms = [p for m in backbone.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()]
-    for p in norms:
-        p.requires_grad_(True)
-    optimizer = torch.optim.SGD(norms, lr=1e-3, momentum=0.9)
-    result["tent"], result["tent_ms"], result["tent_curve"] = stream(
-        lambda x: tent_step(tent_model.adapter, optimizer, tent_model, x))
-    result["held_out_accuracy"]["tent"] = accuracy(lambda b: tent_model(b.images), unseen)
+    tent = Tent(model)
+    result["tent"], result["tent_ms"], result["tent_curve"] = stream(tent.step)
+    result["held_out_accuracy"]["tent"] = accuracy(lambda b: tent.model(b.images), unseen)
     lost = result["test_accuracy"] - result["frozen"]
     result["recovered_fraction"] = (result["online"] - result["frozen"]) / lost if lost > 0 else None
     return result
@@ -496,25 +297,23 @@ def adaptation(model: ARRCOC, stream_images: int, held_out: int, batch: int, bud
 @torch.no_grad()
 def heatmaps(model: ARRCOC, path: Path, images: int = 3) -> None:
     """Relevance and kept patches on query canvases, each image under four questions about two of its digits."""
-    global _TEXT
-    _TEXT = _TEXT or TextEncoder()
+    text = shared_text_encoder()
     canvases = demo_canvases()
     rows = []
     for index in range(images):
         asked = canvas_queries(canvases, index)
-        rows.append(explain(model, canvases.images[index], asked, embeddings=_TEXT(asked)))
+        rows.append(explain(model, canvases.images[index], asked, embeddings=text(asked)))
     title = "ARR-COC on query canvases: relevance and the patches it keeps (outlined; the rest dimmed) per query"
     save_figure(queries_figure(rows, title), path, dpi=110)
 
 
 # ---- command -------------------------------------------------------------------------------------------
+BENCH_KEYS = ("seeds", "budgets", "test_images", "train", "baselines", "base", "tasks", "variants", "throughput",
+              "training_cost", "adaptation", "quick")
+
+
 def load_bench(path: str, quick: bool) -> dict[str, Any]:
-    bench = yaml.safe_load(find_config(path).read_text())
-    known = {"seeds", "budgets", "test_images", "train", "baselines", "base", "tasks", "variants", "throughput",
-             "training_cost", "adaptation", "quick"}
-    unknown = sorted(set(bench) - known)
-    if unknown:
-        raise KeyError(f"unknown benchmark key(s) {unknown}; known: {sorted(known)}")
+    bench = load_yaml_mapping(path, known=BENCH_KEYS, what="benchmark")
     if quick:
         bench.update(bench["quick"])
     bench.pop("quick", None)
@@ -570,45 +369,22 @@ def main(argv: list[str] | None = None) -> Path:
     cost = training_cost(bench, **bench["training_cost"])
     adapted = adaptation(models["cluttered"], test_images=bench["test_images"], **bench["adaptation"])
 
-    meta = {
-        "mode": "quick" if args.quick else "full",
-        "command": "arrcoc bench canvas" + (" --quick" if args.quick else ""),
-        "backbone": bench["backbone"],
-        "backbone_meta": _json(Path(bench["backbone"]).with_suffix(".json")),
-        "query_fusion_meta": _json(Path(bench["query_fusion"]).with_suffix(".json")),
-        "seeds": bench["seeds"], "budgets": bench["budgets"], "test_images": bench["test_images"],
-        "train": bench["train"], "tasks": bench["tasks"],
-        "torch": torch.__version__, "python": sys.version.split()[0], "cpu": platform.processor() or platform.machine(),
-        "device": "cpu", "workers": args.workers, "commit": source_commit(),
-        "wall_seconds": time.perf_counter() - start,
-    }
+    meta = run_metadata(
+        "arrcoc bench canvas" + (" --quick" if args.quick else ""), args.quick,
+        backbone=bench["backbone"],
+        backbone_meta=read_json(Path(bench["backbone"]).with_suffix(".json")),
+        query_fusion_meta=read_json(Path(bench["query_fusion"]).with_suffix(".json")),
+        seeds=bench["seeds"], budgets=bench["budgets"], test_images=bench["test_images"],
+        train=bench["train"], tasks=bench["tasks"], workers=args.workers,
+        wall_seconds=time.perf_counter() - start,
+    )
     results_json = {"meta": meta, "accuracy": table, "throughput": speed, "training_cost": cost,
                     "adaptation": adapted}
     save_json_atomic(out / "canvas.json", results_json)
-    from .canvas_report import write_report
-
     full_run = out.resolve() == (REPO_ROOT / "benchmarks" / "results").resolve()
     report = write_report(results_json, out, REPO_ROOT / "benchmarks" / "REPORT.md" if full_run else out / "REPORT.md")
     print(f"wrote {out / 'canvas.json'}, {report} and the ARR-COC models in {model_dir}")
     return out
-
-
-def source_commit() -> str | None:
-    """The git commit of the source checkout the benchmark ran from (None outside a git checkout)."""
-    try:
-        done = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if done.returncode != 0:
-        return None
-    return done.stdout.strip() or None
-
-
-def _json(path: Path) -> dict[str, Any] | None:
-    import json
-
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 if __name__ == "__main__":

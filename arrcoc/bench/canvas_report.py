@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .canvas import TASKS, interval
+from arrcoc.data.tasks import TASKS
+from arrcoc.metrics import interval
+from arrcoc.reporting import pyplot, verdict
 
 TASK_TITLES = {"cluttered": "Cluttered canvases (vision only)", "query": "Query canvases (vision-language)"}
 MAIN_METHODS = ("full", "random", "grid", "evit", "ats", "tome", "DynamicViT-style (global backprop)", "ARR-COC")
@@ -107,11 +109,7 @@ METHOD_COLORS = {"ARR-COC": "C3", "DynamicViT-style (global backprop)": "C0", "r
 
 
 def _plots(results: dict[str, Any], out: Path) -> dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     table, meta = results["accuracy"], results["meta"]
     budgets = [b for b in meta["budgets"] if b < 1]
     files = {}
@@ -213,8 +211,7 @@ def write_report(results: dict[str, Any], out: Path, report: Path) -> Path:
         "|---|---|---|",
     ]
     for name, passed, numbers in targets(results):
-        verdict = "not measured" if passed is None else ("**PASS**" if passed else "**FAIL**")
-        lines.append(f"| {name} | {verdict} | {numbers} |")
+        lines.append(f"| {name} | {verdict(passed)} | {numbers} |")
     lines += ["", f"![accuracy vs budget]({link}/{files['curves']})", ""]
     for task in TASKS:
         lines += [f"## {TASK_TITLES[task]}", "",

@@ -20,30 +20,28 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
 import arrcoc
-from arrcoc.bench.common import REPO_ROOT, save_json_atomic
-from arrcoc.bench.pretrain import DEFAULT_CHECKPOINT, load_canvas_vit
+from arrcoc.config import REPO_ROOT, config_file, parse_with_config
 from arrcoc.data.canvas import SHIFT_CANVAS, canvas_sources, cluttered_split, make_cluttered
+from arrcoc.metrics import resident_bytes
+from arrcoc.models.canvas_vit import DEFAULT_CHECKPOINT, load_canvas_vit
 from arrcoc.relevance import ARRCOC, AdaptationConfig
 from arrcoc.relevance.trainer import Batch, Trainer, TrainerConfig
-
-from .common import config_file, parse_with_config
+from arrcoc.reporting import command_line, output_dir, pyplot, run_metadata, save_figure, save_results
 
 STREAMS = ("noise", "adversarial")
 # digit fragments over bright photographs; the target digit is drawn 1-1.5 px wide, i.e. absent
 ADVERSARIAL_CANVAS = replace(SHIFT_CANVAS, digit_scale=(1.0, 1.5), num_fragments=(8, 12))
 NO_CHANGE = 1e-6  # where the plot draws a call that left the weights unchanged
+MIB = 2**20
 
 
 @dataclass(frozen=True)
@@ -79,12 +77,6 @@ def stream_batches(kind: str, config: ReliabilityConfig) -> Iterator[Tensor]:
         yield from images.split(config.batch_size)
 
 
-def resident_mb() -> float:
-    """This process's resident memory now (Linux), in MiB."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def flat_weights(model: ARRCOC) -> Tensor:
     return torch.cat([p.detach().flatten().clone() for p in model.relevance.parameters()])
 
@@ -105,15 +97,6 @@ def frozen_module(config: ReliabilityConfig, checkpoint: Path) -> ARRCOC:
     return model
 
 
-def adapting_copy(frozen: ARRCOC, lr: float, **settings: Any) -> ARRCOC:
-    """A fresh wrapper around the same backbone with the frozen module's weights, adapting at ``lr`` (and the
-    other ``AdaptationConfig`` ``settings``)."""
-    model = arrcoc.attach(frozen.adapter.model, budget=frozen.config.budget, config=frozen.config,
-                          adaptation=AdaptationConfig(lr=lr, **settings))
-    model.relevance.load_state_dict(frozen.relevance.state_dict())
-    return model
-
-
 def trend(x: list[float], y: list[float]) -> float:
     """Least-squares slope of y over x (0 with fewer than two points)."""
     if len(x) < 2:
@@ -129,7 +112,8 @@ def run_stream(model: ARRCOC, kind: str, guarded: bool, probe: Tensor, evaluatio
     frozen = flat_weights(model)
     frozen_accuracy = accuracy(model, *evaluation)
     bound = model.adaptation.lr * model.adaptation.max_grad_norm
-    trajectory = {"images": [0], "accuracy": [frozen_accuracy], "distance": [0.0], "resident_mb": [resident_mb()],
+    trajectory = {"images": [0], "accuracy": [frozen_accuracy], "distance": [0.0],
+                  "resident_mb": [resident_bytes() / MIB],
                   "probe_agreement": [model.set_probe(probe) if guarded else None]}
     steps: dict[str, list] = {"update_norm": [], "probe_rejected": [], "rolled_back": [], "skipped": []}
     seen, start = 0, time.perf_counter()
@@ -145,7 +129,7 @@ def run_stream(model: ARRCOC, kind: str, guarded: bool, probe: Tensor, evaluatio
             trajectory["images"].append(seen)
             trajectory["accuracy"].append(accuracy(model, *evaluation))
             trajectory["distance"].append((flat_weights(model) - frozen).norm().item())
-            trajectory["resident_mb"].append(resident_mb())
+            trajectory["resident_mb"].append(resident_bytes() / MIB)
             trajectory["probe_agreement"].append(report.probe_agreement)
     # calls that made a plain bounded step (no rollback to an older state, which may jump further back)
     stepped = [n for n, back in zip(steps["update_norm"], steps["rolled_back"]) if not back]
@@ -222,11 +206,7 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for run in report["runs"]:
         label = f"{run['stream']}, lr {run['lr']:g}, {'probe guard' if run['guarded'] else 'no guard'}"
@@ -251,9 +231,7 @@ def plot(report: dict, path: Path) -> None:
     axes[1].set_title(f"weight change per adapt() call ({NO_CHANGE:g}: none)")
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -276,8 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     config = QUICK if args.quick else ReliabilityConfig()
     if args.images is not None:
         config = replace(config, stream_images=args.images)
-    out = args.out or (REPO_ROOT / "runs" / "quick" if args.quick else REPO_ROOT / "benchmarks" / "results")
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out, args.quick)
     torch.set_num_threads(config.threads)
 
     start = time.perf_counter()
@@ -289,28 +266,26 @@ def main(argv: list[str] | None = None) -> None:
     default_lr = AdaptationConfig().lr
     for kind in args.streams:
         for lr, guarded in itertools.product((default_lr, default_lr * config.aggressive_lr_scale), (True, False)):
-            runs.append(run_stream(adapting_copy(frozen, lr), kind, guarded, probe, evaluation, config))
+            runs.append(run_stream(frozen.fork(AdaptationConfig(lr=lr)), kind, guarded, probe, evaluation, config))
             s = runs[-1]["summary"]
             print(f"{kind:12s} lr={lr:<5g} guard={guarded!s:5s} frozen {100 * s['frozen_accuracy']:.1f}% lowest "
                   f"{100 * s['lowest_accuracy']:.1f}% final {100 * s['final_accuracy']:.1f}% largest step "
                   f"{s['largest_step_norm']:.3g} rejected {s['probe_rejections']} memory trend "
                   f"{s['resident_mb_per_1000_images']:+.2f} MiB/1000 images ({s['seconds']:.0f} s)", flush=True)
-    report = {
-        "command": " ".join(["python -m arrcoc.bench.reliability", *(argv if argv is not None else sys.argv[1:])]),
-        "config": asdict(config),
-        "adaptation": asdict(AdaptationConfig()),
-        "backbone": str(Path(args.checkpoint).relative_to(REPO_ROOT) if Path(args.checkpoint).is_relative_to(REPO_ROOT)
-                        else args.checkpoint),
-        "full_token_accuracy": accuracy(frozen, *evaluation, full=True),
-        "device": f"cpu ({config.threads} thread)",
-        "versions": {"torch": torch.__version__},
-        "seconds": time.perf_counter() - start,
-        "runs": runs,
-    }
-    save_json_atomic(out / "reliability.json", report)
-    (out / "reliability.md").write_text(markdown(report))
+    report = run_metadata(
+        command_line("arrcoc.bench.reliability", argv), args.quick,
+        config=asdict(config),
+        adaptation=asdict(AdaptationConfig()),
+        backbone=str(Path(args.checkpoint).relative_to(REPO_ROOT) if Path(args.checkpoint).is_relative_to(REPO_ROOT)
+                     else args.checkpoint),
+        full_token_accuracy=accuracy(frozen, *evaluation, full=True),
+        device=f"cpu ({config.threads} thread)",
+        versions={"torch": torch.__version__},
+        seconds=time.perf_counter() - start,
+        runs=runs,
+    )
     plot(report, out / "reliability.png")
-    print(f"wrote {out / 'reliability.json'}, .md, .png")
+    save_results(out, "reliability", report, markdown(report))
 
 
 if __name__ == "__main__":

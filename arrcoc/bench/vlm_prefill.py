@@ -22,7 +22,6 @@ import argparse
 import platform
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,11 +33,11 @@ from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
 import arrcoc
-from arrcoc.backbones import num_kept
+from arrcoc.budget import num_kept
+from arrcoc.config import config_file, parse_with_config
 from arrcoc.data.toy_vlm import BOS, IMAGE, ToyVLMSize, toy_prompts, toy_vlm
-
-from .common import config_file, parse_with_config, save_json_atomic, timed
-from .throughput import cpu_name
+from arrcoc.metrics import timed
+from arrcoc.reporting import command_line, device_label, output_dir, pyplot, run_metadata, save_figure, save_results
 
 FULL_SIZE = ToyVLMSize(vision_hidden=256, vision_layers=4, text_hidden=512, text_layers=8, heads=8, kv_heads=8,
                        mlp_ratio=4, image_size=336, patch_size=14, vocab=32064)
@@ -136,12 +135,9 @@ def run(config: PrefillBenchConfig, device: torch.device) -> dict[str, Any]:
             "times_s": {f"{kind}@{b}": t for (kind, b), t in times.items()}}
 
 
-def report(result: dict[str, Any], meta: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def report(result: dict[str, Any], meta: dict[str, Any], out: Path) -> str:
+    """Draws ``vlm_prefill.png`` in ``out``; returns the Markdown report."""
+    plt = pyplot()
     rows = result["rows"]
     fractions = [r["kept_visual_tokens"] / result["visual_tokens"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -155,9 +151,7 @@ def report(result: dict[str, Any], meta: dict[str, Any], out: Path) -> None:
         ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
     axes[0].legend(fontsize=8)
     fig.suptitle(f"LLaVA-architecture prefill ({meta['device']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "vlm_prefill.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "vlm_prefill.png")
 
     size = meta["size"]
     lines = [
@@ -190,7 +184,7 @@ def report(result: dict[str, Any], meta: dict[str, Any], out: Path) -> None:
             f"{r['e2e_time_ratio']:.3f} | {r['e2e_peak_mib']:.1f} | {r['e2e_peak_ratio']:.3f} | {alloc} |"
         )
     lines += ["", "![prefill time and peak memory vs kept visual tokens](vlm_prefill.png)", ""]
-    (out / "vlm_prefill.md").write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -208,32 +202,20 @@ def main(argv: list[str] | None = None) -> Path:
     device = torch.device(args.device)
     config = PrefillBenchConfig(QUICK_SIZE if args.quick else FULL_SIZE,
                                 repeats=args.repeats or (3 if args.quick else 7))
-    out = Path(args.out or ("runs/quick" if args.quick else "benchmarks/results"))
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out, args.quick)
     random.seed(0)
     torch.manual_seed(0)
     start = time.perf_counter()
     result = run(config, device)
     import transformers
 
-    meta = {
-        "mode": "quick" if args.quick else "full",
-        "command": " ".join(["python -m arrcoc.bench.vlm_prefill", *(sys.argv[1:] if argv is None else argv)]),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()})",
-        "threads": torch.get_num_threads(),
-        "size": asdict(config.size),
-        "budgets": list(config.budgets),
-        "repeats": config.repeats,
-        "warmup": config.warmup,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "machine": platform.machine(),
-        "wall_seconds": time.perf_counter() - start,
-    }
-    save_json_atomic(out / "vlm_prefill.json", {"meta": meta, "result": result})
-    report(result, meta, out)
-    print(f"wrote {out / 'vlm_prefill.json'}, {out / 'vlm_prefill.md'}, {out / 'vlm_prefill.png'}")
-    return out
+    meta = run_metadata(
+        command_line("arrcoc.bench.vlm_prefill", argv), args.quick,
+        device=device_label(device), size=asdict(config.size), budgets=list(config.budgets), repeats=config.repeats,
+        warmup=config.warmup, transformers=transformers.__version__, machine=platform.machine(),
+        wall_seconds=time.perf_counter() - start,
+    )
+    return save_results(out, "vlm_prefill", {"meta": meta, "result": result}, report(result, meta, out))
 
 
 if __name__ == "__main__":

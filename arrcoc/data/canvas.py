@@ -19,9 +19,10 @@ brighter textures and other colour shades / positions.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cache
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -125,8 +126,7 @@ class QueryConfig:
 # Three times the clutter and larger digits: the backbone with all tokens keeps most of its accuracy, while a
 # relevance module trained on sparse clutter spends its tokens on fragments. What is lost at a small budget is
 # then lost by the allocation, which online adaptation can give back. (An earlier shift of other photographs,
-# brighter textures and smaller digits cost the backbone itself 45 points; no allocation could reach back more
-# than a third of that: benchmarks/REPORT.md at commit 3b5516b.)
+# brighter textures and smaller digits measured the backbone, not the allocation: docs/decisions.md.)
 SHIFT_CANVAS = CanvasConfig(num_fragments=(12, 16), digit_scale=(26.0, 32.0))
 SHIFT_QUERY = QueryConfig(
     backgrounds=SHIFT_BACKGROUNDS,
@@ -268,14 +268,22 @@ def _over(canvas: Tensor, alpha: Tensor, color: Tensor) -> Tensor:
     return canvas.lerp_(color[:, :, None, None].expand_as(canvas), alpha)
 
 
+Chunk = TypeVar("Chunk")
+
+
+def _in_chunks(n: int, seed: int, compose: Callable[[int, torch.Generator], Chunk]) -> list[Chunk]:
+    """``compose(size, generator)`` for ``n`` canvases in chunks of at most ``_CHUNK``, in order, all drawn
+    from one generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return [compose(min(_CHUNK, n - start), generator) for start in range(0, n, _CHUNK)]
+
+
 # ---- cluttered canvases -------------------------------------------------------------------------
 def make_cluttered(
     digits: Tensor, labels: Tensor, n: int, seed: int, config: CanvasConfig = CanvasConfig()
 ) -> CanvasBatch:
     """``n`` cluttered canvases whose targets and fragments all come from ``digits`` (M, 784)."""
-    generator = torch.Generator().manual_seed(seed)
-    sizes = [min(_CHUNK, n - start) for start in range(0, n, _CHUNK)]
-    parts = [_cluttered_chunk(digits, labels, size, generator, config) for size in sizes]
+    parts = _in_chunks(n, seed, lambda size, generator: _cluttered_chunk(digits, labels, size, generator, config))
     return CanvasBatch(*(torch.cat(tensors) for tensors in zip(*(vars(p).values() for p in parts))))
 
 
@@ -332,9 +340,7 @@ def make_query(
     digits: Tensor, labels: Tensor, n: int, seed: int, config: QueryConfig = QueryConfig()
 ) -> QueryBatch:
     """``n`` query canvases from ``digits`` (M, 784): one digit per occupied quadrant, distinct colours."""
-    generator = torch.Generator().manual_seed(seed)
-    sizes = [min(_CHUNK, n - start) for start in range(0, n, _CHUNK)]
-    parts = [_query_chunk(digits, labels, size, generator, config) for size in sizes]
+    parts = _in_chunks(n, seed, lambda size, generator: _query_chunk(digits, labels, size, generator, config))
     return QueryBatch(
         images=torch.cat([p.images for p in parts]),
         labels=torch.cat([p.labels for p in parts]),

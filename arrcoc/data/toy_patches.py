@@ -1,7 +1,8 @@
 """Structured toy images for the relevance module: textured patches among low-contrast noise.
 
 Small and fast (32 x 32 images, a 4 x 4 patch grid), with known answers: which patch is informative,
-and which of two candidates a query names. Used by the tests and by the rule-ablation sweep.
+and which of two candidates a query names. Used by the tests and by the rule-ablation sweep, on
+:func:`arrcoc.models.toy_vit.toy_vit`.
 """
 
 from __future__ import annotations
@@ -9,10 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import timm
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 GRID, PATCH = 4, 8  # 4 x 4 patches of 8 px
 
@@ -88,10 +88,3 @@ def coloured_patch_stream(n: int, g: torch.Generator, noise: float = 0.2) -> tup
     rows, cols = where[:, 0] // GRID, where[:, 0] % GRID
     tiles[torch.arange(n), :, rows, cols] = 0.8 * torch.tensor(COLOURS)[labels][:, :, None, None]
     return images, labels, where[:, 0]
-
-
-def toy_vit(seed: int = 0, num_classes: int = 10) -> nn.Module:
-    """A one-block ViT with random weights sized for the toy images (the backbone is only read)."""
-    torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=GRID * PATCH, patch_size=PATCH,
-                             embed_dim=32, depth=1, num_heads=2, num_classes=num_classes)

@@ -1,6 +1,7 @@
 """The ARR-COC relevance module: three ways of knowing, a relevance field, an allocator."""
 
-from .attach import ARRCOC, AdaptationConfig, AdaptReport, RelevanceMaps, attach
+from .adaptation import AdaptationConfig, AdaptReport, OnlineAdaptation
+from .attach import ARRCOC, RelevanceMaps, attach
 from .field import RelevanceField
 from .module import DEFAULT_RULES, SUBNETWORKS, RelevanceConfig, RelevanceModule, RelevanceOutput
 from .vlm import VLMARRCOC, VLMAllocation, VLMConfig, attach_vlm
@@ -10,6 +11,7 @@ __all__ = [
     "AdaptReport",
     "AdaptationConfig",
     "DEFAULT_RULES",
+    "OnlineAdaptation",
     "RelevanceConfig",
     "RelevanceField",
     "RelevanceMaps",

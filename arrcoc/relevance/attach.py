@@ -9,9 +9,7 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,16 +24,15 @@ from arrcoc.backbones import (
     adapt_backbone,
     assign_tiers,
     keep_top_k,
-    num_kept,
     region_scores,
     select,
     tiered_tokens,
     top_k,
 )
-from arrcoc.rules import NonFiniteUpdate
+from arrcoc.budget import Budget, num_kept
 from arrcoc.rules.distributed import batch_mean
-from arrcoc.rules.energy import RelaxationDiverged
 
+from .adaptation import AdaptationConfig, AdaptReport, OnlineAdaptation
 from .checkpoint import read_checkpoint
 from .learning import LocalRuleLearner, QueryInput, check_finite
 from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
@@ -54,62 +51,21 @@ class RelevanceMaps:
     kept: Tensor
 
 
-# online-update optimizers and their default step sizes
-ADAPTATION_OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], float]] = {
-    "sgd": (torch.optim.SGD, 0.05), "adam": (torch.optim.Adam, 3e-3)}
-
-
-@dataclass
-class AdaptationConfig:
-    # sgd: plain SGD, so that |step| <= lr * max_grad_norm bounds the weight change of every update (the
-    # reliability benchmark's guarantee). adam (lr ~3e-3): each weight moves at most ~3.2 lr per update
-    # (Kingma & Ba 2015, 2.1); its per-weight step sizes adapt far faster on a clutter shift (one pass over
-    # 2,048 canvases: 79.8 -> 81.3 with SGD, 85.9 with Adam; configs/canvas_bench.yaml). Its moments live
-    # across adapt() calls and restart after a rollback or probe rejection.
-    optimizer: str = "sgd"
-    lr: float | None = None  # default per optimizer: sgd 0.05, adam 3e-3
-    max_grad_norm: float = 1.0  # gradients are clipped to this norm before the step
-    proxy_momentum: float = 0.9  # running agreement of the reduced with the full-token prediction
-    # roll back when the running proxy falls this far below its best. The proxy of one batch of 32 is
-    # noisy (std ~0.09); at 0.05 ordinary noise while learning kept undoing the learning (measured).
-    rollback_drop: float = 0.15
-    # the self-supervised target: perturbation importance (16 reduced forwards per image on an 8x8 grid) or
-    # the backbone's own CLS attention (one forward; as good where the head reads CLS)
-    target: str = "perturbation"
-    # With a clean probe (set_probe), an update is kept only if the probe shows, with confidence, that the
-    # agreement of the reduced with the full-token predictions lost at most `probe_max_drop` against the
-    # frozen module: with g probe images gained and l lost (paired, per image),
-    #     l - g + probe_confidence * sqrt(g + l) <= probe_max_drop * probe size
-    # (a one-sided McNemar-style non-inferiority test; 1.64: 95%). Without the confidence term a probe of a
-    # few hundred images let accuracy on other clean images fall 1.6 points (measured).
-    probe_max_drop: float = 0.01
-    probe_confidence: float = 1.64
-    probe_chunk: int = 64  # probe images per forward pass
-
-    def __post_init__(self) -> None:
-        if self.target not in ("perturbation", "attention"):
-            raise ValueError(f"adaptation target must be 'perturbation' or 'attention', got {self.target!r}")
-        if self.optimizer not in ADAPTATION_OPTIMIZERS:
-            raise ValueError(f"adaptation optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        if self.lr is None:
-            self.lr = ADAPTATION_OPTIMIZERS[self.optimizer][1]
-        if not self.lr >= 0 or not self.max_grad_norm > 0:
-            raise ValueError(f"adaptation needs lr >= 0 and max_grad_norm > 0, got lr={self.lr}, "
-                             f"max_grad_norm={self.max_grad_norm}")
-
-
-@dataclass
-class AdaptReport:
-    agreement: float  # fraction of images whose reduced prediction equals the full-token one
-    running_agreement: float
-    snapshot: bool  # the weights this call started from became the rollback point
-    rolled_back: bool  # the weights were restored to the rollback point (and not updated)
-    probe_agreement: float | None = None  # on the clean probe after this call (None: no probe set)
-    probe_rejected: bool = False  # this call's update lowered the probe agreement too far and was undone
-    skipped: str | None = None  # why no update was made (a diverging relaxation, a non-finite update)
-
-
 class ARRCOC(LocalRuleLearner, nn.Module):
+    """A frozen ViT that runs on the patch tokens its relevance module allocates, per image and query.
+
+    Build it with :func:`attach`. The backbone is frozen and only ever run forward: no gradient reaches it.
+    Each sub-network of the relevance module learns with its own local rule (:meth:`learn`), online too
+    (:meth:`adapt`).
+
+    Args:
+        model: a timm ``VisionTransformer`` or a transformers ViT / CLIP / SigLIP / DINOv2 vision model (see
+            :func:`arrcoc.backbones.adapt_backbone`).
+        config: the relevance module's settings, budget included (default: ``RelevanceConfig()``).
+        text_encoder: turns a list of sentences into (n, query_dim) embeddings, for string queries.
+        adaptation: the settings of online adaptation (default: ``AdaptationConfig()``).
+    """
+
     def __init__(
         self,
         model: nn.Module,
@@ -128,17 +84,18 @@ class ARRCOC(LocalRuleLearner, nn.Module):
             token_dim = self.adapter.embed(probe).shape[-1]
         self.relevance = RelevanceModule(self.config, token_dim, self.adapter.patch_size)
         self._build_rules()
-        self._running_agreement: float | None = None
-        self._best_agreement = 0.0
-        self._last_good: dict[str, Tensor] | None = None
-        self._adaptation_optimizer: tuple[AdaptationConfig, torch.optim.Optimizer] | None = None
-        # probe images, queries, full-token predictions, and whether the frozen module agreed with them
-        self._probe: tuple[Tensor, Tensor | None, Tensor, Tensor] | None = None
-        self._probe_accepted: tuple[dict[str, Tensor], Tensor] | None = None  # weights that passed, their agreement
+        self.online = OnlineAdaptation(self)
         self._reward_baseline: Tensor | None = None
         self.eval()  # ready for inference; learn() switches to training mode only while it runs
 
     # ---- inputs -------------------------------------------------------------------------------
+    @staticmethod
+    def _images(images: Tensor | None, pixel_values: Tensor | None) -> Tensor:
+        """The batch given positionally or, as transformers models take it, as ``pixel_values``."""
+        if (images is None) == (pixel_values is None):
+            raise TypeError("give the images once: model(images) or model(pixel_values=images)")
+        return images if images is not None else pixel_values
+
     def check_images(self, images: Tensor) -> None:
         self.adapter.check_images(images)
         if images.shape[0] == 0:
@@ -146,10 +103,19 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         check_finite("images", images)
 
     # ---- the pass -----------------------------------------------------------------------------
-    def _relevance(self, images: Tensor, query: QueryInput, differentiable: bool = False
-                   ) -> tuple[RelevanceOutput, TokenSet, tuple[int, int]]:
-        """Validate the inputs, embed the images (never differentiated) and run the relevance module
-        (with autograd only for the global-backprop baseline)."""
+    def relevance_pass(self, images: Tensor, query: QueryInput = None, differentiable: bool = False
+                       ) -> tuple[RelevanceOutput, TokenSet, tuple[int, int]]:
+        """Validate the inputs, embed the images (never differentiated) and run the relevance module.
+
+        Args:
+            images: (B, C, H, W) as the backbone takes them.
+            query: (B, query_dim) embeddings, one string or a list of strings (with a text encoder), or None.
+            differentiable: record autograd through the relevance module (only the global-backprop baseline).
+
+        Returns:
+            The module's output (budget logits, relevance, evidence), the images' embedded tokens, and the
+            patch grid (height, width).
+        """
         self.check_images(images)
         q = self.encode_query(query, images.shape[0])
         grid = self.adapter.grid(images)
@@ -160,26 +126,30 @@ class ARRCOC(LocalRuleLearner, nn.Module):
             out = self.relevance(images, state.patches, (grid.height, grid.width), q)
         return out, state, (grid.height, grid.width)
 
-    def forward(self, images: Tensor, query: QueryInput = None) -> Tensor:
-        if self.config.budget == 1.0:  # the identity: every token, the original computation
-            self.check_images(images)
+    def forward(self, images: Tensor | None = None, query: QueryInput = None, *,
+                pixel_values: Tensor | None = None) -> Tensor:
+        """The backbone's output on the allocated tokens.
+
+        Args:
+            images: (B, C, H, W) as the backbone takes them (transformers users may pass ``pixel_values=``).
+            query: (B, query_dim) embeddings, one string or a list of strings (with a text encoder), or None.
+
+        Returns:
+            What the backbone's head returns (logits, or pooled features for a headless model). With a budget
+            that keeps every token, exactly the unmodified model's output.
+        """
+        images = self._images(images, pixel_values)
+        self.check_images(images)
+        if self.keeps_all(self.adapter.grid(images).num_patches):  # every token: the original computation
             self.encode_query(query, images.shape[0])
             return self.adapter(images)
-        out, state, (h, w) = self._relevance(images, query)
+        out, state, (h, w) = self.relevance_pass(images, query)
         if self.config.tiers:
             reduced = tiered_tokens(self.adapter, images, self.tiers(out.logits, h, w))
         else:
             scores = torch.sigmoid(out.logits).to(state.tokens.dtype)  # non-negative, for EViT-style fusion
-            reduced = keep_top_k(state, scores, self._budget(), dropped=self.config.dropped, metric=state.patches)
+            reduced = keep_top_k(state, scores, self.budget, dropped=self.config.dropped, metric=state.patches)
         return self.adapter.head(self.adapter.run_blocks(reduced))
-
-    def set_budget(self, budget: float) -> ARRCOC:
-        """Keep a different share of the tokens from now on, without retraining: the allocator's ranking is
-        budget-free; the field's competition term pulls its total relevance towards the new K."""
-        self.config = dataclasses.replace(self.config, budget=budget)  # validates
-        self.relevance.config = self.config
-        self.relevance.field.budget = budget
-        return self
 
     def tier_counts(self, height: int, width: int) -> TierCounts:
         """Regions per tier: ``refined_regions`` refined, the rest merged or normal, with the largest
@@ -187,7 +157,7 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         if height % 2 or width % 2:
             raise ValueError(f"tiers group the patches in 2x2 regions: the patch grid must have even sides, got "
                              f"{height}x{width}")
-        regions, budget = (height // 2) * (width // 2), num_kept(self._budget(), height * width)
+        regions, budget = (height // 2) * (width // 2), num_kept(self.budget, height * width)
         refined = self.config.refined_regions
         lowest = regions + 15 * refined  # every region merged except the refined ones
         if budget < lowest or refined > regions:
@@ -204,9 +174,12 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         return assign_tiers(region_scores(logits, height, width), counts)
 
     @torch.no_grad()
-    def relevance_map(self, images: Tensor, query: QueryInput = None) -> RelevanceMaps:
-        out, _, (h, w) = self._relevance(images, query)
-        k = num_kept(self._budget(), h * w)
+    def relevance_map(self, images: Tensor | None = None, query: QueryInput = None, *,
+                      pixel_values: Tensor | None = None) -> RelevanceMaps:
+        """Relevance, the three ways of knowing, the budget logits (each (B, grid_h, grid_w)) and the kept
+        patch indices (B, K) of a batch: what the model would keep, and why."""
+        out, _, (h, w) = self.relevance_pass(self._images(images, pixel_values), query)
+        k = num_kept(self.budget, h * w)
 
         def grid(t: Tensor) -> Tensor:
             return t.reshape(t.shape[0], h, w)
@@ -239,7 +212,7 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         (the top-K mask m) in proportion to the reward R of that choice minus its running mean b:
         t = p + (R - b)(m - p). R = the reduced prediction is right (labels), or agrees with the
         full-token prediction (no labels)."""
-        k = num_kept(self._budget(), out.logits.shape[1])
+        k = num_kept(self.budget, out.logits.shape[1])
         kept = top_k(out.logits, k)
         mask = torch.zeros_like(out.logits).scatter_(1, kept, 1.0)
         reduced = self.adapter.head(self.adapter.run_blocks(select(state, kept))).argmax(-1)
@@ -288,7 +261,7 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         was_training = self.relevance.training
         self.relevance.train()  # feature statistics follow the training stream
         try:
-            out, state, (h, w) = self._relevance(images, query)
+            out, state, (h, w) = self.relevance_pass(images, query)
         finally:
             self.relevance.train(was_training)
         if labels is not None and (labels.shape != images.shape[:1] or labels.is_floating_point()):
@@ -299,7 +272,7 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         elif target is None:
             target = self.relevance_target(images, boxes, state)
         self.fill_rule_grads([(out, target)])
-        k = num_kept(self._budget(), h * w)
+        k = num_kept(self.budget, h * w)
         chosen = torch.zeros_like(out.logits).scatter_(1, top_k(out.logits, k), 1.0)
         wanted = torch.zeros_like(target).scatter_(1, top_k(target, k), 1.0)
         return {"target_overlap": ((chosen * wanted).sum(1) / k).mean().item()}
@@ -311,86 +284,50 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         return (self(images, query).argmax(-1) == self.adapter(images).argmax(-1)).float()
 
     def adapt(self, images: Tensor, query: QueryInput = None) -> AdaptReport:
-        """Label-free online step towards a self-supervised target (``AdaptationConfig.target``: perturbation
-        importance against the full-token prediction, or the backbone's CLS attention). Updates are bounded;
-        if the running proxy (agreement of the reduced with the full prediction) falls ``rollback_drop``
-        below its best, the last good weights come back. With a clean probe (:meth:`set_probe`), an update
-        after which the probe does not show, with confidence, that at most ``probe_max_drop`` of the frozen
-        module's agreement was lost is undone. An update that diverges is skipped and reported."""
-        cfg = self.adaptation
-        with torch.no_grad():
-            agreement = self.agreement(images, query).mean().item()
-            running = self._running_agreement
-            m = cfg.proxy_momentum
-            running = agreement if running is None else m * running + (1 - m) * agreement
-            self._running_agreement = running
-            rolled_back = snapshot = False
-            if running >= self._best_agreement or self._last_good is None:
-                self._best_agreement = max(self._best_agreement, running)
-                self._last_good, snapshot = copy.deepcopy(self.relevance.state_dict()), True
-            elif running < self._best_agreement - cfg.rollback_drop:
-                self.relevance.load_state_dict(self._last_good)
-                self._running_agreement, rolled_back = self._best_agreement, True
-                self._adaptation_optimizer = None  # the moments led here: start them afresh
-        report = AdaptReport(agreement, self._running_agreement, snapshot, rolled_back)
-        if not rolled_back:
-            target = self.relevance_target(images, kind=cfg.target)
-            try:
-                self.learn(images, query, target=target, optimizer=self._online_optimizer(),
-                           max_grad_norm=cfg.max_grad_norm)
-            except (RelaxationDiverged, NonFiniteUpdate) as error:  # nothing changed (fill_grads is all or nothing)
-                report.skipped = str(error)
-        if self._probe is not None:
-            agrees = self._probe_agrees()
-            frozen = self._probe[3]
-            gained, lost = int((agrees & ~frozen).sum()), int((~agrees & frozen).sum())
-            margin = cfg.probe_max_drop * len(agrees)
-            if lost - gained + cfg.probe_confidence * math.sqrt(gained + lost) > margin:
-                weights, agrees = self._probe_accepted
-                self.relevance.load_state_dict(weights)
-                self._adaptation_optimizer = None
-                report.probe_rejected = True
-            else:  # every weight state that serves has passed the probe
-                self._probe_accepted = copy.deepcopy(self.relevance.state_dict()), agrees
-            report.probe_agreement = agrees.float().mean().item()
-        return report
+        """One label-free online step (:class:`~arrcoc.relevance.adaptation.OnlineAdaptation`, settings in
+        ``self.adaptation``).
 
-    def _online_optimizer(self) -> torch.optim.Optimizer:
-        """The optimizer of online updates: one per ``AdaptationConfig`` object (Adam's moments carry across
-        calls; assigning a new config starts afresh), its step size following ``adaptation.lr``."""
-        cfg = self.adaptation
-        if self._adaptation_optimizer is None or self._adaptation_optimizer[0] is not cfg:
-            kind = ADAPTATION_OPTIMIZERS[cfg.optimizer][0]
-            self._adaptation_optimizer = cfg, kind(self.relevance.parameters(), lr=cfg.lr)
-        optimizer = self._adaptation_optimizer[1]
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr
-        return optimizer
+        Learns towards a self-supervised target (perturbation importance or the backbone's CLS attention) with
+        bounded updates. If the running agreement of the reduced with the full-token prediction falls
+        ``rollback_drop`` below its best, the last good weights come back. With a clean probe
+        (:meth:`set_probe`), an update after which the probe does not show, with confidence, that at most
+        ``probe_max_drop`` of the frozen module's agreement was lost is undone. An update that diverges is
+        skipped and reported, never written into the weights.
+
+        Args:
+            images: (B, C, H, W) a batch of the stream, as the backbone takes it.
+            query: optional query embeddings (B, query_dim) or strings.
+
+        Returns:
+            An :class:`AdaptReport`: agreement, whether it rolled back, was rejected by the probe or skipped.
+        """
+        return self.online.step(images, query)
 
     def set_probe(self, images: Tensor, query: QueryInput = None) -> float:
-        """Guard online adaptation with clean, unlabelled, in-distribution images: their full-token predictions
-        (the backbone is frozen: computed once) are what the reduced predictions must keep agreeing with, image
-        by image, about as often as the module does now (see ``AdaptationConfig.probe_max_drop``). Returns the
-        module's agreement now: the reference."""
-        self.check_images(images)
-        q = self.encode_query(query, images.shape[0])
-        chunk = self.adaptation.probe_chunk
-        with torch.no_grad():
-            full = torch.cat([self.adapter(images[i:i + chunk]).argmax(-1) for i in range(0, len(images), chunk)])
-        self._probe = (images, q, full, torch.ones_like(full, dtype=torch.bool))
-        reference = self._probe_agrees()
-        self._probe = (images, q, full, reference)
-        self._probe_accepted = copy.deepcopy(self.relevance.state_dict()), reference
-        return reference.float().mean().item()
+        """Guard online adaptation with clean, unlabelled, in-distribution images.
 
-    @torch.no_grad()
-    def _probe_agrees(self) -> Tensor:
-        """(probe size,) whether each probe image's prediction at the budget equals its full-token prediction."""
-        images, q, full, _ = self._probe
-        chunk = self.adaptation.probe_chunk
-        reduced = [self(images[i:i + chunk], None if q is None else q[i:i + chunk]).argmax(-1)
-                   for i in range(0, len(images), chunk)]
-        return torch.cat(reduced) == full
+        Their full-token predictions (computed once: the backbone is frozen) are what the reduced predictions
+        must keep agreeing with, image by image, about as often as the module does now (see
+        ``AdaptationConfig.probe_max_drop``).
+
+        Returns:
+            The module's agreement on the probe now: the reference.
+        """
+        return self.online.set_probe(images, query)
+
+    def fork(self, adaptation: AdaptationConfig | None = None) -> ARRCOC:
+        """A new wrapper on the same frozen backbone (shared, not copied) with a copy of this relevance module's
+        config and weights, and its own optimizer, rule state and online-adaptation state.
+
+        Args:
+            adaptation: the fork's online-adaptation settings (default: this model's).
+
+        Returns:
+            The fork; adapting it leaves this model unchanged.
+        """
+        fork = ARRCOC(self.adapter.model, self.config, self.text_encoder, adaptation or self.adaptation)
+        fork.relevance.load_state_dict(self.relevance.state_dict())
+        return fork
 
     # ---- checkpoints (save_pretrained: LocalRuleLearner) ------------------------------------------
     @classmethod
@@ -401,14 +338,25 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         return wrapped
 
 
-def attach(model: nn.Module, budget: float = 0.25, config: RelevanceConfig | dict | None = None,
+def attach(model: nn.Module, budget: Budget | None = None, config: RelevanceConfig | dict | None = None,
            **kwargs: Any) -> ARRCOC:
-    """Wrap a timm / transformers ViT: ``attach(model, budget=0.25)(images, query=None)``."""
+    """Wrap a frozen timm / transformers ViT so that it runs on the tokens ARR-COC allocates.
+
+    Args:
+        model: the ViT (it is frozen and put in eval mode; its weights never change).
+        budget: the share of patch tokens kept (a float in (0, 1]; 1.0 keeps all and runs the model unmodified)
+            or their count (an int); default: the config's budget.
+        config: a :class:`RelevanceConfig` or a dict of its keys (default: ``RelevanceConfig()``).
+        **kwargs: ``text_encoder`` and ``adaptation``, see :class:`ARRCOC`.
+
+    Returns:
+        The :class:`ARRCOC` wrapper: ``attach(model, budget=0.25)(images, query=None)``.
+    """
     if config is not None and not isinstance(config, RelevanceConfig | dict):
         raise TypeError(f"config must be a RelevanceConfig or a dict of its keys, got {type(config).__name__}")
     if isinstance(config, dict):
         config = RelevanceConfig.from_dict(config)
     config = config or RelevanceConfig()
-    if budget != config.budget:
-        config = RelevanceConfig.from_dict({**config.to_dict(), "budget": budget})
+    if budget is not None:
+        config = dataclasses.replace(config, budget=budget)  # validates
     return ARRCOC(model, config, **kwargs)

@@ -8,38 +8,17 @@ weights are safetensors: nothing is ever unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
+from arrcoc.storage import atomic_write, load_verified, read_json_object, sha256
+
 SCHEMA_VERSION = 1
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """``write(temporary name)`` beside ``path``, then rename it over ``path``; nothing is left half-written."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); a saved file gets the usual mode
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
@@ -58,31 +37,6 @@ def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, Tensor], m
     atomic_write(config_file, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     if previous and previous != weights.name and (path / previous).is_file():
         (path / previous).unlink()
-
-
-def read_json_object(path: Path, what: str) -> dict[str, Any]:
-    """The JSON object in ``path`` (a checkpoint's description), or a clear error naming ``what`` was expected."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: not an arrcoc {what}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
-def load_verified(path: Path, expected_sha256: str | None, named_in: Path) -> dict[str, Tensor]:
-    """The tensors of the safetensors file ``path`` that ``named_in`` names, after checking its checksum."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} named in {named_in} is missing")
-    if sha256(path) != expected_sha256:
-        raise ValueError(f"{path} does not match the checksum in {named_in}: corrupted or replaced")
-    try:
-        return load_file(path)
-    except Exception as err:  # safetensors raises its own error type for a malformed header
-        raise ValueError(f"{path} is not a valid safetensors file: {err}") from err
 
 
 def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:

@@ -7,6 +7,7 @@ the optimizer from the config and applies one step of every rule to a pass of th
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from arrcoc.budget import Budget, num_kept
+from arrcoc.optim import optimizer_class
 from arrcoc.rules import RuleContext, build_rule
 
 from .checkpoint import write_checkpoint
@@ -87,10 +90,35 @@ class LocalRuleLearner:
         check_finite("query embeddings", query)
         return query
 
-    def _budget(self) -> float | int:
-        """The configured budget: a fraction in (0, 1], or a token count."""
-        budget = self.config.budget
-        return budget if budget <= 1 else int(budget)
+    # ---- the budget ----------------------------------------------------------------------------------
+    @property
+    def budget(self) -> Budget:
+        """The token budget: a ratio in (0, 1] or a count (:mod:`arrcoc.budget`); assigning one applies it
+        like :meth:`set_budget`."""
+        return self.config.budget
+
+    @budget.setter
+    def budget(self, budget: Budget) -> None:
+        self.set_budget(budget)
+
+    def set_budget(self, budget: Budget):
+        """Keep a different share of the tokens from now on, without retraining: the allocator's ranking is
+        budget-free; the field's competition term pulls its total relevance towards the new K.
+
+        Args:
+            budget: a ratio in (0, 1] or a token count (validated: a bad one raises and changes nothing).
+
+        Returns:
+            The wrapper itself, so that ``model.set_budget(0.5)(images)`` reads as one call.
+        """
+        self.config = dataclasses.replace(self.config, budget=budget)  # validates
+        self.relevance.config = self.config
+        self.relevance.field.budget = budget
+        return self
+
+    def keeps_all(self, num_patches: int) -> bool:
+        """Whether the budget keeps all ``num_patches`` tokens: the wrapped model then runs unmodified."""
+        return num_kept(self.budget, num_patches) == num_patches
 
     def _build_rules(self) -> None:
         """One rule per sub-network, as configured, and the optimizer that applies their updates."""
@@ -102,17 +130,14 @@ class LocalRuleLearner:
     def _rule_config(self, name: str) -> dict[str, Any]:
         rule = dict(self.config.rules[name])
         if name == "field" and rule["name"] in ("ep", "chl"):  # the field relaxes the same way everywhere
-            relaxation = self.config.relaxation
-            for key in ("steps", "step_size", "momentum", "tol"):
-                rule.setdefault(key, getattr(relaxation, key))
+            for key, value in self.config.relaxation.settings().items():
+                rule.setdefault(key, value)
         return rule
 
     def _make_optimizer(self, spec: dict[str, Any]) -> torch.optim.Optimizer:
         """The optimizer that applies every rule's update: ``lr`` for all sub-networks, except those named in
         ``subnetwork_lr`` (e.g. ``{field: 0.03}``: the field's energy parameters learn slowly by EP)."""
-        kinds = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-        if spec.get("name") not in kinds:
-            raise ValueError(f"optimizer name must be one of {sorted(kinds)}, got {spec.get('name')!r}")
+        kind = optimizer_class(spec.get("name"))
         known = ["lr", "name", "subnetwork_lr"]
         unknown = sorted(set(spec) - set(known))
         if unknown:
@@ -126,7 +151,7 @@ class LocalRuleLearner:
         groups = [{"params": list(subnetworks[name].parameters()), "lr": float(lr)} for name, lr in own_lr.items()]
         grouped = {id(p) for group in groups for p in group["params"]}
         rest = [p for p in self.relevance.parameters() if id(p) not in grouped]
-        return kinds[spec["name"]]([{"params": rest}, *groups], lr=float(spec.get("lr", 1e-3)))
+        return kind([{"params": rest}, *groups], lr=float(spec.get("lr", 1e-3)))
 
     def rule_contexts(self, out: RelevanceOutput, target: Tensor) -> dict[str, RuleContext]:
         """What each sub-network's rule sees in one step (only the sub-networks in use)."""

@@ -12,16 +12,19 @@ backbone is only read, never trained.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor, nn
 
+from arrcoc.backbones.tokens import DROPPED_MODES
+from arrcoc.budget import Budget, check_budget
+from arrcoc.config import apply_override, load_yaml_mapping
 from arrcoc.rules.distributed import ShardedBatchNorm1d
-from arrcoc.rules.energy import relax
+from arrcoc.rules.energy import Relaxation, relax
 
 from .allocator import Allocator
 from .field import RelevanceField, grid_positions
@@ -45,31 +48,18 @@ DEFAULT_RULES: dict[str, dict[str, Any]] = {
     "field": {"name": "ep", "loss": "mse", "beta": 0.5, "nudge": "symmetric"},
     "allocator": {"name": "fa"},
 }
-DROPPED = ("discard", "fuse", "merge")
 TARGETS = ("attention", "perturbation", "box", "reward")
 PARTICIPATORY_CONTRASTS = ("batch", "patches")
 
 
-@dataclass
-class RelaxationSettings:
-    """How the field is relaxed, at inference and in every phase of its rule."""
-
-    steps: int = 60
-    step_size: float = 0.3
-    momentum: float = 0.5
-    tol: float = 1e-4
-
-    def __post_init__(self) -> None:
-        if self.steps <= 0 or self.step_size <= 0 or self.tol < 0 or not 0 <= self.momentum < 1:
-            raise ValueError(
-                f"relaxation needs steps > 0, step_size > 0, tol >= 0 and 0 <= momentum < 1, got steps={self.steps}, "
-                f"step_size={self.step_size}, tol={self.tol}, momentum={self.momentum}"
-            )
+def field_relaxation() -> Relaxation:
+    """How the field relaxes, at inference and in every phase of its rule, by default."""
+    return Relaxation(steps=60, step_size=0.3, momentum=0.5, tol=1e-4)
 
 
 @dataclass
 class RelevanceConfig:
-    budget: float = 0.25  # fraction of patch tokens kept (or tokens, if > 1)
+    budget: Budget = 0.25  # a ratio of the patch tokens in (0, 1] or a token count (arrcoc.budget)
     dropped: str = "discard"  # what becomes of dropped tokens: discard | fuse (EViT) | merge (ToMe)
     # tiers of detail instead of plain top-K: 2x2-patch regions merged (1 token), normal (4) or refined
     # (16, from a 2x view); the `refined_regions` best regions are refined, the total stays within budget
@@ -91,10 +81,10 @@ class RelevanceConfig:
     query_dim: int = 384
     perspectival_units: int = 16
     allocator_hidden: int = 32
-    # Raw patch features as allocator inputs: off by default. On the two-candidate query toy task they
-    # let the allocator learn query-agnostic corrections (88% queried patch first, vs 95% without).
+    # Raw patch features as allocator inputs: off by default, since they let the allocator learn query-agnostic
+    # corrections (docs/decisions.md).
     allocator_features: bool = False
-    relaxation: RelaxationSettings = dataclasses.field(default_factory=RelaxationSettings)
+    relaxation: Relaxation = dataclasses.field(default_factory=field_relaxation)
     # learning
     target: str = "attention"  # attention | perturbation | box | reward (see arrcoc.relevance.targets)
     rules: dict[str, Any] = dataclasses.field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_RULES.items()})
@@ -105,17 +95,14 @@ class RelevanceConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.relaxation, dict):
-            known = {f.name for f in dataclasses.fields(RelaxationSettings)}
+            known = {f.name for f in dataclasses.fields(Relaxation)}
             unknown = sorted(set(self.relaxation) - known)
             if unknown:
                 raise KeyError(f"unknown relaxation key(s) {unknown}; known keys: {sorted(known)}")
-            self.relaxation = RelaxationSettings(**self.relaxation)
-        if isinstance(self.budget, bool) or not isinstance(self.budget, int | float):
-            raise TypeError(f"budget must be a number (a fraction in (0, 1] or a token count), got {self.budget!r}")
-        if not (0 < self.budget <= 1 or (float(self.budget).is_integer() and self.budget >= 1)):
-            raise ValueError(f"budget must be a fraction in (0, 1] or a whole token count >= 1, got {self.budget}")
-        if self.dropped not in DROPPED:
-            raise ValueError(f"dropped must be one of {DROPPED}, got {self.dropped!r}")
+            self.relaxation = Relaxation(**self.relaxation)
+        check_budget(self.budget)
+        if self.dropped not in DROPPED_MODES:
+            raise ValueError(f"dropped must be one of {DROPPED_MODES}, got {self.dropped!r}")
         if self.refined_regions < 0:
             raise ValueError(f"refined_regions must be >= 0, got {self.refined_regions}")
         if self.target not in TARGETS:
@@ -152,12 +139,26 @@ class RelevanceConfig:
         return cls(**data)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> RelevanceConfig:
-        """Read a YAML config (``yaml.safe_load``: no Python objects are ever constructed)."""
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a relevance config is a mapping of keys, got {type(data).__name__}")
-        return cls.from_dict(data.get("relevance", data))
+    def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),
+                  budget: Budget | None = None) -> RelevanceConfig:
+        """The config in a YAML file (its ``relevance:`` mapping, or the whole file), read with ``yaml.safe_load``
+        (no Python object is ever constructed).
+
+        Args:
+            path: the YAML file (as given, else relative to the source checkout).
+            overrides: dotted keys and values applied on top, e.g. ``{"rules.allocator": {"name": "backprop"}}``.
+            budget: replaces the file's budget if given.
+
+        Returns:
+            The validated config; unknown keys raise ``KeyError`` naming the known ones.
+        """
+        data = load_yaml_mapping(path, what="relevance config")
+        data = dict(data.get("relevance", data))
+        for dotted, value in (overrides.items() if isinstance(overrides, Mapping) else overrides):
+            apply_override(data, dotted, value)
+        if budget is not None:
+            data["budget"] = budget
+        return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -183,9 +184,8 @@ class RelevanceModule(nn.Module):
         self.config, self.patch_size = config, patch_size
         feature_dim = (token_dim if config.backbone_tokens else 0) + (NUM_FEATURES if config.texture else 0)
         # statistics of the whole batch, also when it is sharded over processes (torchrun). Inference uses the
-        # cumulative average over every training batch (momentum None): with an exponential average (0.01) the
-        # running variance of the texture features was still 18-600x too large after 200 steps (it starts at
-        # 1, they vary ~0.01), which shrank the colour evidence ~20x at inference only (measured)
+        # cumulative average over every training batch (momentum None): an exponential average forgets its
+        # initial variance of 1 too slowly for features that vary far less (docs/decisions.md)
         self.feature_norm = ShardedBatchNorm1d(feature_dim, affine=False, momentum=None)
         self.perspectival = PerspectivalKnowing(feature_dim, config.perspectival_units)
         temperature = config.rules["participatory"].get("temperature", 0.1)
@@ -233,10 +233,7 @@ class RelevanceModule(nn.Module):
         return torch.stack([propositional, perspectival, participatory], -1)
 
     def relax_field(self, field_input: Tensor) -> Tensor:
-        s = self.config.relaxation
-        states, _ = relax(
-            self.field.as_energy(), field_input, steps=s.steps, step_size=s.step_size, momentum=s.momentum, tol=s.tol
-        )
+        states, _ = relax(self.field.as_energy(), field_input, **self.config.relaxation.settings())
         return torch.sigmoid(states[0])
 
     def forward(self, images: Tensor, patch_tokens: Tensor, grid: tuple[int, int], query: Tensor | None = None

@@ -14,7 +14,6 @@ the update one process makes on batches of B. Only rank 0 writes checkpoints.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from arrcoc.optim import warmup_cosine
 from arrcoc.rules.distributed import all_reduce_grads, sharded_batch
 
 from .attach import ARRCOC, QueryInput
@@ -91,17 +91,7 @@ class Trainer:
         self.model, self.config = model, config or TrainerConfig()
 
     def _schedule(self, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-        cfg = self.config
-
-        def factor(step: int) -> float:
-            if step < cfg.warmup_steps:
-                return (step + 1) / cfg.warmup_steps
-            if cfg.schedule == "constant":
-                return 1.0
-            progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-        return torch.optim.lr_scheduler.LambdaLR(self.model.optimizer, factor)
+        return warmup_cosine(self.model.optimizer, total_steps, self.config.warmup_steps, decay=self.config.schedule)
 
     @property
     def training_dir(self) -> Path | None:

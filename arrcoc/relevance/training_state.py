@@ -31,8 +31,10 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from arrcoc.storage import load_verified, read_json_object, sha256
+
 from .attach import ARRCOC
-from .checkpoint import load_verified, read_checkpoint, read_json_object, sha256
+from .checkpoint import read_checkpoint
 
 TRAINER_SCHEMA_VERSION = 1
 STATE_JSON = "trainer_state.json"

@@ -27,8 +27,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from arrcoc.backbones import num_kept
 from arrcoc.backbones.vlm import IGNORE_INDEX, EncodedPrompt, TokenGrid, VLMAdapter, adapt_vlm
+from arrcoc.budget import Budget, num_kept
 
 from .checkpoint import read_checkpoint
 from .learning import LocalRuleLearner, QueryInput
@@ -168,7 +168,7 @@ class VLMARRCOC(LocalRuleLearner, nn.Module):
         for image, scores in enumerate(logits):
             scored = int(torch.isfinite(scores).sum())
             try:
-                k = num_kept(self._budget(), scored)
+                k = num_kept(self.budget, scored)
             except ValueError as error:
                 raise ValueError(f"image {image} has {scored} visual tokens to allocate: {error}") from None
             keep.append(scores.topk(k + scores.numel() - scored).indices.sort().values)
@@ -203,8 +203,8 @@ class VLMARRCOC(LocalRuleLearner, nn.Module):
     @torch.no_grad()
     def _keep(self, prompt: EncodedPrompt, query: QueryInput) -> list[Tensor] | None:
         q = self.prompt_query(prompt, query)  # validated even when every token is kept
-        if self.config.budget == 1.0:  # the identity: every visual token, the model's own computation
-            return None
+        if all(self.keeps_all(prompt.num_tokens(i)) for i in range(prompt.num_images)):
+            return None  # the identity: every visual token, the model's own computation
         return self._allocation(prompt, self._score(prompt, q)).keep
 
     # ---- learning -------------------------------------------------------------------------------
@@ -285,7 +285,7 @@ class VLMARRCOC(LocalRuleLearner, nn.Module):
         self.apply_rules_over(passes, optimizer, max_grad_norm)
         overlaps = []
         for batch, (_, wanted) in zip(batches, passes):
-            k = num_kept(self._budget(), wanted.shape[1])
+            k = num_kept(self.budget, wanted.shape[1])
             chosen = torch.zeros_like(wanted).scatter_(1, batch.out.logits.topk(k).indices, 1.0)
             best = torch.zeros_like(wanted).scatter_(1, wanted.topk(k).indices, 1.0)
             overlaps.append((chosen * best).sum(1) / k)
@@ -325,18 +325,28 @@ def _group_ids(height: int, width: int, group: int) -> Tensor:
     return rearrange(rows * (-(-width // group)) + cols, "h w -> (h w)")
 
 
-def attach_vlm(model: nn.Module, budget: float = 0.25, config: VLMConfig | dict | None = None,
+def attach_vlm(model: nn.Module, budget: Budget | None = None, config: VLMConfig | dict | None = None,
                text_encoder: Callable[[list[str]], Tensor] | None = None) -> VLMARRCOC:
-    """Wrap a transformers VLM (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL): ``attach_vlm(model, 0.25).generate(...)``.
+    """Wrap a transformers VLM (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL) so that its language model gets only
+    the visual tokens ARR-COC allocates: ``attach_vlm(model, 0.25).generate(**processor_outputs)``.
 
-    Without a ``text_encoder`` the prompt's own embedding is the query, so ``query_dim`` becomes the language
-    model's hidden size.
+    Args:
+        model: the VLM (frozen; only run forward).
+        budget: a ratio of each image's visual tokens in (0, 1] (1.0: the unmodified model) or a count;
+            default: the config's relevance budget.
+        config: a :class:`VLMConfig` or a dict of its keys.
+        text_encoder: embeds ``query=`` sentences; without one the prompt's own text embedding is the query,
+            so ``query_dim`` becomes the language model's hidden size.
+
+    Returns:
+        The :class:`VLMARRCOC` wrapper.
     """
     if isinstance(config, dict):
         config = VLMConfig(**config)
     config = config or VLMConfig()
     relevance = config.relevance.to_dict()
-    relevance["budget"] = budget
+    if budget is not None:
+        relevance["budget"] = budget
     if text_encoder is None:
         relevance["query_dim"] = adapt_vlm(model).feature_dim  # also rejects an unsupported model clearly
     config = dataclasses.replace(config, relevance=RelevanceConfig.from_dict(relevance))

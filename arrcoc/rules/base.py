@@ -185,7 +185,20 @@ def register_rule(cls: type[LearningRule]) -> type[LearningRule]:
 
 
 def build_rule(config: str | dict[str, Any], subnet: nn.Module | Sequence[nn.Module]) -> LearningRule:
-    """Build a rule from ``"name"`` or ``{"name": ..., **hyper_parameters}`` (e.g. one YAML entry)."""
+    """Build the learning rule that will fill the ``.grad`` of ``subnet``.
+
+    Args:
+        config: a registered rule's name, or ``{"name": ..., **hyper_parameters}`` (one YAML entry, e.g.
+            ``{"name": "ep", "beta": 0.5}``); the hyper-parameters are the fields of the rule's ``Config``.
+        subnet: the module the rule owns (a list of modules is owned as a chain).
+
+    Returns:
+        The rule; ``rule.step(RuleContext(...))`` fills ``subnet``'s ``.grad`` and changes no weight.
+
+    Raises:
+        KeyError: an unknown rule name or hyper-parameter (the message lists the known ones).
+        ValueError: a malformed config or a bad hyper-parameter value.
+    """
     if isinstance(config, str):
         config = {"name": config}
     if not isinstance(config, dict) or "name" not in config:

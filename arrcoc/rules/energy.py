@@ -41,6 +41,32 @@ class RelaxationDiverged(FloatingPointError):
 
 
 @dataclass
+class Relaxation:
+    """How a state is relaxed towards a minimum of its energy (see :func:`relax`): at most ``steps`` updates of
+    size ``step_size`` with heavy-ball ``momentum``; converged once max |dF/ds| < ``tol`` (free phase) or
+    < ``tol * |beta|`` (nudged and clamped phases, whose forces scale with beta)."""
+
+    steps: int = 500
+    step_size: float = 0.1
+    momentum: float = 0.9
+    tol: float = 1e-5
+
+    def __post_init__(self) -> None:
+        parent = getattr(super(), "__post_init__", None)  # a rule config that extends this one validates too
+        if parent is not None:
+            parent()
+        if self.steps <= 0 or self.step_size <= 0 or self.tol < 0 or not 0 <= self.momentum < 1:
+            raise ValueError(
+                f"relaxation needs steps > 0, step_size > 0, tol >= 0 and 0 <= momentum < 1, got steps={self.steps}, "
+                f"step_size={self.step_size}, tol={self.tol}, momentum={self.momentum}"
+            )
+
+    def settings(self) -> dict[str, float]:
+        """The keyword arguments of :func:`relax` this stands for."""
+        return {"steps": self.steps, "step_size": self.step_size, "momentum": self.momentum, "tol": self.tol}
+
+
+@dataclass
 class RelaxationReport:
     """How a relaxation ended. ``energy`` is ``sum_b E + beta * C`` at the returned states."""
 
@@ -102,9 +128,25 @@ def relax(
     :class:`RelaxationDiverged` if the states become non-finite or a plain gradient step (one
     without momentum) raises ``F`` by more than ``rise_tol`` (relative): with a stable step size
     it never climbs; a momentum step that climbs just resets the momentum. Parameters and
-    ``.grad`` are never touched. Returns detached states and a report. ``F``, the residual and the
-    momentum restarts are whole-batch quantities, combined over the shards inside
-    :func:`~arrcoc.rules.distributed.sharded_batch`, so a sharded batch relaxes as one batch does.
+    ``.grad`` are never touched. ``F``, the residual and the momentum restarts are whole-batch quantities,
+    combined over the shards inside :func:`~arrcoc.rules.distributed.sharded_batch`, so a sharded batch relaxes
+    as one batch does.
+
+    Args:
+        model: the energy whose states are relaxed (its parameters stay fixed).
+        x: the clamped input (B, ...).
+        beta: the nudge's strength; 0 for the free phase.
+        target: what the output is nudged towards (with ``beta != 0``).
+        steps, tol, step_size, momentum: how to descend (:class:`Relaxation` holds them as one setting).
+        cost: the nudging cost (default: the energy's own).
+        states: where to start (default: the energy's initial states for ``x``).
+        rise_tol: the relative rise of ``F`` in a plain step that counts as divergence.
+
+    Returns:
+        The relaxed states (detached) and a :class:`RelaxationReport` (steps taken, residual, converged).
+
+    Raises:
+        RelaxationDiverged: non-finite states, or ``F`` rising in a plain gradient step.
     """
     if steps <= 0:
         raise ValueError(f"relax needs steps > 0, got {steps}")

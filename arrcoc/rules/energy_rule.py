@@ -14,27 +14,12 @@ import torch
 from torch import Tensor, nn
 
 from .base import LearningRule, RuleConfig, RuleContext
-from .energy import ENERGIES, Cost, Energy, RelaxationReport, relax
+from .energy import ENERGIES, Cost, Energy, Relaxation, RelaxationReport, relax
 
 
 @dataclass
-class RelaxationConfig(RuleConfig):
-    """steps: most state updates per phase; step_size, momentum: of the state descent (see
-    :func:`relax`); tol: a phase has converged when max |dF/ds| < tol (free phase) or
-    < tol * |beta| (nudged and clamped phases, whose forces scale with beta)."""
-
-    steps: int = 500
-    step_size: float = 0.1
-    momentum: float = 0.9
-    tol: float = 1e-5
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.steps <= 0 or self.step_size <= 0 or self.tol < 0 or not 0 <= self.momentum < 1:
-            raise ValueError(
-                f"need steps > 0, step_size > 0, tol >= 0, 0 <= momentum < 1; got {self.steps}, "
-                f"{self.step_size}, {self.tol}, {self.momentum}"
-            )
+class RelaxationConfig(Relaxation, RuleConfig):
+    """A rule's settings plus how it relaxes its states (:class:`~arrcoc.rules.energy.Relaxation`)."""
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Online adaptation of a trained relevance module over a stream of images, next to the frozen module.
 
-    python -m arrcoc.bench.adapt --checkpoint runs/train                      # the task's shift split
-    python -m arrcoc.bench.adapt --checkpoint runs/train --probe-images 256   # guarded by a clean probe
+    arrcoc adapt --checkpoint runs/train                      # the task's shift split
+    arrcoc adapt --checkpoint runs/train --probe-images 256   # guarded by a clean probe
 
 Prequential: each batch of the stream is first predicted by the frozen module and by the adapting one, then
 the adapting one runs ``ARRCOC.adapt`` on it (label-free; bounded steps, rollback when its running agreement
@@ -19,11 +19,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from arrcoc.config import parse_with_config
+from arrcoc.data.tasks import TaskData, task_data
 from arrcoc.relevance import ARRCOC, AdaptationConfig
+from arrcoc.relevance.adaptation import ADAPTATION_TARGETS, DEFAULT_ADAPTATION_LR
+from arrcoc.reporting import pyplot, save_figure
+from arrcoc.storage import save_json_atomic
 
-from .canvas import TaskData, task_data
-from .common import parse_with_config, save_json_atomic
-from .evaluate import checkpoint_parser, load_checkpoint
+from .common import checkpoint_parser, load_checkpoint
 
 EXAMPLES = """examples:
   arrcoc adapt --checkpoint runs/train                                  # 2048 shift canvases, batches of 32
@@ -73,11 +76,7 @@ def summarize(log: dict[str, list[Any]]) -> dict[str, float | int]:
 def plot_stream(log: dict[str, list[Any]], path: Path, title: str) -> None:
     """Running accuracy of the frozen and the adapting module over the stream; rollbacks and probe
     rejections marked; the label-free proxy on a second axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.8))
     ax.plot(log["images"], log["frozen_accuracy"], label="frozen module")
     ax.plot(log["images"], log["adapting_accuracy"], label="adapting module")
@@ -93,9 +92,7 @@ def plot_stream(log: dict[str, list[Any]], path: Path, title: str) -> None:
     lines, names = ax.get_legend_handles_labels()
     more_lines, more_names = proxy.get_legend_handles_labels()
     ax.legend(lines + more_lines, names + more_names, fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
@@ -106,10 +103,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     parser.add_argument("--probe-images", type=int, default=0,
                         help="clean unlabelled training canvases guarding every update (set_probe); 0: no probe")
     defaults = AdaptationConfig()
-    parser.add_argument("--target", choices=("attention", "perturbation"), default="attention",
-                        help="self-supervised target: the backbone's CLS attention (one forward) or perturbation "
-                             "importance (slower)")
-    parser.add_argument("--optimizer", choices=("sgd", "adam"), default=defaults.optimizer,
+    parser.add_argument("--target", choices=ADAPTATION_TARGETS, default=defaults.target,
+                        help="self-supervised target: perturbation importance (reduced forwards with patch groups "
+                             "dropped) or the backbone's CLS attention (one forward, cheaper)")
+    parser.add_argument("--optimizer", choices=tuple(DEFAULT_ADAPTATION_LR), default=defaults.optimizer,
                         help="sgd: every update moves the weights by at most lr * max-grad-norm; adam (lr ~3e-3): "
                              "adapts faster, each weight moves at most ~3.2 lr per update")
     parser.add_argument("--lr", type=float, help="step size (default: sgd 0.05, adam 3e-3)")

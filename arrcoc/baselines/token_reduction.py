@@ -1,4 +1,5 @@
-"""Baseline token reducers, built from the same pieces a learned allocator uses.
+"""Query-agnostic token-reduction baselines (random, grid, EViT, ATS, ToMe), built from the same pieces a
+learned allocator uses.
 
 A *scorer* maps the running :class:`TokenSet` (and, at a layer, the block's :class:`AttentionStats`) to
 per-patch scores (B, T); :class:`TopK` hands them to :func:`keep_top_k`, the shared budget machinery.
@@ -19,8 +20,8 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from .adapters import AttentionStats, BackboneAdapter, PatchGrid
-from .tokens import Dropped, TokenSet, bipartite_merge, keep_top_k, num_kept
+from arrcoc.backbones import AttentionStats, BackboneAdapter, Dropped, PatchGrid, TokenSet, bipartite_merge, keep_top_k
+from arrcoc.budget import Budget, num_kept
 
 BEFORE_BLOCKS = -1  # a stage index meaning "on the embedded tokens, before block 0"
 
@@ -86,7 +87,7 @@ class TopK:
     tokens by ``scorer``; K = ``num_kept(keep, current patch tokens)`` at each stage."""
 
     scorer: Scorer
-    keep: float | int
+    keep: Budget
     layers: tuple[int, ...] = (BEFORE_BLOCKS,)
     dropped: Dropped = "discard"
     needs_attention: bool = False
@@ -160,7 +161,7 @@ def _stages(depth: int, count: int) -> tuple[int, ...]:
     return tuple(sorted({min(depth - 1, depth * i // (count + 1)) for i in range(1, count + 1)}))
 
 
-def make_baseline(name: str, budget: float, depth: int, grid: PatchGrid) -> Reducer | None:
+def make_baseline(name: str, budget: Budget, depth: int, grid: PatchGrid) -> Reducer | None:
     """A baseline whose last stage keeps ``num_kept(budget, N)`` patch tokens (ToMe: about as many).
 
     full: no reduction (None). random / grid: select before block 0. evit: CLS-attention top-K at three

@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import arrcoc
-from arrcoc.data.toy_patches import query_patch_task, toy_vit
+from arrcoc.data.toy_patches import query_patch_task
+from arrcoc.models.toy_vit import toy_vit
 from arrcoc.relevance.trainer import Batch, Trainer, TrainerConfig, distributed_loader
 from arrcoc.rules import NonFiniteUpdate, RuleContext, available_rules, build_rule
 from arrcoc.rules.distributed import all_reduce_grads, sharded_batch

@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from arrcoc.backbones import TokenSet, num_kept
-
-from .attach import ARRCOC, QueryInput
+from arrcoc.backbones import TokenSet
+from arrcoc.budget import num_kept
+from arrcoc.relevance.attach import ARRCOC
+from arrcoc.relevance.learning import QueryInput
 
 
 @dataclass
@@ -43,12 +44,12 @@ def global_backprop_step(model: ARRCOC, images: Tensor, labels: Tensor, query: Q
     was_training = model.relevance.training
     model.relevance.train()
     model.optimizer.zero_grad(set_to_none=True)
-    out, state, _ = model._relevance(images, query, differentiable=True)
+    out, state, _ = model.relevance_pass(images, query, differentiable=True)
     keep = gumbel_sigmoid(out.logits, cfg.temperature)
     prefix = keep.new_ones(keep.shape[0], state.num_prefix)
     soft = TokenSet(state.tokens, state.num_prefix, state.patch_index, torch.cat([prefix, keep.clamp_min(1e-6)], 1))
     logits = model.adapter.head(model.adapter.run_blocks(soft))
-    budget = num_kept(model._budget(), keep.shape[1]) / keep.shape[1]
+    budget = num_kept(model.budget, keep.shape[1]) / keep.shape[1]
     task = F.cross_entropy(logits, labels)
     loss = task + cfg.ratio_weight * (keep.mean(1) - budget).pow(2).mean()
     loss.backward()

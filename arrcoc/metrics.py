@@ -1,0 +1,116 @@
+"""What the commands and benchmarks measure: accuracy, how much of the target a selection keeps, intervals
+over seeds, wall time and resident memory."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from arrcoc.backbones import PatchGrid, top_k
+from arrcoc.budget import num_kept
+from arrcoc.data.tasks import TaskData
+from arrcoc.relevance import ARRCOC
+from arrcoc.relevance.targets import box_target
+
+EVAL_BATCH = 250
+
+
+@torch.no_grad()
+def accuracy(predict: Callable[[TaskData], Tensor], data: TaskData) -> float:
+    """Accuracy (%) of ``predict(batch) -> logits`` over ``data`` in batches."""
+    correct = sum(int((predict(batch).argmax(-1) == batch.labels).sum()) for batch in data.batches(EVAL_BATCH))
+    return 100.0 * correct / len(data)
+
+
+def box_coverage(kept: Tensor, boxes: Tensor, grid: PatchGrid, k: int) -> Tensor:
+    """(B,) share of the digit's patches (at most K of them) among the ``kept`` patch indices (B, K)."""
+    in_box = box_target(boxes, (grid.height, grid.width), grid.patch_size) > 0
+    return in_box.gather(1, kept).sum(1) / in_box.sum(1).clamp_min(1).clamp_max(k)
+
+
+@torch.no_grad()
+def selection_metrics(model: ARRCOC, data: TaskData) -> dict[str, float]:
+    """Box coverage (% of the target digit's patches kept) and, with queries, the top-K overlap (%) of the
+    selections with and without the query (100 = the query changes nothing)."""
+    grid = model.adapter.grid()
+    k = num_kept(model.budget, grid.num_patches)
+    covered, overlap = [], []
+    for batch in data.batches(EVAL_BATCH):
+        kept = model.relevance_map(batch.images, batch.queries).kept
+        covered.append(box_coverage(kept, batch.boxes, grid, k))
+        if batch.queries is not None:
+            blind = model.relevance_map(batch.images, None).kept
+            overlap.append((kept[:, :, None] == blind[:, None, :]).any(-1).float().mean(1))
+    metrics = {"box_coverage": 100.0 * torch.cat(covered).mean().item()}
+    if overlap:
+        metrics["query_overlap"] = 100.0 * torch.cat(overlap).mean().item()
+    return metrics
+
+
+@torch.no_grad()
+def target_coverage(model: ARRCOC, data: TaskData, kind: str) -> float:
+    """Box coverage (%) of the forward-only target ``kind`` itself (its top-K at the model's budget): learning
+    towards a target cannot keep more of the digit than the target does."""
+    grid = model.adapter.grid()
+    k = num_kept(model.budget, grid.num_patches)
+    covered = [box_coverage(top_k(model.relevance_target(batch.images, kind=kind), k), batch.boxes, grid, k)
+               for batch in data.batches(EVAL_BATCH)]
+    return 100.0 * torch.cat(covered).mean().item()
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% interval (Student t over seeds; 0 for one seed)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    t = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}.get(len(values), 1.96)
+    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+# ---- cost --------------------------------------------------------------------------------------------------
+def timed(fn: Callable[[], Any], sync: Callable[[], None] = lambda: None) -> float:
+    """Seconds one call of ``fn`` takes; ``sync`` waits for queued device work (e.g. ``torch.cuda.synchronize``)."""
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory_growth(fn: Callable[[], Any]) -> float:
+    """MB by which the process's resident memory rises above its level before ``fn()`` while it runs:
+    freed heap is first handed back to the OS (``malloc_trim``), then a thread samples the RSS every
+    0.2 ms. CPU PyTorch has no allocator statistics; on CUDA, ``max_memory_allocated`` would serve."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base = peak = resident_bytes()
+    running = True
+
+    def sample() -> None:
+        nonlocal peak
+        while running:
+            peak = max(peak, resident_bytes())
+            time.sleep(0.0002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        running = False
+        sampler.join()
+    return (max(peak, resident_bytes()) - base) / 2**20

@@ -1,0 +1,188 @@
+"""Label-free online adaptation of an attached model's relevance module: bounded updates, rollback, probe.
+
+``model.adapt(images)`` is one step of the model's :class:`OnlineAdaptation`: it learns towards a
+self-supervised, forward-only target (perturbation importance or the backbone's CLS attention), undoes
+learning that lowers the running agreement of the reduced with the full-token predictions, and, with a
+clean probe (``model.set_probe``), keeps an update only if the probe shows that it lost at most a set share
+of that agreement. Why each default is what it is: ``docs/decisions.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from arrcoc.optim import optimizer_class
+from arrcoc.rules import NonFiniteUpdate
+from arrcoc.rules.energy import RelaxationDiverged
+
+from .learning import QueryInput
+
+if TYPE_CHECKING:
+    from .attach import ARRCOC
+
+DEFAULT_ADAPTATION_LR = {"sgd": 0.05, "adam": 3e-3}  # per optimizer in arrcoc.optim.OPTIMIZERS
+ADAPTATION_TARGETS = ("perturbation", "attention")
+
+
+@dataclass
+class AdaptationConfig:
+    """How ``adapt()`` learns online.
+
+    Args:
+        optimizer: ``sgd`` (each update moves the weights by at most ``lr * max_grad_norm``: the bound the
+            reliability benchmark verifies) or ``adam`` (each weight moves at most about 3.2 ``lr`` per update;
+            its moments live across calls and restart after a rollback or probe rejection).
+        lr: step size; ``None``: the optimizer's default (sgd 0.05, adam 3e-3).
+        max_grad_norm: gradients are clipped to this norm before the step.
+        proxy_momentum: of the running agreement of the reduced with the full-token prediction.
+        rollback_drop: roll back when the running agreement falls this far below its best.
+        target: the self-supervised target, ``perturbation`` (reduced forwards with patch groups dropped)
+            or ``attention`` (the backbone's CLS attention: one forward).
+        probe_max_drop: with a probe, the share of the frozen module's probe agreement an update may lose.
+        probe_confidence: z of the one-sided test on the probe (1.64: 95%); see :meth:`OnlineAdaptation.step`.
+        probe_chunk: probe images per forward pass.
+    """
+
+    optimizer: str = "sgd"
+    lr: float | None = None
+    max_grad_norm: float = 1.0
+    proxy_momentum: float = 0.9
+    rollback_drop: float = 0.15
+    target: str = "perturbation"
+    probe_max_drop: float = 0.01
+    probe_confidence: float = 1.64
+    probe_chunk: int = 64
+
+    def __post_init__(self) -> None:
+        if self.target not in ADAPTATION_TARGETS:
+            raise ValueError(f"adaptation target must be 'perturbation' or 'attention', got {self.target!r}")
+        if self.optimizer not in DEFAULT_ADAPTATION_LR:
+            raise ValueError(f"adaptation optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.lr is None:
+            self.lr = DEFAULT_ADAPTATION_LR[self.optimizer]
+        if not self.lr >= 0 or not self.max_grad_norm > 0:
+            raise ValueError(f"adaptation needs lr >= 0 and max_grad_norm > 0, got lr={self.lr}, "
+                             f"max_grad_norm={self.max_grad_norm}")
+
+
+@dataclass
+class AdaptReport:
+    agreement: float  # fraction of images whose reduced prediction equals the full-token one
+    running_agreement: float
+    snapshot: bool  # the weights this call started from became the rollback point
+    rolled_back: bool  # the weights were restored to the rollback point (and not updated)
+    probe_agreement: float | None = None  # on the clean probe after this call (None: no probe set)
+    probe_rejected: bool = False  # this call's update lowered the probe agreement too far and was undone
+    skipped: str | None = None  # why no update was made (a diverging relaxation, a non-finite update)
+
+
+@dataclass
+class _Probe:
+    images: Tensor
+    query: Tensor | None
+    full: Tensor  # (n,) full-token predictions (the backbone is frozen: computed once)
+    frozen_agrees: Tensor  # (n,) whether the module agreed with them when the probe was set
+
+
+class OnlineAdaptation:
+    """The online-adaptation state of one attached model (its settings: ``model.adaptation``)."""
+
+    def __init__(self, model: ARRCOC):
+        self.model = model
+        self.running_agreement: float | None = None
+        self.best_agreement = 0.0
+        self.last_good: dict[str, Tensor] | None = None
+        self._optimizer: tuple[AdaptationConfig, torch.optim.Optimizer] | None = None
+        self.probe: _Probe | None = None
+        self.probe_accepted: tuple[dict[str, Tensor], Tensor] | None = None  # weights that passed, their agreement
+
+    @property
+    def config(self) -> AdaptationConfig:
+        return self.model.adaptation
+
+    def _weights(self) -> dict[str, Tensor]:
+        return copy.deepcopy(self.model.relevance.state_dict())
+
+    def _restore(self, weights: dict[str, Tensor]) -> None:
+        self.model.relevance.load_state_dict(weights)
+        self._optimizer = None  # the moments led here: start them afresh
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer of online updates: one per ``AdaptationConfig`` object (Adam's moments carry across
+        calls; assigning a new config starts afresh), its step size following ``adaptation.lr``."""
+        cfg = self.config
+        if self._optimizer is None or self._optimizer[0] is not cfg:
+            self._optimizer = cfg, optimizer_class(cfg.optimizer)(self.model.relevance.parameters(), lr=cfg.lr)
+        optimizer = self._optimizer[1]
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr
+        return optimizer
+
+    def step(self, images: Tensor, query: QueryInput = None) -> AdaptReport:
+        """One label-free step on ``images``; see :meth:`ARRCOC.adapt`.
+
+        With a probe of n images of which the update gained g and lost l (paired, per image) against the
+        frozen module's agreement, the update is kept only if ``l - g + probe_confidence * sqrt(g + l) <=
+        probe_max_drop * n``: a one-sided McNemar-style non-inferiority test.
+        """
+        cfg, model = self.config, self.model
+        with torch.no_grad():
+            agreement = model.agreement(images, query).mean().item()
+            m = cfg.proxy_momentum
+            running = agreement if self.running_agreement is None else m * self.running_agreement + (1 - m) * agreement
+            self.running_agreement = running
+            rolled_back = snapshot = False
+            if running >= self.best_agreement or self.last_good is None:
+                self.best_agreement = max(self.best_agreement, running)
+                self.last_good, snapshot = self._weights(), True
+            elif running < self.best_agreement - cfg.rollback_drop:
+                self._restore(self.last_good)
+                self.running_agreement, rolled_back = self.best_agreement, True
+        report = AdaptReport(agreement, self.running_agreement, snapshot, rolled_back)
+        if not rolled_back:
+            target = model.relevance_target(images, kind=cfg.target)
+            try:
+                model.learn(images, query, target=target, optimizer=self.optimizer, max_grad_norm=cfg.max_grad_norm)
+            except (RelaxationDiverged, NonFiniteUpdate) as error:  # nothing changed (fill_grads is all or nothing)
+                report.skipped = str(error)
+        if self.probe is not None:
+            agrees = self._probe_agrees()
+            frozen = self.probe.frozen_agrees
+            gained, lost = int((agrees & ~frozen).sum()), int((~agrees & frozen).sum())
+            margin = cfg.probe_max_drop * len(agrees)
+            if lost - gained + cfg.probe_confidence * math.sqrt(gained + lost) > margin:
+                weights, agrees = self.probe_accepted
+                self._restore(weights)
+                report.probe_rejected = True
+            else:  # every weight state that serves has passed the probe
+                self.probe_accepted = self._weights(), agrees
+            report.probe_agreement = agrees.float().mean().item()
+        return report
+
+    def set_probe(self, images: Tensor, query: QueryInput = None) -> float:
+        """See :meth:`ARRCOC.set_probe`."""
+        model = self.model
+        model.check_images(images)
+        q = model.encode_query(query, images.shape[0])
+        chunk = self.config.probe_chunk
+        with torch.no_grad():
+            full = torch.cat([model.adapter(images[i:i + chunk]).argmax(-1) for i in range(0, len(images), chunk)])
+        self.probe = _Probe(images, q, full, torch.ones_like(full, dtype=torch.bool))
+        self.probe.frozen_agrees = reference = self._probe_agrees()
+        self.probe_accepted = self._weights(), reference
+        return reference.float().mean().item()
+
+    @torch.no_grad()
+    def _probe_agrees(self) -> Tensor:
+        """(probe size,) whether each probe image's prediction at the budget equals its full-token prediction."""
+        probe, chunk = self.probe, self.config.probe_chunk
+        reduced = [self.model(probe.images[i:i + chunk], None if probe.query is None else probe.query[i:i + chunk])
+                   .argmax(-1) for i in range(0, len(probe.images), chunk)]
+        return torch.cat(reduced) == probe.full
