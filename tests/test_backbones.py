@@ -280,3 +280,16 @@ def test_unit_sizes_change_nothing(name: str) -> None:
         state = adapter.tokens(x)
         state.size = torch.ones(state.tokens.shape[:2])
         assert (adapter.head(adapter.run_blocks(state)) - adapter(x)).abs().max() <= TOL
+
+
+def test_transformers_users_may_pass_pixel_values_by_keyword():
+    import arrcoc
+
+    model = arrcoc.attach(build("hf-vit-cls"), budget=0.5)
+    x = images()
+    assert torch.equal(model(pixel_values=x), model(x))
+    assert torch.equal(model.relevance_map(pixel_values=x).kept, model.relevance_map(x).kept)
+    with pytest.raises(TypeError, match="give the images once"):
+        model(x, pixel_values=x)
+    with pytest.raises(TypeError, match="give the images once"):
+        model()
