@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import arrcoc
+from arrcoc.config import REPO_ROOT
 from arrcoc.data.image_folder import read_image_folder
 from arrcoc.models.pretrained import load_backbone
 from arrcoc.models.toy_vit import toy_vit
@@ -405,7 +406,7 @@ def run(case: Case) -> BaseException:
         torch.manual_seed(0)
         case.call(Env(folder))
     except BaseException as error:  # noqa: BLE001 - what it raises is what is checked
-        error.message = str(error).replace(str(folder), "<dir>")
+        error.message = str(error).replace(str(folder), "<dir>").replace(str(REPO_ROOT), "<repo>")
         if (folder / "pwned").exists():
             raise AssertionError(f"{case.bad_input}: code ran while loading") from error
         return error
@@ -434,7 +435,8 @@ def document() -> str:
         "Every public entry point, tried with bad inputs; each row is a test (`tests/test_bad_inputs.py`), and "
         "the table is generated from the same list (`python tests/bad_inputs.py` rewrites it; a test fails "
         "when they differ). Messages say what was expected and what was given. `<dir>` stands for the folder "
-        "the test used. Property-based tests (`tests/test_properties.py`) allow only these errors.\n\n"
+        "the test used, `<repo>` for the source checkout. Property-based tests (`tests/test_properties.py`) allow "
+        "only these errors.\n\n"
         + table() + "\n"
     )
 
@@ -452,7 +454,7 @@ def templates() -> list[tuple[str, re.Pattern[str]]]:
         pattern = re.sub(r"torch\\\.\w+", r"torch\\.\\w+", pattern)
         pattern = re.sub(r"'[^']*'", "'[^']*'", pattern)
         pattern = re.sub(r"-?(\d+(\\\.\d+)?(e[-+]?\d+)?|nan|inf)", r"[-+.\\deainf]+", pattern)
-        patterns.append((found.group(1), re.compile(pattern.replace("<dir>", ".*"))))
+        patterns.append((found.group(1), re.compile(pattern.replace("<dir>", ".*").replace("<repo>", ".*"))))
     return patterns
 
 
