@@ -121,8 +121,7 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         grid = self.adapter.grid(images)
         with torch.no_grad():
             state = self.adapter.tokens(images)
-        # the small relevance module keeps its own precision under autocast: its relaxation needs it
-        with torch.set_grad_enabled(differentiable), torch.autocast(images.device.type, enabled=False):
+        with torch.set_grad_enabled(differentiable):
             out = self.relevance(images, state.patches, (grid.height, grid.width), q)
         return out, state, (grid.height, grid.width)
 

@@ -207,14 +207,15 @@ class LocalRuleLearner:
                 raise ValueError(f"target must hold relevance values in [0, 1], got values in "
                                  f"[{target.min().item():.4g}, {target.max().item():.4g}]")
         self.relevance.zero_grad(set_to_none=True)
-        contexts = [self.rule_contexts(out, target.to(out.logits.dtype)) for out, target in passes]
-        joint = len(passes) > 1 and all("participatory" in c for c in contexts)
         total = sum(target.shape[0] for _, target in passes)
         parameters = list(self.relevance.parameters())
         several = len(passes) > 1
         try:
-            # the small relevance module keeps its own precision under autocast: its relaxations need it
+            # the small relevance module keeps its own precision under autocast (the contexts run parts of it, and
+            # a target from a reduced-precision backbone meets float32 weights here): its relaxations need it
             with torch.autocast(passes[0][0].logits.device.type, enabled=False):
+                contexts = [self.rule_contexts(out, target.to(out.logits.dtype)) for out, target in passes]
+                joint = len(passes) > 1 and all("participatory" in c for c in contexts)
                 for (_, target), pass_contexts in zip(passes, contexts):
                     before = [None if p.grad is None else p.grad.clone() for p in parameters] if several else []
                     for name, ctx in pass_contexts.items():

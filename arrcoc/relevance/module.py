@@ -238,6 +238,15 @@ class RelevanceModule(nn.Module):
 
     def forward(self, images: Tensor, patch_tokens: Tensor, grid: tuple[int, int], query: Tensor | None = None
                 ) -> RelevanceOutput:
+        # the small module keeps its own precision under autocast, where the backbone and a text encoder may run in
+        # reduced precision: its relaxation and its rules' updates need it. Its inputs are cast to its dtype (the
+        # images and tokens in patch_features).
+        with torch.autocast(images.device.type, enabled=False):
+            query = None if query is None else query.to(self.pixel_std.dtype)
+            return self._forward(images, patch_tokens, grid, query)
+
+    def _forward(self, images: Tensor, patch_tokens: Tensor, grid: tuple[int, int], query: Tensor | None
+                 ) -> RelevanceOutput:
         features, lab = self.patch_features(images, patch_tokens)
         context = features - features.mean(1, keepdim=True)
         evidence = self.evidence(lab, features, context, query)

@@ -34,6 +34,8 @@ def attention_target(adapter: BackboneAdapter, state: TokenSet) -> Tensor:
 
 def prediction_change(full: Tensor, reduced: Tensor, logits: bool) -> Tensor:
     """(M,) how far each reduced prediction moved from the full-token one."""
+    # in float32 whatever precision the backbone ran in: in bf16/fp16 the change is below the rounding noise
+    full, reduced = full.float(), reduced.float()
     if logits:
         return F.kl_div(reduced.log_softmax(-1), full.log_softmax(-1), log_target=True, reduction="none").sum(-1)
     return 1 - F.cosine_similarity(full, reduced, dim=-1)

@@ -146,16 +146,12 @@ class VLMARRCOC(LocalRuleLearner, nn.Module):
             for t, grid in enumerate(grids):
                 by_shape.setdefault((grid.height, grid.width), []).append((image, t))
         batches = []
-        # the field relaxes by descending its energy with autograd, which inference mode forbids: leave it and
-        # copy the (possibly inference-mode) inputs into ordinary tensors
-        with torch.inference_mode(False):
-            for shape, members in by_shape.items():
-                grids = [prompt.grids[i][t] for i, t in members]
-                tokens = torch.stack([prompt.features[i][g.index] for (i, _), g in zip(members, grids)]).float()
-                pixels = torch.stack([g.pixels for g in grids]).float()
-                rows = prompt.image_row[[i for i, _ in members]]
-                out = self.relevance(pixels.clone(), tokens.clone(), shape, query[rows].clone())
-                batches.append(_GridBatch(members, grids, out))
+        for shape, members in by_shape.items():
+            grids = [prompt.grids[i][t] for i, t in members]
+            tokens = torch.stack([prompt.features[i][g.index] for (i, _), g in zip(members, grids)]).float()
+            pixels = torch.stack([g.pixels for g in grids]).float()
+            rows = prompt.image_row[[i for i, _ in members]]
+            batches.append(_GridBatch(members, grids, self.relevance(pixels, tokens, shape, query[rows])))
         return batches
 
     def _allocation(self, prompt: EncodedPrompt, batches: list[_GridBatch]) -> VLMAllocation:

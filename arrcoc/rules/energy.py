@@ -103,6 +103,9 @@ class Energy(ABC):
         return 0.5 * (output - target).pow(2).flatten(1).sum(1)
 
 
+# a data-dependent loop (host-side stopping and divergence checks every step, autograd inside) that dynamo cannot
+# capture: a compiled model runs it eagerly, between its compiled graphs
+@torch.compiler.disable
 def relax(
     model: Energy,
     x: Tensor,
@@ -159,13 +162,18 @@ def relax(
     if target is None and beta != 0:
         raise ValueError(f"beta={beta} nudges towards a target, but target is None")
     cost = model.cost if cost is None else cost
-    x = x.detach()
-    states = [s.detach().clone() for s in (model.init_states(x) if states is None else states)]
+    # dF/ds comes from autograd, which inference mode forbids even under enable_grad: descend outside it, on
+    # copies of the tensors given in it (autograd may not save those); the relaxed states are ordinary tensors
+    copy = torch.is_inference_mode_enabled()
+    with torch.inference_mode(False), torch.no_grad():
+        x = x.clone() if copy else x.detach()
+        target = target.clone() if copy and target is not None else target
+        states = [s.detach().clone() for s in (model.init_states(x) if states is None else states)]
+        velocity = [torch.zeros_like(s) for s in states]
 
     trace: list[float] = []
-    velocity = [torch.zeros_like(s) for s in states]
     coasting = False  # whether the last update carried momentum
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():
         for step in range(steps + 1):
             states = [s.requires_grad_(True) for s in states]
             total = model.energy(states, x).sum()
