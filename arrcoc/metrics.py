@@ -39,18 +39,22 @@ def box_coverage(kept: Tensor, boxes: Tensor, grid: PatchGrid, k: int) -> Tensor
 
 @torch.no_grad()
 def selection_metrics(model: ARRCOC, data: TaskData) -> dict[str, float]:
-    """Box coverage (% of the target digit's patches kept) and, with queries, the top-K overlap (%) of the
-    selections with and without the query (100 = the query changes nothing)."""
-    grid = model.adapter.grid()
+    """What the selections keep: with boxes, the box coverage (% of the target digit's patches kept); with
+    queries, the top-K overlap (%) of the selections with and without the query (100 = the query changes
+    nothing). Data with neither gives {}."""
+    grid = model.adapter.grid(data.images[:1])
     k = num_kept(model.budget, grid.num_patches)
     covered, overlap = [], []
     for batch in data.batches(EVAL_BATCH):
         kept = model.relevance_map(batch.images, batch.queries).kept
-        covered.append(box_coverage(kept, batch.boxes, grid, k))
+        if batch.boxes is not None:
+            covered.append(box_coverage(kept, batch.boxes, grid, k))
         if batch.queries is not None:
             blind = model.relevance_map(batch.images, None).kept
             overlap.append((kept[:, :, None] == blind[:, None, :]).any(-1).float().mean(1))
-    metrics = {"box_coverage": 100.0 * torch.cat(covered).mean().item()}
+    metrics = {}
+    if covered:
+        metrics["box_coverage"] = 100.0 * torch.cat(covered).mean().item()
     if overlap:
         metrics["query_overlap"] = 100.0 * torch.cat(overlap).mean().item()
     return metrics

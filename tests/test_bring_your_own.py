@@ -120,6 +120,9 @@ def test_timm_backbone_trains_and_evaluates_from_the_record(timm_run, folders, t
     check_rows(rows)
     assert [row["budget"] for row in rows] == [1.0, 0.5, 0.25] and meta["test_images"] == 12
     assert meta["query_file"] == metrics["query_file"] and meta["accuracy_defined"]
+    # queries but no boxes: how much the query changes the selection is measured, box coverage is not
+    assert all("box_coverage" not in row and 0 <= row["query_overlap"] <= 100 for row in rows)
+    assert rows[0]["query_overlap"] == 100.0  # every token kept: the query cannot change the selection
     assert (tmp_path / "eval.png").stat().st_size > 0 and "| budget |" in (tmp_path / "eval.md").read_text()
 
 

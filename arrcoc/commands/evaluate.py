@@ -76,8 +76,8 @@ def speed_at_budgets(model: ARRCOC, images: Tensor, query: Tensor | None, budget
 def evaluate(model: ARRCOC, data: TaskData, budgets: list[Budget], speed_images: int = 64,
              repeats: int = 5) -> list[dict[str, float]]:
     """One row per budget: accuracy (%), full-token accuracy (%), agreement with the full-token prediction
-    (%), box coverage (%; only where ``data`` has boxes), and ms / speed ratio of a forward on the first
-    ``speed_images`` images."""
+    (%), what the selections keep (:func:`~arrcoc.metrics.selection_metrics`), and ms / speed ratio of a forward
+    on the first ``speed_images`` images."""
     kept = model.budget
     full_predictions = torch.cat([model.adapter(batch.images).argmax(-1) for batch in data.batches(EVAL_BATCH)])
     full_accuracy = 100.0 * (full_predictions == data.labels).float().mean().item()
@@ -92,7 +92,7 @@ def evaluate(model: ARRCOC, data: TaskData, budgets: list[Budget], speed_images:
             "accuracy": 100.0 * (predictions == data.labels).float().mean().item(),
             "full_token_accuracy": full_accuracy,
             "agreement": 100.0 * (predictions == full_predictions).float().mean().item(),
-            **({} if data.boxes is None else selection_metrics(model, data)),
+            **selection_metrics(model, data),
             **speed[budget],
         })
     model.set_budget(kept)
