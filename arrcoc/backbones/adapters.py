@@ -14,7 +14,7 @@ bias. Keeping every token therefore reproduces the unwrapped model exactly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -351,14 +351,17 @@ def _get(module: nn.Module, path: str) -> Any:
     return module
 
 
-def _hf_family(model: nn.Module) -> HFFamily | None:
+def is_transformers_instance(model: nn.Module, class_names: Sequence[str]) -> bool:
+    """Whether ``model`` is an instance of one of the transformers classes named (names this transformers
+    version lacks are skipped); transformers is imported only when asked."""
     import transformers
 
-    for family in HF_FAMILIES:
-        classes = tuple(c for c in (getattr(transformers, n, None) for n in family.classes) if c is not None)
-        if classes and isinstance(model, classes):
-            return family
-    return None
+    classes = tuple(c for c in (getattr(transformers, name, None) for name in class_names) if c is not None)
+    return bool(classes) and isinstance(model, classes)
+
+
+def _hf_family(model: nn.Module) -> HFFamily | None:
+    return next((family for family in HF_FAMILIES if is_transformers_instance(model, family.classes)), None)
 
 
 class HFViTAdapter(BackboneAdapter):

@@ -29,6 +29,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from .adapters import is_transformers_instance
+
 __all__ = [
     "EncodedPrompt",
     "LlavaAdapter",
@@ -554,11 +556,8 @@ def supported_vlm_families() -> list[str]:
 
 def adapt_vlm(model: nn.Module) -> VLMAdapter:
     """The adapter of ``model``'s family; the model is frozen (no grad, eval)."""
-    import transformers
-
     for adapter in _ADAPTERS:
-        classes = tuple(c for c in (getattr(transformers, n, None) for n in adapter.model_classes) if c is not None)
-        if classes and isinstance(model, classes):
+        if is_transformers_instance(model, adapter.model_classes):
             return adapter(model)
     raise TypeError(
         f"unsupported vision-language model {type(model).__module__}.{type(model).__name__}; supported: "
