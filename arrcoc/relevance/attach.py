@@ -117,6 +117,11 @@ class ARRCOC(LocalRuleLearner, nn.Module):
             patch grid (height, width).
         """
         self.check_images(images)
+        return self._checked_pass(images, query, differentiable)
+
+    def _checked_pass(self, images: Tensor, query: QueryInput, differentiable: bool = False
+                      ) -> tuple[RelevanceOutput, TokenSet, tuple[int, int]]:
+        """:meth:`relevance_pass` on images already checked (the forward pass checks them once)."""
         q = self.encode_query(query, images.shape[0])
         grid = self.adapter.grid(images)
         with torch.no_grad():
@@ -142,7 +147,7 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         if self.keeps_all(self.adapter.grid(images).num_patches):  # every token: the original computation
             self.encode_query(query, images.shape[0])
             return self.adapter(images)
-        out, state, (h, w) = self.relevance_pass(images, query)
+        out, state, (h, w) = self._checked_pass(images, query)
         if self.config.tiers:
             reduced = tiered_tokens(self.adapter, images, self.tiers(out.logits, h, w))
         else:
