@@ -14,6 +14,7 @@ BENCHMARKS = {
     "throughput": "arrcoc.bench.throughput",  # token budgets vs. speed on timm ViTs
     "sweep": "arrcoc.commands.sweep",  # the relevance module under a grid of rule assignments (= arrcoc sweep)
     "vlm": "arrcoc.bench.vlm_prefill",  # LLaVA prefill time / memory vs. kept visual tokens
+    "gpu": "arrcoc.bench.gpu",  # the one-shot GPU run: throughput, canvas timing and VLM prefill on CUDA
 }
 
 # command: (module with main(argv, prog), one-line summary); imported only when its command runs

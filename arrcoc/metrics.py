@@ -1,5 +1,5 @@
 """What the commands and benchmarks measure: accuracy, how much of the target a selection keeps, intervals
-over seeds, wall time and resident memory."""
+over seeds, wall time (on CPU or GPU, in float32 or autocast) and resident memory."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from arrcoc.relevance import ARRCOC
 from arrcoc.relevance.targets import box_target
 
 EVAL_BATCH = 250
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @torch.no_grad()
@@ -81,13 +83,21 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 
 # ---- cost --------------------------------------------------------------------------------------------------
-def timed(fn: Callable[[], Any], sync: Callable[[], None] = lambda: None) -> float:
-    """Seconds one call of ``fn`` takes; ``sync`` waits for queued device work (e.g. ``torch.cuda.synchronize``)."""
+def timed(fn: Callable[[], Any], device: torch.device | str = "cpu") -> float:
+    """Seconds one call of ``fn`` takes; on a GPU, queued work is waited for before and after."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
     fn()
     sync()
     return time.perf_counter() - start
+
+
+def autocast(device: torch.device | str, dtype: str) -> AbstractContextManager:
+    """Mixed precision as timed runs use it: ``float32`` runs as is; ``bfloat16`` / ``float16`` autocast."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    return nullcontext() if dtype == "float32" else torch.autocast(torch.device(device).type, dtype=DTYPES[dtype])
 
 
 def resident_bytes() -> int:

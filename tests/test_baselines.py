@@ -149,17 +149,35 @@ def test_throughput_benchmark_command_writes_its_results(tmp_path) -> None:
 
     threads = torch.get_num_threads()
     try:
-        out = throughput.main(["--models", "vit_tiny", "--methods", "scores", "evit", "tome", "--budgets", "0.5",
-                               "--batch", "1", "--repeats", "1", "--warmup", "0", "--threads", "1",
-                               "--out", str(tmp_path)])
+        out = throughput.main(["--models", "vit_tiny", "--methods", "arrcoc", "scores", "evit", "tome",
+                               "--budgets", "0.5", "--batch", "1", "--repeats", "1", "--warmup", "0",
+                               "--threads", "1", "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
     result = json.loads((out / "throughput.json").read_text())
-    rows = result["results"]["vit_tiny"]["rows"]
-    assert {r["method"] for r in rows} == {"scores", "evit", "tome"}
-    assert all(r["speedup"] > 0 and 0 < r["mean_token_fraction"] <= 1 for r in rows)
+    measured = result["results"]["vit_tiny"]
+    assert {r["method"] for r in measured["rows"]} == {"arrcoc", "scores", "evit", "tome"}
+    assert all(r["speedup"] > 0 and 0 < r["mean_token_fraction"] <= 1 for r in measured["rows"])
+    assert measured["module_ms"] > 0 and measured["module_overhead"] > 0
+    latency = result["latency"]["vit_tiny"]  # the batch-1 pass: full and each latency method at its budget
+    assert {(r["method"], r["budget"]) for r in latency["rows"]} == {
+        (m, throughput.LATENCY_BUDGET) for m in throughput.LATENCY_METHODS}
     assert {"device", "torch", "timm", "threads"} <= result["meta"].keys()
-    assert (out / "throughput.md").is_file() and (out / "throughput.png").is_file()
+    markdown = (out / "throughput.md").read_text()
+    assert "Batch-1 latency" in markdown and "| arrcoc | 0.5 |" in markdown
+    assert (out / "throughput.png").is_file()
+
+
+def test_capturing_attention_works_on_compiled_blocks() -> None:
+    """EViT / ATS read q/k/v through forward hooks, which a compiled block's cached graph would skip."""
+    adapter = adapt_backbone(build("timm-vit-eager"))
+    x = images()
+    state = adapter.tokens(x)
+    _, eager = adapter.run_block(0, state, capture=True)
+    adapter.blocks[0].compile(backend="eager")
+    adapter.run_blocks(state, 0, 1)  # compiled and cached without the hooks
+    out, compiled = adapter.run_block(0, state, capture=True)
+    assert torch.allclose(compiled.query, eager.query) and torch.allclose(out.tokens, adapter.run_blocks(state, 0, 1).tokens)
 
 
 @pytest.mark.parametrize("name", ["evit", "ats", "tome", "random"])

@@ -181,7 +181,8 @@ class BackboneAdapter(nn.Module):
         """Run one block; with ``capture`` also return the q/k/v it computed (read by hooks, no recompute)."""
         if not capture:
             return self.run_blocks(state, index, index + 1), None
-        with self._capture(self.blocks[index]) as taps:
+        # the taps are forward hooks: a compiled block would run its cached graph without them
+        with self._capture(self.blocks[index]) as taps, torch.compiler.set_stance("force_eager"):
             out = self.run_blocks(state, index, index + 1)
         return out, AttentionStats(taps["q"], taps["k"], taps["v"], state.attention_bias())
 

@@ -48,7 +48,7 @@ from arrcoc.baselines import (
 from arrcoc.budget import num_kept
 from arrcoc.config import REPO_ROOT, load_yaml_mapping
 from arrcoc.data.tasks import TASKS, shared_text_encoder, task_data
-from arrcoc.metrics import accuracy, peak_memory_growth, selection_metrics, target_coverage, timed
+from arrcoc.metrics import accuracy, autocast, peak_memory_growth, selection_metrics, target_coverage, timed
 from arrcoc.models.canvas_vit import DEFAULT_CHECKPOINT, load_canvas_vit
 from arrcoc.models.query_fusion import DEFAULT_QUERY_FUSION, load_query_fusion
 from arrcoc.relevance import ARRCOC, AdaptationConfig, RelevanceConfig
@@ -166,13 +166,14 @@ def collect(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ---- timing and memory --------------------------------------------------------------------------------
 @torch.no_grad()
-def throughput(bench: dict, models: dict[str, ARRCOC], threads: int, batch: int, repeats: int) -> dict[str, Any]:
+def throughput(bench: dict, models: dict[str, ARRCOC], threads: int, batch: int, repeats: int,
+               device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
     """Images/s of every method on one batch of cluttered test canvases, interleaved repeats, as ratios to
     full; and the relevance module's share of ARR-COC's time."""
     torch.set_num_threads(threads)
-    backbone = load_canvas_vit(bench["backbone"])
+    backbone = load_canvas_vit(bench["backbone"]).to(device)
     adapter = adapt_backbone(backbone)
-    images = task_data("cluttered", "test", batch, 0).images
+    images = task_data("cluttered", "test", batch, 0).images.to(device)
     grid = adapter.grid()
     fns: dict[tuple[str, float], Any] = {}
     for budget in bench["budgets"]:
@@ -180,20 +181,22 @@ def throughput(bench: dict, models: dict[str, ARRCOC], threads: int, batch: int,
             reducer = make_baseline(name, budget, adapter.depth, grid)
             fns[(name, budget)] = lambda reducer=reducer: adapter.head(run_reduced(adapter, images, reducer))
         if budget < 1:
-            model = models["cluttered"]
+            model = models["cluttered"].to(device)
             fns[("ARR-COC", budget)] = lambda model=model, budget=budget: model.set_budget(budget)(images)
             fns[("ARR-COC relevance module", budget)] = lambda model=model: model.relevance_map(images)
     fns[("full", 1.0)] = lambda: adapter(images)
     times: dict[tuple[str, float], list[float]] = {key: [] for key in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in tqdm(range(repeats), desc="throughput", leave=False):
-        for key, fn in fns.items():
-            times[key].append(timed(fn))
+    with autocast(device, dtype):
+        for fn in fns.values():
+            fn()  # warm-up
+        for _ in tqdm(range(repeats), desc="throughput", leave=False):
+            for key, fn in fns.items():
+                times[key].append(timed(fn, device))
     full = statistics.median(times[("full", 1.0)])
     rows = [{"method": name, "budget": budget, "images_per_s": len(images) / statistics.median(t),
              "speedup": full / statistics.median(t)} for (name, budget), t in times.items()]
-    return {"batch": len(images), "threads": threads, "repeats": repeats, "full_ms": 1000 * full, "rows": rows}
+    return {"batch": len(images), "threads": threads, "repeats": repeats, "device": device, "dtype": dtype,
+            "full_ms": 1000 * full, "rows": rows}
 
 
 def _training_cost_worker(learning: str, bench: dict, batch_size: int, steps: int) -> dict[str, float]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from arrcoc.data.tasks import TASKS
 from arrcoc.metrics import interval
-from arrcoc.reporting import pyplot, verdict
+from arrcoc.reporting import pyplot, read_json, verdict
 
 TASK_TITLES = {"cluttered": "Cluttered canvases (vision only)", "query": "Query canvases (vision-language)"}
 MAIN_METHODS = ("full", "random", "grid", "evit", "ats", "tome", "DynamicViT-style (global backprop)", "ARR-COC")
@@ -182,6 +182,26 @@ def _plots(results: dict[str, Any], out: Path) -> dict[str, str]:
     return files
 
 
+def speed_lines(speed: dict[str, Any], budgets: list[float]) -> list[str]:
+    """Markdown of one canvas throughput measurement (``canvas.throughput``): speed-up per method and budget."""
+    where = f"{speed['threads']} threads" if speed.get("device", "cpu") == "cpu" else speed["device"]
+    lines = [f"Batch {speed['batch']}, {where}, {speed['repeats']} interleaved repeats, medians; "
+             f"full forward {speed['full_ms']:.{0 if speed['full_ms'] >= 10 else 2}f} ms. Speed-up = full time / "
+             "method time, measured in the same run.",
+             "", "| method | " + " | ".join(f"{100 * b:g}%" for b in budgets if b < 1) + " |",
+             "|---|" + "---|" * sum(b < 1 for b in budgets)]
+    by_method: dict[str, dict[float, float]] = {}
+    for row in speed["rows"]:
+        by_method.setdefault(row["method"], {})[row["budget"]] = row["speedup"]
+    for method, cells in by_method.items():
+        if method == "full":
+            continue
+        speedups = (f"{cells[b]:.2f}x" if b in cells else "–" for b in budgets if b < 1)
+        lines.append(f"| {method} | " + " | ".join(speedups) + " |")
+    return lines + ["", "\"ARR-COC relevance module\" is the module alone (scoring, field relaxation, allocation): "
+                    "its speed-up below 1/overhead means it costs that share of one full forward.", ""]
+
+
 def write_report(results: dict[str, Any], out: Path, report: Path) -> Path:
     files = _plots(results, out)
     link = os.path.relpath(out, report.parent)
@@ -239,22 +259,15 @@ def write_report(results: dict[str, Any], out: Path, report: Path) -> Path:
                 lines.append(f"| {method.removeprefix('ARR-COC / ')} | {_cell(entry['accuracy'].get(budget))} | "
                              f"{_cell(entry.get('box_coverage'))} | {_cell(entry.get('step_ms'))} |")
         lines.append("")
-    speed = results["throughput"]
-    lines += ["## Throughput (cluttered canvases)", "",
-              f"Batch {speed['batch']}, {speed['threads']} threads, {speed['repeats']} interleaved repeats, medians; "
-              f"full forward {speed['full_ms']:.0f} ms. Speed-up = full time / method time, measured in the same run.",
-              "", "| method | " + " | ".join(f"{100 * b:g}%" for b in budgets if b < 1) + " |",
-              "|---|" + "---|" * sum(b < 1 for b in budgets)]
-    by_method: dict[str, dict[float, float]] = {}
-    for row in speed["rows"]:
-        by_method.setdefault(row["method"], {})[row["budget"]] = row["speedup"]
-    for method, cells in by_method.items():
-        if method == "full":
-            continue
-        speedups = (f"{cells[b]:.2f}x" if b in cells else "–" for b in budgets if b < 1)
-        lines.append(f"| {method} | " + " | ".join(speedups) + " |")
-    lines += ["", "\"ARR-COC relevance module\" is the module alone (scoring, field relaxation, allocation): its "
-              "speed-up below 1/overhead means it costs that share of one full forward.", ""]
+    lines += ["## Throughput (cluttered canvases)", "", *speed_lines(results["throughput"], budgets)]
+    gpu = read_json(out / "gpu_canvas.json")
+    if gpu:
+        lines += ["## Throughput on a GPU", "",
+                  f"The same measurement on {gpu['meta']['device']} (`{gpu['meta']['command']}`, commit "
+                  f"{gpu['meta'].get('commit') or 'unknown'}); GPU throughput of the timm ViTs and the VLM prefill "
+                  f"are in [{link}/gpu.md]({link}/gpu.md).", ""]
+        for speed in gpu["runs"]:
+            lines += [f"**{speed['dtype']}**", "", *speed_lines(speed, budgets)]
     cost = results["training_cost"]
     lines += ["## Training cost: local rules vs. global backprop", "",
               f"One step on a batch of {cost['batch']} cluttered canvases, each in a fresh process; peak memory = "

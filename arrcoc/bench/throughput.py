@@ -1,14 +1,16 @@
 """Throughput vs. token budget for every token-reduction method on timm ViTs (random weights).
 
 Each model's full forward is measured in the same run as every method (repeats interleaved, medians),
-and every method is reported as a throughput ratio to it. "scores" rows are the learned allocator's
-path: per-patch scores (random here; the allocator's cost is not included) consumed by ``keep_top_k``
-before block 0, with the dropped tokens discarded, fused (EViT-style) or merged (ToMe-style).
-Baselines: random-K, uniform grid, EViT, ATS, ToMe (``arrcoc.baselines``).
+and every method is reported as a throughput ratio to it. ``arrcoc`` rows are the library as a user runs it:
+``arrcoc.attach(model)`` scores the patches with its relevance module (untrained here: its cost does not
+depend on its weights) and the backbone runs on the top K, the module's time included. ``scores`` rows are
+the allocation path alone: given per-patch scores consumed by ``keep_top_k`` before block 0, with the dropped
+tokens discarded, fused (EViT-style) or merged (ToMe-style). Baselines: random-K, uniform grid, EViT, ATS,
+ToMe (``arrcoc.baselines``). A second pass at batch 1 gives the latency of full / ARR-COC / EViT / ToMe.
 
     python -m arrcoc.bench.throughput            # ViT-Ti/S/B, 224x224, batch 32, all threads
     python -m arrcoc.bench.throughput --quick    # ViT-S only, batch 8, few repeats (smoke run)
-    python -m arrcoc.bench.throughput --device cuda --compile
+    python -m arrcoc.bench.throughput --device cuda --dtype bfloat16 --compile
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +29,13 @@ import timm
 import torch
 from tqdm import tqdm
 
+import arrcoc
 from arrcoc.backbones import adapt_backbone, keep_top_k
 from arrcoc.backbones.adapters import BackboneAdapter
 from arrcoc.baselines import make_baseline, run_reduced
 from arrcoc.config import config_file, parse_with_config
-from arrcoc.metrics import timed
+from arrcoc.metrics import DTYPES, autocast, timed
+from arrcoc.relevance import ARRCOC
 from arrcoc.reporting import (
     closing_lines,
     command_line,
@@ -43,16 +47,38 @@ from arrcoc.reporting import (
     save_results,
 )
 
-MODELS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224"}
+MODELS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
+          "vit_base": "vit_base_patch16_224", "vit_large": "vit_large_patch16_224"}
+DEFAULT_MODELS = ("vit_tiny", "vit_small", "vit_base")
 ALLOCATOR_MODES = {"scores": "discard", "scores+fuse": "fuse", "scores+merge": "merge"}
-METHODS = (*ALLOCATOR_MODES, "random", "grid", "evit", "ats", "tome")
+METHODS = ("arrcoc", *ALLOCATOR_MODES, "random", "grid", "evit", "ats", "tome")
+LATENCY_METHODS = ("arrcoc", "evit", "tome")
+LATENCY_BUDGET = 0.25
 TARGET_SPEEDUP = 3.4  # ViT-S at 25% of the tokens; most of the 4x a quarter of the tokens allows (docs/decisions.md)
-TARGET_OVERHEAD = 0.05  # selection cost as a fraction of the full forward
+TARGET_OVERHEAD = 0.05  # selection cost, and the relevance module's, as a fraction of the full forward
+TARGET_ARRCOC_VS_RANDOM = 0.85  # ARR-COC's speed-up at 25% as a fraction of random-K's at the same token count
 
 
-def forward_fn(adapter: BackboneAdapter, images: torch.Tensor, method: str, budget: float) -> Callable[[], Any]:
+@dataclass(frozen=True)
+class Settings:
+    """One measurement: every method x budget on one model, against its full forward."""
+
+    methods: tuple[str, ...]
+    budgets: tuple[float, ...]
+    batch: int
+    repeats: int
+    warmup: int = 2
+    device: str = "cpu"
+    dtype: str = "float32"  # float32, or autocast to bfloat16 / float16
+    compile: bool = False  # torch.compile each transformer block (dynamic shapes: one graph for every length)
+
+
+def forward_fn(adapter: BackboneAdapter, model: ARRCOC, images: torch.Tensor, method: str,
+               budget: float) -> Callable[[], Any]:
     if method == "full":
         return lambda: adapter(images)
+    if method == "arrcoc":
+        return lambda: model.set_budget(budget)(images)
     if method in ALLOCATOR_MODES:
         scores = torch.rand(images.shape[0], adapter.grid(images).num_patches, device=images.device)
 
@@ -68,52 +94,57 @@ def forward_fn(adapter: BackboneAdapter, images: torch.Tensor, method: str, budg
 def mean_token_fraction(adapter: BackboneAdapter, images: torch.Tensor, method: str, budget: float) -> float:
     """Mean over blocks of the tokens a block runs on, as a fraction of the full sequence."""
     full = adapter.num_prefix_tokens + adapter.grid(images).num_patches
-    if method in ALLOCATOR_MODES:
+    if method in ALLOCATOR_MODES or method == "arrcoc":  # ARR-COC keeps its top K before block 0, as scores do
         state = adapter.tokens(images[:1])
         scores = torch.rand(1, state.num_patch_tokens, device=images.device)
-        return keep_top_k(state, scores, budget, ALLOCATOR_MODES[method]).tokens.shape[1] / full
+        mode = ALLOCATOR_MODES.get(method, "discard")
+        return keep_top_k(state, scores, budget, mode).tokens.shape[1] / full
     trace: list[int] = []
     run_reduced(adapter, images[:1], make_baseline(method, budget, adapter.depth, adapter.grid(images)), trace)
     return statistics.mean(trace) / full
 
 
-def bench_model(name: str, args: argparse.Namespace, device: torch.device, bar: tqdm) -> dict[str, Any]:
-    model = timm.create_model(MODELS[name], pretrained=False).to(device)
-    adapter = adapt_backbone(model)
-    if args.compile:
-        for block in adapter.blocks:
+def measure(name: str, settings: Settings, bar: tqdm | None = None) -> dict[str, Any]:
+    """Every method x budget of ``settings`` on timm model ``name`` (a key of MODELS), as ratios to its full
+    forward measured in the same run; plus the cost of top-K selection and of the relevance module alone."""
+    device = torch.device(settings.device)
+    backbone = timm.create_model(MODELS[name], pretrained=False).to(device).eval()
+    adapter = adapt_backbone(backbone)
+    model = arrcoc.attach(backbone, budget=LATENCY_BUDGET).to(device).eval()
+    if settings.compile:
+        for block in adapter.blocks:  # the blocks ARR-COC runs are these same modules
             block.compile(dynamic=True)
-    images = torch.randn(args.batch, 3, 224, 224, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    images = torch.randn(settings.batch, 3, 224, 224, device=device)
 
-    configs = [("full", 1.0)] + [(m, b) for m in args.methods for b in args.budgets]
+    configs = [("full", 1.0)] + [(m, b) for m in settings.methods for b in settings.budgets]
     times: dict[tuple[str, float], list[float]] = {c: [] for c in configs}
-    with torch.inference_mode(), autocast:
-        fns = {c: forward_fn(adapter, images, *c) for c in configs}
-        for fn in fns.values():  # warm-up (and compilation)
-            for _ in range(args.warmup):
-                fn()
-        order = list(configs)
-        for _ in range(args.repeats):
-            random.shuffle(order)  # interleave: drift in machine load hits every config alike
-            for config in order:
-                times[config].append(timed(fns[config], sync))
-                bar.update()
+    with torch.inference_mode(), autocast(device, settings.dtype):
+        fns = {c: forward_fn(adapter, model, images, *c) for c in configs}
+        fns[("relevance module", 1.0)] = lambda: model.relevance_map(images)
         state = adapter.tokens(images)
         scores = torch.rand(images.shape[0], state.num_patch_tokens, device=device)
-        selection = statistics.median(
-            timed(lambda: keep_top_k(state, scores, 0.25), sync) for _ in range(max(5, args.repeats))
-        )
+        fns[("top-K selection", 1.0)] = lambda: keep_top_k(state, scores, LATENCY_BUDGET)
+        times.update({c: [] for c in fns if c not in times})
+        for fn in fns.values():  # warm-up (and compilation)
+            for _ in range(settings.warmup):
+                fn()
+        order = list(fns)
+        for _ in range(settings.repeats):
+            random.shuffle(order)  # interleave: drift in machine load hits every config alike
+            for config in order:
+                times[config].append(timed(fns[config], device))
+            if bar is not None:
+                bar.update()
         fractions = {c: mean_token_fraction(adapter, images, *c) for c in configs if c[0] != "full"}
 
-    full = statistics.median(times[("full", 1.0)])
+    median = {c: statistics.median(t) for c, t in times.items()}
+    full = median[("full", 1.0)]
     rows = [
         {
             "method": method,
             "budget": budget,
-            "median_ms": 1e3 * statistics.median(times[(method, budget)]),
-            "speedup": full / statistics.median(times[(method, budget)]),
+            "median_ms": 1e3 * median[(method, budget)],
+            "speedup": full / median[(method, budget)],
             "mean_token_fraction": fractions[(method, budget)],
         }
         for method, budget in configs[1:]
@@ -121,68 +152,109 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, bar: 
     return {
         "timm_model": MODELS[name],
         "full_ms": 1e3 * full,
-        "full_images_per_s": args.batch / full,
-        "selection_ms": 1e3 * selection,
-        "selection_overhead": selection / full,
+        "full_images_per_s": settings.batch / full,
+        "selection_ms": 1e3 * median[("top-K selection", 1.0)],
+        "selection_overhead": median[("top-K selection", 1.0)] / full,
+        "module_ms": 1e3 * median[("relevance module", 1.0)],
+        "module_overhead": median[("relevance module", 1.0)] / full,
         "rows": rows,
     }
+
+
+def row(result: dict[str, Any], method: str, budget: float) -> dict[str, Any] | None:
+    return next((r for r in result["rows"] if r["method"] == method and r["budget"] == budget), None)
 
 
 def checks(results: dict[str, Any]) -> list[tuple[str, bool | None]]:
     small = results.get("vit_small")
     if small is None:
         return [("ViT-S targets", None)]
-    at_quarter = [r for r in small["rows"] if r["method"] == "scores" and r["budget"] == 0.25]
-    speed = at_quarter[0]["speedup"] if at_quarter else None
-    return [
+    scores, arr, rand = (row(small, m, 0.25) for m in ("scores", "arrcoc", "random"))
+    speed = scores and scores["speedup"]
+    lines = [
         (f"ViT-S at 25% tokens >= {TARGET_SPEEDUP}x full throughput (got {speed and round(speed, 2)}x)",
          None if speed is None else speed >= TARGET_SPEEDUP),
         (f"selection overhead <= {TARGET_OVERHEAD:.0%} of the full forward "
          f"(got {small['selection_overhead']:.2%})", small["selection_overhead"] <= TARGET_OVERHEAD),
+        (f"relevance module <= {TARGET_OVERHEAD:.0%} of the full forward on ViT-S "
+         f"(got {small['module_overhead']:.1%})", small["module_overhead"] <= TARGET_OVERHEAD),
     ]
+    if arr and rand:
+        ratio = arr["speedup"] / rand["speedup"]
+        lines.append((f"ARR-COC's speed-up at 25% >= {TARGET_ARRCOC_VS_RANDOM}x random-K's on ViT-S (got "
+                      f"{arr['speedup']:.2f}x vs {rand['speedup']:.2f}x = {ratio:.2f})",
+                      ratio >= TARGET_ARRCOC_VS_RANDOM))
+    return lines
 
 
-def report(results: dict[str, Any], meta: dict[str, Any], out: Path) -> str:
-    """Draws ``throughput.png`` in ``out``; returns the Markdown report."""
+def plot(results: dict[str, Any], methods: list[str], budgets: list[float], path: Path, title: str = "") -> None:
+    """Speed-up vs. budget per model, one line per method."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
     for ax, (name, res) in zip(axes[0], results.items()):
-        for method in meta["methods"]:
+        for method in methods:
             rows = sorted((r for r in res["rows"] if r["method"] == method), key=lambda r: r["budget"])
             ax.plot([r["budget"] for r in rows], [r["speedup"] for r in rows], marker="o", label=method)
-        budgets = sorted(meta["budgets"])
-        ax.plot(budgets, [1 / b for b in budgets], "k--", lw=1, label="linear ideal (1/budget)")
+        ax.plot(sorted(budgets), [1 / b for b in sorted(budgets)], "k--", lw=1, label="linear ideal (1/budget)")
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set(title=name, xlabel="token budget (fraction of patches kept)", ylabel="throughput / full model")
+        ax.set(title=f"{name} {title}".strip(), xlabel="token budget (fraction of patches kept)",
+               ylabel="throughput / full model")
     axes[0][0].legend(fontsize=8)
-    save_figure(fig, out / "throughput.png")
+    save_figure(fig, path)
 
+
+def speedup_table(results: dict[str, Any], methods: list[str], budgets: list[float]) -> list[str]:
+    """Markdown rows: every method x budget, a column per model: speed-up (mean token fraction)."""
     names = list(results)
+    lines = [
+        "| method | budget | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+        "| full | 1.0 | " + " | ".join(f"1.00 ({results[n]['full_images_per_s']:.0f} img/s)" for n in names) + " |",
+    ]
+    for method in methods:
+        for budget in budgets:
+            cells = [(r := row(results[n], method, budget)) and f"{r['speedup']:.2f}x ({r['mean_token_fraction']:.2f})"
+                     for n in names]
+            lines.append(f"| {method} | {budget} | " + " | ".join(c or "-" for c in cells) + " |")
+    lines += ["", "Relevance module alone (ARR-COC's scoring), and top-25% selection + gather, as a fraction of "
+              "the full forward: " + "; ".join(f"{n} {results[n]['module_overhead']:.1%} and "
+                                               f"{results[n]['selection_overhead']:.2%}" for n in names) + "."]
+    return lines
+
+
+def latency_lines(latency: dict[str, Any]) -> list[str]:
+    """Markdown rows of the batch-1 latency pass: ms per image, a column per model."""
+    names = list(latency)
+    lines = ["| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
+             "| full | " + " | ".join(f"{latency[n]['full_ms']:.1f} ms" for n in names) + " |"]
+    for method in LATENCY_METHODS:
+        cells = [(r := row(latency[n], method, LATENCY_BUDGET)) and f"{r['median_ms']:.1f} ms ({r['speedup']:.2f}x)"
+                 for n in names]
+        lines.append(f"| {method} at {LATENCY_BUDGET} | " + " | ".join(c or "-" for c in cells) + " |")
+    return lines
+
+
+def report(results: dict[str, Any], latency: dict[str, Any], meta: dict[str, Any], out: Path) -> str:
+    """Draws ``throughput.png`` in ``out``; returns the Markdown report."""
+    plot(results, meta["methods"], meta["budgets"], out / "throughput.png")
     lines = [
         f"# Throughput vs. token budget ({meta['mode']})",
         "",
-        f"Command: `{meta['command']}`. timm {', '.join(MODELS[n] for n in names)} (random weights), "
+        f"Command: `{meta['command']}`. timm {', '.join(MODELS[n] for n in results)} (random weights), "
         f"224x224, batch {meta['batch']}, {meta['repeats']} interleaved repeats (medians); {meta['device']}, "
         f"{meta['dtype']}, torch {meta['torch']}, timm {meta['timm']}, {meta['threads']} threads"
         f"{', torch.compile' if meta['compile'] else ''}.",
         "",
         "Throughput as a multiple of the full model measured in the same run; in brackets the mean fraction "
         "of the sequence the blocks ran on. Budget = fraction of patch tokens kept (before block 0 for "
-        "scores / random / grid; at the last stage for EViT / ATS; after merging for ToMe).",
+        "arrcoc / scores / random / grid; at the last stage for EViT / ATS; after merging for ToMe). "
+        "arrcoc includes its relevance module; scores rows are given their scores.",
         "",
-        "| method | budget | " + " | ".join(names) + " |",
-        "|---|---|" + "---|" * len(names),
-        "| full | 1.0 | " + " | ".join(f"1.00 ({results[n]['full_images_per_s']:.0f} img/s)" for n in names) + " |",
+        *speedup_table(results, meta["methods"], meta["budgets"]),
     ]
-    for method in meta["methods"]:
-        for budget in meta["budgets"]:
-            cells = []
-            for n in names:
-                row = next(r for r in results[n]["rows"] if r["method"] == method and r["budget"] == budget)
-                cells.append(f"{row['speedup']:.2f}x ({row['mean_token_fraction']:.2f})")
-            lines.append(f"| {method} | {budget} | " + " | ".join(cells) + " |")
-    lines += ["", "Selection overhead (top-25% of scores + gather, as a fraction of the full forward): "
-              + ", ".join(f"{n} {results[n]['selection_overhead']:.2%}" for n in names) + "."]
+    if latency:
+        lines += ["", f"Batch-1 latency (median of {meta['repeats']} interleaved repeats; in brackets the speed-up "
+                  "over full):", "", *latency_lines(latency)]
     lines += closing_lines(checks(results), meta["wall_seconds"], "throughput.png", "throughput vs budget")
     return "\n".join(lines)
 
@@ -190,46 +262,55 @@ def report(results: dict[str, Any], meta: dict[str, Any], out: Path) -> str:
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="ViT-S only, batch 8, 3 repeats: a smoke run")
-    parser.add_argument("--models", nargs="*", choices=list(MODELS), help="default: all (ViT-S with --quick)")
+    parser.add_argument("--models", nargs="*", choices=list(MODELS),
+                        help=f"default: {' '.join(DEFAULT_MODELS)} (vit_small with --quick)")
     parser.add_argument("--methods", nargs="*", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--budgets", type=float, nargs="*", default=[0.75, 0.5, 0.25])
     parser.add_argument("--batch", type=int, help="default 32 (8 with --quick)")
     parser.add_argument("--repeats", type=int, help="default 7 (3 with --quick)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda (cuda runs under bf16 autocast)")
+    parser.add_argument("--no-latency", dest="latency", action="store_false",
+                        help=f"skip the batch-1 latency pass ({', '.join(LATENCY_METHODS)} at {LATENCY_BUDGET})")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default bfloat16 autocast on cuda, float32 on cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, i.e. all cores)")
     parser.add_argument("--out", help="output folder (default: benchmarks/results, or runs/quick with --quick)")
     parser.add_argument("--config", type=config_file,
                         help="YAML of defaults for these options (keys: option names with underscores)")
     args = parse_with_config(parser, argv)
-    args.models = args.models or (["vit_small"] if args.quick else list(MODELS))
-    args.batch = args.batch or (8 if args.quick else 32)
-    args.repeats = args.repeats or (3 if args.quick else 7)
+    models = args.models or (["vit_small"] if args.quick else list(DEFAULT_MODELS))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    settings = Settings(
+        methods=tuple(args.methods), budgets=tuple(args.budgets), batch=args.batch or (8 if args.quick else 32),
+        repeats=args.repeats or (3 if args.quick else 7), warmup=args.warmup, device=str(device),
+        dtype=args.dtype or ("bfloat16" if device.type == "cuda" else "float32"), compile=args.compile,
+    )
+    latency_settings = replace(settings, methods=LATENCY_METHODS, budgets=(LATENCY_BUDGET,), batch=1)
     out = output_dir(args.out, args.quick)
 
     start = time.perf_counter()
     random.seed(0)
     torch.manual_seed(0)
-    per_model = 1 + len(args.methods) * len(args.budgets)
-    with tqdm(total=len(args.models) * per_model * args.repeats, desc="forwards", unit="fwd") as bar:
-        results = {}
-        for name in args.models:
+    with tqdm(total=len(models) * settings.repeats * (1 + args.latency), desc="repeats", unit="rep") as bar:
+        results, latency = {}, {}
+        for name in models:
             bar.set_postfix(model=name)
-            results[name] = bench_model(name, args, device, bar)
+            results[name] = measure(name, settings, bar)
+            if args.latency:
+                latency[name] = measure(name, latency_settings, bar)
     meta = run_metadata(
         command_line("arrcoc.bench.throughput", argv), args.quick,
-        models={n: MODELS[n] for n in args.models}, methods=args.methods, budgets=args.budgets, batch=args.batch,
-        repeats=args.repeats, warmup=args.warmup, image_size=224, device=device_label(device),
-        dtype="bf16 autocast" if device.type == "cuda" else "float32", compile=args.compile, timm=timm.__version__,
+        models={n: MODELS[n] for n in models}, methods=list(settings.methods), budgets=list(settings.budgets),
+        batch=settings.batch, repeats=settings.repeats, warmup=settings.warmup, image_size=224,
+        device=device_label(device), dtype=settings.dtype, compile=settings.compile, timm=timm.__version__,
         machine=platform.machine(), wall_seconds=time.perf_counter() - start,
     )
-    return save_results(out, "throughput", {"meta": meta, "results": results,
-                                     "checks": [[t, ok] for t, ok in checks(results)]}, report(results, meta, out))
+    return save_results(out, "throughput", {"meta": meta, "results": results, "latency": latency,
+                                            "checks": [[t, ok] for t, ok in checks(results)]},
+                        report(results, latency, meta, out))
 
 
 if __name__ == "__main__":

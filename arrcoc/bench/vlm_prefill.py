@@ -80,7 +80,6 @@ def run(config: PrefillBenchConfig, device: torch.device) -> dict[str, Any]:
     inputs = {k: v.to(device) for k, v in toy_prompts(model, [prompt_ids]).items()}
     wrappers = {b: arrcoc.attach_vlm(model, budget=b) for b in config.budgets}
     adapter = wrappers[1.0].adapter
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
         prompt = adapter.encode(inputs)
         visual = prompt.num_tokens(0)
@@ -112,7 +111,7 @@ def run(config: PrefillBenchConfig, device: torch.device) -> dict[str, Any]:
             for _ in range(config.repeats):
                 random.shuffle(order)  # interleaved: drift in machine load hits every K alike
                 for job in order:
-                    times[job].append(timed(fns[job], sync))
+                    times[job].append(timed(fns[job], device))
                     bar.update()
         memory = {(kind, b): peak_bytes(fns[(kind, b)], device) for kind in kinds for b in config.budgets}
         lengths = {b: adapter.shorten(prompt, keeps[b]).input_ids.shape[1] for b in config.budgets}
@@ -135,8 +134,8 @@ def run(config: PrefillBenchConfig, device: torch.device) -> dict[str, Any]:
             "times_s": {f"{kind}@{b}": t for (kind, b), t in times.items()}}
 
 
-def report(result: dict[str, Any], meta: dict[str, Any], out: Path) -> str:
-    """Draws ``vlm_prefill.png`` in ``out``; returns the Markdown report."""
+def report(result: dict[str, Any], meta: dict[str, Any], out: Path, name: str = "vlm_prefill") -> str:
+    """Draws ``NAME.png`` in ``out``; returns the Markdown report."""
     plt = pyplot()
     rows = result["rows"]
     fractions = [r["kept_visual_tokens"] / result["visual_tokens"] for r in rows]
@@ -151,7 +150,7 @@ def report(result: dict[str, Any], meta: dict[str, Any], out: Path) -> str:
         ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
     axes[0].legend(fontsize=8)
     fig.suptitle(f"LLaVA-architecture prefill ({meta['device']})", fontsize=9)
-    save_figure(fig, out / "vlm_prefill.png")
+    save_figure(fig, out / f"{name}.png")
 
     size = meta["size"]
     lines = [
@@ -183,7 +182,7 @@ def report(result: dict[str, Any], meta: dict[str, Any], out: Path) -> str:
             f"{r['lm_time_ratio']:.3f} | {r['lm_peak_mib']:.1f} | {r['lm_peak_ratio']:.3f} | {r['e2e_ms']:.1f} | "
             f"{r['e2e_time_ratio']:.3f} | {r['e2e_peak_mib']:.1f} | {r['e2e_peak_ratio']:.3f} | {alloc} |"
         )
-    lines += ["", "![prefill time and peak memory vs kept visual tokens](vlm_prefill.png)", ""]
+    lines += ["", f"![prefill time and peak memory vs kept visual tokens]({name}.png)", ""]
     return "\n".join(lines)
 
 
