@@ -8,6 +8,7 @@ A benchmark is a command that measures and writes ``NAME.json`` (machine-readabl
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -31,14 +32,16 @@ def output_dir(out: str | Path | None, quick: bool) -> Path:
 
 
 def source_commit() -> str | None:
-    """The git commit of the source checkout the benchmark ran from (None outside a git checkout)."""
+    """The git commit of the source checkout the benchmark ran from: ``git rev-parse HEAD``, else the
+    ``ARRCOC_SOURCE_COMMIT`` environment variable (a copy without its .git, as benchmarks/gpu.sh ships it),
+    else None."""
     try:
         done = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return None
-    if done.returncode != 0:
-        return None
+        done = None
+    if done is None or done.returncode != 0:
+        return os.environ.get("ARRCOC_SOURCE_COMMIT") or None
     return done.stdout.strip() or None
 
 

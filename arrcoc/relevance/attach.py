@@ -13,7 +13,7 @@ import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -342,6 +342,9 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         return wrapped
 
 
+M = TypeVar("M", bound=nn.Module)
+
+
 def attach(model: nn.Module, budget: Budget | None = None, config: RelevanceConfig | dict | None = None,
            **kwargs: Any) -> ARRCOC:
     """Wrap a frozen timm / transformers ViT so that it runs on the tokens ARR-COC allocates.
@@ -363,4 +366,11 @@ def attach(model: nn.Module, budget: Budget | None = None, config: RelevanceConf
     config = config or RelevanceConfig()
     if budget is not None:
         config = dataclasses.replace(config, budget=budget)  # validates
-    return ARRCOC(model, config, **kwargs)
+    return on_model_device(ARRCOC(model, config, **kwargs), model)
+
+
+def on_model_device(wrapper: M, model: nn.Module) -> M:
+    """``wrapper`` with its relevance module moved to where ``model``'s weights are (a CUDA model gets a CUDA
+    module); ``Module.to`` moves the parameters in place, so an optimizer built on them stays valid."""
+    weight = next(model.parameters(), None)
+    return wrapper if weight is None else wrapper.to(weight.device)

@@ -21,7 +21,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from einops import rearrange
@@ -32,6 +32,7 @@ from arrcoc.budget import Budget, num_kept
 
 from .checkpoint import read_checkpoint
 from .learning import LocalRuleLearner, QueryInput
+from .attach import on_model_device
 from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
 from .targets import box_target, prediction_change
 
@@ -346,4 +347,4 @@ def attach_vlm(model: nn.Module, budget: Budget | None = None, config: VLMConfig
     if text_encoder is None:
         relevance["query_dim"] = adapt_vlm(model).feature_dim  # also rejects an unsupported model clearly
     config = dataclasses.replace(config, relevance=RelevanceConfig.from_dict(relevance))
-    return VLMARRCOC(model, config, text_encoder)
+    return on_model_device(VLMARRCOC(model, config, text_encoder), model)
