@@ -6,9 +6,9 @@ bias log(m) (DynamicViT's attention masking; here through the adapters' size bia
 for hard masks), the task loss plus a keep-ratio penalty is differentiated back to the module's
 parameters. The backbone's weights never change, but the gradient does flow through it: this is
 what ARR-COC's local rules avoid (memory, step time, biological plausibility).
-At inference it selects the top K like every other method. The field's equilibrium is not
-differentiated (its relaxed state is a constant here), so this baseline trains the scorers and the
-allocator, not the field.
+At inference it selects the top K like every other method. The relevance field is differentiated through
+its equilibrium (:func:`~arrcoc.rules.energy.relax_differentiably`), so every sub-network of the module,
+the field included, learns from the task loss.
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ def gumbel_sigmoid(logits: Tensor, temperature: float) -> Tensor:
 
 
 def global_backprop_step(model: ARRCOC, images: Tensor, labels: Tensor, query: QueryInput = None,
-                         config: GlobalBackpropConfig | None = None) -> dict[str, float]:
-    """One step of the DynamicViT-style baseline: task loss through the frozen backbone."""
+                         config: GlobalBackpropConfig | None = None, max_grad_norm: float | None = None
+                         ) -> dict[str, float]:
+    """One step of the DynamicViT-style baseline: task loss through the frozen backbone (the module's gradient
+    norm clipped to ``max_grad_norm``, if given)."""
     cfg = config or GlobalBackpropConfig()
     was_training = model.relevance.training
     model.relevance.train()
@@ -53,6 +55,6 @@ def global_backprop_step(model: ARRCOC, images: Tensor, labels: Tensor, query: Q
     task = F.cross_entropy(logits, labels)
     loss = task + cfg.ratio_weight * (keep.mean(1) - budget).pow(2).mean()
     loss.backward()
-    model.optimizer.step()
+    model.step_optimizer(max_grad_norm=max_grad_norm)
     model.relevance.train(was_training)
     return {"loss": loss.item(), "task_loss": task.item(), "keep": keep.mean().item()}

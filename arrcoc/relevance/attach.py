@@ -110,7 +110,8 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         Args:
             images: (B, C, H, W) as the backbone takes them.
             query: (B, query_dim) embeddings, one string or a list of strings (with a text encoder), or None.
-            differentiable: record autograd through the relevance module (only the global-backprop baseline).
+            differentiable: record autograd through the relevance module, its field's equilibrium included
+                (only the backprop references in :mod:`arrcoc.baselines`).
 
         Returns:
             The module's output (budget logits, relevance, evidence), the images' embedded tokens, and the
@@ -228,6 +229,14 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         p = torch.sigmoid(out.logits)
         return (p + (reward - baseline)[:, None] * (mask - p)).clamp(0, 1)
 
+    def training_target(self, out: RelevanceOutput, state: TokenSet, images: Tensor, boxes: Tensor | None,
+                        labels: Tensor | None) -> Tensor:
+        """(B, N) what a training step on the pass ``out`` learns towards: the configured target (the reward
+        target judges the choice ``out`` made)."""
+        if self.config.target == "reward":
+            return self.reward_target(out, state, labels)
+        return self.relevance_target(images, boxes, state)
+
     def learn(self, images: Tensor, query: QueryInput = None, target: Tensor | None = None,
               boxes: Tensor | None = None, labels: Tensor | None = None,
               optimizer: torch.optim.Optimizer | None = None, max_grad_norm: float | None = None) -> dict[str, float]:
@@ -271,10 +280,8 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         if labels is not None and (labels.shape != images.shape[:1] or labels.is_floating_point()):
             raise ValueError(f"labels must be ({images.shape[0]},) class indices (one per image), got "
                              f"{tuple(labels.shape)} {labels.dtype}")
-        if target is None and self.config.target == "reward":
-            target = self.reward_target(out, state, labels)
-        elif target is None:
-            target = self.relevance_target(images, boxes, state)
+        if target is None:
+            target = self.training_target(out, state, images, boxes, labels)
         self.fill_rule_grads([(out, target)])
         k = num_kept(self.budget, h * w)
         chosen = torch.zeros_like(out.logits).scatter_(1, top_k(out.logits, k), 1.0)

@@ -24,7 +24,7 @@ from arrcoc.backbones.tokens import DROPPED_MODES
 from arrcoc.budget import Budget, check_budget
 from arrcoc.config import apply_override, load_yaml_mapping
 from arrcoc.rules.distributed import ShardedBatchNorm1d
-from arrcoc.rules.energy import Relaxation, relax
+from arrcoc.rules.energy import Relaxation, relax, relax_differentiably
 
 from .allocator import Allocator
 from .field import RelevanceField, grid_positions
@@ -233,7 +233,9 @@ class RelevanceModule(nn.Module):
         return torch.stack([propositional, perspectival, participatory], -1)
 
     def relax_field(self, field_input: Tensor) -> Tensor:
-        states, _ = relax(self.field.as_energy(), field_input, **self.config.relaxation.settings())
+        # under autograd (the backprop references) the relevance is differentiated through its equilibrium
+        relaxed = relax_differentiably if torch.is_grad_enabled() else relax
+        states, _ = relaxed(self.field.as_energy(), field_input, **self.config.relaxation.settings())
         return torch.sigmoid(states[0])
 
     def forward(self, images: Tensor, patch_tokens: Tensor, grid: tuple[int, int], query: Tensor | None = None

@@ -1,0 +1,49 @@
+"""ARR-COC all-backprop: the reference for the local rules.
+
+The same relevance module, target, optimizer and schedule as :meth:`~arrcoc.relevance.attach.ARRCOC.learn`, but
+every sub-network is trained by autograd on one loss instead of by its own local rule: the binary cross-entropy
+of the allocator's budget logits against the relevance target (the loss whose gradient the allocator's local
+rule is given). Its gradient flows end to end inside the module: allocator -> relevance field, differentiated
+through its equilibrium (:func:`~arrcoc.rules.energy.relax_differentiably`) -> the three ways of knowing ->
+perspectival readout and encoder, participatory coupling. The backbone's features enter detached: unlike the
+DynamicViT-style baseline (:mod:`.global_backprop`), no gradient flows through the backbone. What the local
+rules lose (or gain) against this reference is what their locality costs.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from arrcoc.relevance.attach import ARRCOC
+from arrcoc.relevance.learning import QueryInput
+
+
+def module_backprop_step(model: ARRCOC, images: Tensor, query: QueryInput = None, boxes: Tensor | None = None,
+                         labels: Tensor | None = None, max_grad_norm: float | None = None) -> dict[str, float]:
+    """One autograd step of the whole relevance module towards its configured target, applied by its optimizer.
+
+    Args:
+        model: the attached model (its rules are not used; its optimizer is).
+        images: (B, C, H, W) as the backbone takes them.
+        query: (B, query_dim) embeddings, strings, or None.
+        boxes: (B, 4) pixel boxes (target 'box').
+        labels: (B,) class indices (target 'reward').
+        max_grad_norm: clip the module's gradient norm to this, if given (as ``learn`` does).
+
+    Returns:
+        ``loss``: the binary cross-entropy, summed over the patches, mean over the images.
+    """
+    was_training = model.relevance.training
+    model.relevance.train()  # feature statistics follow the training stream, as in learn()
+    try:
+        out, state, _ = model.relevance_pass(images, query, differentiable=True)
+    finally:
+        model.relevance.train(was_training)
+    target = model.training_target(out, state, images, boxes, labels).to(out.logits.dtype)
+    # the allocator's local rule descends exactly this loss's gradient in the logits: the same scale
+    loss = F.binary_cross_entropy_with_logits(out.logits, target, reduction="sum") / out.logits.shape[0]
+    model.relevance.zero_grad(set_to_none=True)
+    loss.backward()
+    model.step_optimizer(max_grad_norm=max_grad_norm)
+    return {"loss": loss.item()}
