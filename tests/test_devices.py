@@ -140,3 +140,15 @@ def test_relax_descends_by_autograd_in_inference_mode_too():
         results.append((states[0], report.steps))
     (a, steps), (b, same_steps) = results
     assert steps > 1 and steps == same_steps and torch.equal(a, b) and not b.is_inference()
+
+
+def test_attach_puts_the_relevance_module_where_the_model_is():
+    """A model on another device gets its relevance module there (a CUDA ViT got a CPU module before; the
+    meta device stands in for CUDA on a CPU-only machine). The optimizer keeps the moved parameters."""
+    model = arrcoc.attach(toy_vit().to("meta"), budget=0.25)
+    tensors = [*model.relevance.parameters(), *model.relevance.buffers()]
+    assert {t.device.type for t in tensors} == {"meta"}
+    optimized = {id(p) for group in model.optimizer.param_groups for p in group["params"]}
+    assert {id(p) for p in model.relevance.parameters() if p.requires_grad} <= optimized
+    vlm = arrcoc.attach_vlm(toy_vlm("llava").to("meta"), budget=0.25)
+    assert {t.device.type for t in [*vlm.relevance.parameters(), *vlm.relevance.buffers()]} == {"meta"}

@@ -13,7 +13,7 @@ import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -82,7 +82,8 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         probe = weight.new_zeros(1, self.adapter.in_chans, *self.adapter.image_size)
         with torch.no_grad():
             token_dim = self.adapter.embed(probe).shape[-1]
-        self.relevance = RelevanceModule(self.config, token_dim, self.adapter.patch_size)
+        # built where the backbone is, before the rules' optimizer takes its parameters
+        self.relevance = RelevanceModule(self.config, token_dim, self.adapter.patch_size).to(weight.device)
         self._build_rules()
         self.online = OnlineAdaptation(self)
         self._reward_baseline: Tensor | None = None
@@ -349,9 +350,6 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         return wrapped
 
 
-M = TypeVar("M", bound=nn.Module)
-
-
 def attach(model: nn.Module, budget: Budget | None = None, config: RelevanceConfig | dict | None = None,
            **kwargs: Any) -> ARRCOC:
     """Wrap a frozen timm / transformers ViT so that it runs on the tokens ARR-COC allocates.
@@ -373,11 +371,4 @@ def attach(model: nn.Module, budget: Budget | None = None, config: RelevanceConf
     config = config or RelevanceConfig()
     if budget is not None:
         config = dataclasses.replace(config, budget=budget)  # validates
-    return on_model_device(ARRCOC(model, config, **kwargs), model)
-
-
-def on_model_device(wrapper: M, model: nn.Module) -> M:
-    """``wrapper`` with its relevance module moved to where ``model``'s weights are (a CUDA model gets a CUDA
-    module); ``Module.to`` moves the parameters in place, so an optimizer built on them stays valid."""
-    weight = next(model.parameters(), None)
-    return wrapper if weight is None else wrapper.to(weight.device)
+    return ARRCOC(model, config, **kwargs)

@@ -21,7 +21,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -32,7 +32,6 @@ from arrcoc.budget import Budget, num_kept
 
 from .checkpoint import read_checkpoint
 from .learning import LocalRuleLearner, QueryInput
-from .attach import on_model_device
 from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
 from .targets import box_target, prediction_change
 
@@ -100,7 +99,8 @@ class VLMARRCOC(LocalRuleLearner, nn.Module):
                 f"the prompt's own embedding is the query: query_dim must be the language model's hidden size "
                 f"{self.adapter.feature_dim}, got {self.config.query_dim} (attach_vlm sets it)"
             )
-        self.relevance = RelevanceModule(self.config, self.adapter.feature_dim, self.adapter.cell)
+        device = next(model.parameters()).device  # the module lives where the VLM is, before the optimizer
+        self.relevance = RelevanceModule(self.config, self.adapter.feature_dim, self.adapter.cell).to(device)
         self._build_rules()
         self.eval()
 
@@ -347,4 +347,4 @@ def attach_vlm(model: nn.Module, budget: Budget | None = None, config: VLMConfig
     if text_encoder is None:
         relevance["query_dim"] = adapt_vlm(model).feature_dim  # also rejects an unsupported model clearly
     config = dataclasses.replace(config, relevance=RelevanceConfig.from_dict(relevance))
-    return on_model_device(VLMARRCOC(model, config, text_encoder), model)
+    return VLMARRCOC(model, config, text_encoder)
