@@ -23,6 +23,9 @@ from arrcoc.relevance import ARRCOC
 from arrcoc.relevance.targets import box_target
 
 EVAL_BATCH = 250
+# two-sided 95% Student t quantiles by degrees of freedom
+T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        15: 2.131, 20: 2.086, 30: 2.042}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -78,8 +81,16 @@ def interval(values: list[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, 0.0
-    t = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}.get(len(values), 1.96)
+    t = T_95[max(df for df in T_95 if df <= len(values) - 1)]  # an untabulated df: the next smaller one's, wider
     return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def paired_interval(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of ``a - b`` over paired runs (the same seed and test images) and its 95% half-width: the seed's
+    own luck, shared by both methods, cancels."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired values need the same, non-zero number of runs, got {len(a)} and {len(b)}")
+    return interval([x - y for x, y in zip(a, b)])
 
 
 # ---- cost --------------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ def test_benchmark_runs_every_method_and_writes_results_report_and_plots(checkpo
                      "no participatory": {"participatory": False, "tasks": ["query"]}},
         "throughput": {"batch": 4, "repeats": 1}, "training_cost": {"batch": 4, "steps": 1},
         "adaptation": {"stream_images": 8, "held_out": 8, "batch": 4, "budget": 0.25, "target": "attention"},
+        "hard_regime": {"task": "cluttered", "budget": 0.25},
     }
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -57,7 +58,7 @@ def test_benchmark_runs_every_method_and_writes_results_report_and_plots(checkpo
     for task in ("cluttered", "query"):
         methods = results["accuracy"][task]
         assert {"full", "random", "evit", "tome", "box oracle", "ARR-COC", "DynamicViT-style (global backprop)",
-                "ARR-COC / field: frozen"} <= set(methods)
+                "ARR-COC all-backprop", "ARR-COC / field: frozen"} <= set(methods)
         assert set(methods["ARR-COC"]["accuracy"]) == {"1.0", "0.25"}
         assert all(0 <= a <= 100 for entry in methods.values() for seeds in entry["accuracy"].values() for a in seeds)
     # a variant limited to some tasks (`tasks:`) runs only there
@@ -73,9 +74,53 @@ def test_benchmark_runs_every_method_and_writes_results_report_and_plots(checkpo
     assert set(adapted["held_out_accuracy"]) == {"frozen", "online", "tent"} and adapted["budget"] == 0.25
     report = (out / "REPORT.md").read_text()
     assert "## Targets" in report and ("PASS" in report or "FAIL" in report)
-    for plot in ("canvas_accuracy.png", "canvas_training_cost.png", "canvas_adaptation.png", "canvas_heatmaps.png"):
+    assert "## Accuracy at measured cost" in report and "paired difference to the default" in report
+    for plot in ("canvas_accuracy.png", "canvas_pareto.png", "canvas_training_cost.png", "canvas_adaptation.png",
+                 "canvas_heatmaps.png"):
         assert (out / plot).stat().st_size > 1000
-    assert len(targets(results)) >= 8
+    names = [name for name, _, _ in targets(results)]
+    assert any(name.startswith("Hard regime: at equal measured speed-up") for name in names) and len(names) >= 9
+
+
+def test_a_config_naming_one_task_runs_only_that_task(tmp_path):
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump({"seeds": [0, 1], "budgets": [1.0, 0.25], "train": {"steps": 2, "batch_size": 4},
+                                    "baselines": ["random"], "variants": {"no texture": {"texture": False}},
+                                    "tasks": {"query": {"budget": 0.25}}}))
+    bench = canvas.load_bench(str(path), quick=False)
+    assert bench["train"]["steps"] == {"query": 2}
+    assert {job["task"] for job in canvas.jobs_for(bench)} == {"query"}
+    with pytest.raises(ValueError, match="hard_regime must be"):
+        path.write_text(yaml.safe_dump({"seeds": [0], "budgets": [1.0, 0.25], "train": {"steps": 2, "batch_size": 4},
+                                        "hard_regime": {"task": "cluttered", "budget": 0.0625}}))
+        canvas.load_bench(str(path), quick=False)
+
+
+def test_targets_pair_seeds_and_compare_at_equal_measured_speed():
+    """Paired differences over seeds; the hard-regime baseline is read off its accuracy-speed curve at ARR-COC's
+    measured speed-up (between its budgets, or at its cheapest point if it cannot get that fast)."""
+    seeds = lambda *values: list(values)  # noqa: E731
+    table = {"cluttered": {
+        "full": {"accuracy": {"1.0": seeds(96, 96, 96)}, "mean_tokens": {}},
+        "ARR-COC": {"accuracy": {"0.0625": seeds(95, 94, 96)}, "mean_tokens": {}},
+        "box oracle": {"accuracy": {"0.0625": seeds(96, 95, 96)}, "mean_tokens": {}},
+        "random": {"accuracy": {"0.5": seeds(94, 94, 94), "0.0625": seeds(60, 62, 64)}, "mean_tokens": {}},
+        "evit": {"accuracy": {"0.0625": seeds(80, 82, 84)}, "mean_tokens": {}},
+    }}
+    throughput = {"rows": [{"method": "ARR-COC", "budget": 0.0625, "speedup": 2.0},
+                           {"method": "random", "budget": 0.5, "speedup": 1.5},
+                           {"method": "random", "budget": 0.0625, "speedup": 6.0},
+                           {"method": "evit", "budget": 0.0625, "speedup": 1.6}]}
+    results = {"accuracy": table, "throughput": throughput, "meta": {
+        "tasks": {"cluttered": {"budget": 0.0625}}, "hard_regime": {"task": "cluttered", "budget": 0.0625}}}
+    rows = {name: (passed, numbers) for name, passed, numbers in targets(results)}
+    # random at 2.0x: between (1.5x, 94) and (6x, 61..64): 94 - (94 - 60) * 0.5 / 4.5 = 90.2 for seed 0
+    passed, numbers = next(v for k, v in rows.items() if k.startswith("Hard regime: at equal"))
+    assert passed is True and "random" in numbers and "(interpolated)" in numbers
+    passed, numbers = next(v for k, v in rows.items() if k.startswith("Hard regime: ARR-COC within 2"))
+    assert passed is True and "paired +1.3" in numbers  # (95 - 96 + 2, 94 - 95 + 2, 96 - 96 + 2) = (1, 1, 2)
+    passed, _ = next(v for k, v in rows.items() if k.startswith("Hard regime (cluttered"))
+    assert passed is True  # random-K 34 points below all tokens, the oracle within 2
 
 
 def test_unknown_benchmark_keys_are_refused(tmp_path):

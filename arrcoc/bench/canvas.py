@@ -25,6 +25,7 @@ import copy
 import ctypes
 import multiprocessing
 import statistics
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -57,7 +58,7 @@ from arrcoc.storage import save_json_atomic
 from arrcoc.training import train_arrcoc
 from arrcoc.visualize import canvas_queries, demo_canvases, explain, queries_figure
 
-from .canvas_report import write_report
+from .canvas_report import ALL_BACKPROP, write_report
 
 EVAL_BATCH = 250
 
@@ -111,8 +112,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     config = relevance_config(bench, task, job["overrides"])
     steps, batch_size = bench["train"]["steps"][task], bench["train"]["batch_size"]
     train = task_data(task, "train", steps * batch_size, 100 + seed)
-    model, step_ms = train_arrcoc(backbone, config, train, steps, batch_size,
-                                  seed, job["learning"])
+    model, step_ms = train_arrcoc(backbone, config, train, steps, batch_size, seed, job["learning"],
+                                  max_grad_norm=bench["train"].get("max_grad_norm"))
     result["step_ms"] = step_ms
     budgets = bench["budgets"] if job["all_budgets"] else [config.budget]
     for budget in budgets:
@@ -120,23 +121,33 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         result["accuracy"][str(budget)] = accuracy(lambda b: model(b.images, b.queries), test)
     model.set_budget(config.budget)
     result.update(selection_metrics(model, test))
-    if job["method"] == "ARR-COC" and seed == bench["seeds"][0]:  # kept for timing, adaptation and heatmaps
-        model.save_pretrained(Path(bench["model_dir"]) / task)
+    if job["method"] == "ARR-COC":  # the first seed's is kept (timing, heatmaps, demos); others for adaptation
+        model.save_pretrained(model_path(bench, task, seed))
     return result
+
+
+def model_path(bench: dict, task: str, seed: int) -> Path:
+    """Where the ARR-COC of ``task`` trained with ``seed`` is saved: the first seed's in the results, the others
+    in a scratch folder that lives as long as the run."""
+    if seed == bench["seeds"][0]:
+        return Path(bench["model_dir"]) / task
+    return Path(bench["scratch_dir"]) / f"{task}-seed{seed}"
 
 
 def jobs_for(bench: dict) -> list[dict[str, Any]]:
     jobs = []
-    for task in TASKS:
+    for task in bench["tasks"]:
         for seed in bench["seeds"]:
             common = {"task": task, "seed": seed, "bench": bench}
             jobs.append({**common, "kind": "arrcoc", "method": "ARR-COC", "overrides": {}, "learning": "local",
                          "all_budgets": True})
             jobs.append({**common, "kind": "arrcoc", "method": "DynamicViT-style (global backprop)", "overrides": {},
                          "learning": "global", "all_budgets": True})
+            jobs.append({**common, "kind": "arrcoc", "method": ALL_BACKPROP, "overrides": {}, "learning": "backprop",
+                         "all_budgets": True})
             for name, overrides in bench["variants"].items():
                 overrides = dict(overrides)
-                if task not in overrides.pop("tasks", TASKS):  # a variant may apply to some tasks only
+                if task not in overrides.pop("tasks", bench["tasks"]):  # a variant may apply to some tasks only
                     continue
                 jobs.append({**common, "kind": "arrcoc", "method": f"ARR-COC / {name}", "overrides": overrides,
                              "learning": "local", "all_budgets": False})
@@ -147,10 +158,11 @@ def jobs_for(bench: dict) -> list[dict[str, Any]]:
     return sorted(jobs, key=lambda j: (j["kind"] != "arrcoc", j.get("learning") != "global"))
 
 
-def collect(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """{task: {method: {"accuracy": {budget: [per seed]}, "mean_tokens": ..., other metrics: [per seed]}}}"""
-    table: dict[str, dict[str, Any]] = {task: {} for task in TASKS}
-    for r in results:
+def collect(results: list[dict[str, Any]], tasks: list[str]) -> dict[str, Any]:
+    """{task: {method: {"accuracy": {budget: [per seed, in seed order]}, "mean_tokens": ..., other metrics: [per
+    seed]}}}"""
+    table: dict[str, dict[str, Any]] = {task: {} for task in tasks}
+    for r in sorted(results, key=lambda r: r["seed"]):  # every list in seed order: methods pair up by position
         rows = r.get("rows") or {r["method"]: {b: {"accuracy": a} for b, a in r["accuracy"].items()}}
         for method, per_budget in rows.items():
             entry = table[r["task"]].setdefault(method, {"kind": r["kind"], "accuracy": {}, "mean_tokens": {}})
@@ -312,7 +324,7 @@ def heatmaps(model: ARRCOC, path: Path, images: int = 3) -> None:
 
 # ---- command -------------------------------------------------------------------------------------------
 BENCH_KEYS = ("seeds", "budgets", "test_images", "train", "baselines", "base", "tasks", "variants", "throughput",
-              "training_cost", "adaptation", "quick")
+              "training_cost", "adaptation", "hard_regime", "quick")
 
 
 def load_bench(path: str, quick: bool) -> dict[str, Any]:
@@ -320,11 +332,19 @@ def load_bench(path: str, quick: bool) -> dict[str, Any]:
     if quick:
         bench.update(bench["quick"])
     bench.pop("quick", None)
+    tasks = bench.get("tasks", TASKS)
+    if not isinstance(tasks, dict | tuple) or not tasks or not set(tasks) <= set(TASKS):
+        raise ValueError(f"tasks must name some of {list(TASKS)}, got {tasks!r}")
     # train.steps: one number for every task, or one per task; kept as one per task from here on
     steps = bench["train"]["steps"]
-    per_task = steps if isinstance(steps, dict) else dict.fromkeys(TASKS, steps)
-    if set(per_task) != set(TASKS) or not all(isinstance(n, int) and n > 0 for n in per_task.values()):
-        raise ValueError(f"train.steps must be a positive integer or one per task {list(TASKS)}, got {steps!r}")
+    per_task = steps if isinstance(steps, dict) else dict.fromkeys(tasks, steps)
+    if not set(tasks) <= set(per_task) or not all(isinstance(n, int) and n > 0 for n in per_task.values()):
+        raise ValueError(f"train.steps must be a positive integer or one per task {list(tasks)}, got {steps!r}")
+    hard = bench.get("hard_regime")
+    if hard is not None and (not isinstance(hard, dict) or set(hard) != {"task", "budget"}
+                             or hard["task"] not in TASKS or hard["budget"] not in bench["budgets"]):
+        raise ValueError(f"hard_regime must be {{task: one of {list(TASKS)}, budget: one of budgets "
+                         f"{bench['budgets']}}}, got {hard!r}")
     bench["train"] = {**bench["train"], "steps": per_task}
     bench["variants"] = dict(bench.get("variants") or {})
     for name, overrides in bench["variants"].items():
@@ -347,7 +367,9 @@ def main(argv: list[str] | None = None) -> Path:
     out = args.out or (REPO_ROOT / ("runs/quick" if args.quick else "benchmarks/results"))
     out.mkdir(parents=True, exist_ok=True)
     model_dir = out / "models"  # the first seed's ARR-COC per task: kept for visualize, the demos and the web app
-    bench.update(backbone=str(args.backbone), query_fusion=str(args.query_fusion), model_dir=str(model_dir))
+    scratch = tempfile.TemporaryDirectory(prefix="arrcoc-canvas-")  # the other seeds' models, for adaptation
+    bench.update(backbone=str(args.backbone), query_fusion=str(args.query_fusion), model_dir=str(model_dir),
+                 scratch_dir=scratch.name)
     start = time.perf_counter()
 
     jobs = jobs_for(bench)
@@ -356,21 +378,35 @@ def main(argv: list[str] | None = None) -> Path:
     with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
         for result in tqdm(pool.map(run_job, jobs), total=len(jobs), desc="canvas benchmark", unit="job"):
             results.append(result)
-    fusion = load_query_fusion(bench["query_fusion"])  # read only now: it may be retrained while the pool runs
-    results += [{"kind": "query_fusion", "task": "query", "seed": seed, "method": "query fusion (reference)",
-                 "accuracy": {"1.0": accuracy(lambda b: fusion(b.images, b.queries),
-                                              task_data("query", "test", bench["test_images"], seed))}}
-                for seed in bench["seeds"]]
-    table = collect(results)
+    tasks = list(bench["tasks"])
+    if "query" in tasks:
+        fusion = load_query_fusion(bench["query_fusion"])  # read only now: it may be retrained while the pool runs
+        results += [{"kind": "query_fusion", "task": "query", "seed": seed, "method": "query fusion (reference)",
+                     "accuracy": {"1.0": accuracy(lambda b: fusion(b.images, b.queries),
+                                                  task_data("query", "test", bench["test_images"], seed))}}
+                    for seed in bench["seeds"]]
+    table = collect(results, tasks)
     print(f"methods x budgets x seeds done ({time.perf_counter() - start:.0f} s); timing and adaptation next")
 
     # the first seed's default ARR-COC of each task, as trained above, for timing, adaptation and heatmaps
     models = {task: ARRCOC.from_pretrained(Path(bench["model_dir"]) / task, load_canvas_vit(args.backbone))
-              for task in TASKS}
-    heatmaps(models["query"], out / "canvas_heatmaps.png")
-    speed = throughput(bench, models, threads=2, **bench["throughput"])
-    cost = training_cost(bench, **bench["training_cost"])
-    adapted = adaptation(models["cluttered"], test_images=bench["test_images"], **bench["adaptation"])
+              for task in tasks}
+    if "query" in models:
+        heatmaps(models["query"], out / "canvas_heatmaps.png")
+    speed = cost = adapted = None
+    if "cluttered" in models:  # timing, training cost and the shift are measured on cluttered canvases
+        speed = throughput(bench, models, threads=2, **bench["throughput"])
+        cost = training_cost(bench, **bench["training_cost"])
+        settings = dict(bench["adaptation"])
+        adapted_seeds = bench["seeds"][:settings.pop("seeds", 1)]
+        adapted = adaptation(models["cluttered"], test_images=bench["test_images"], **settings)
+        # the target is a mean over seeds: each seed's module adapts on the same stream
+        adapted["recovered_by_seed"] = [adapted["recovered_fraction"]] + [
+            adaptation(ARRCOC.from_pretrained(model_path(bench, "cluttered", seed), load_canvas_vit(args.backbone)),
+                       test_images=bench["test_images"], **settings)["recovered_fraction"]
+            for seed in tqdm(adapted_seeds[1:], desc="adaptation, other seeds")]
+        adapted["seeds"] = adapted_seeds
+    scratch.cleanup()
 
     meta = run_metadata(
         "arrcoc bench canvas" + (" --quick" if args.quick else ""), args.quick,
@@ -378,7 +414,7 @@ def main(argv: list[str] | None = None) -> Path:
         backbone_meta=read_json(Path(bench["backbone"]).with_suffix(".json")),
         query_fusion_meta=read_json(Path(bench["query_fusion"]).with_suffix(".json")),
         seeds=bench["seeds"], budgets=bench["budgets"], test_images=bench["test_images"],
-        train=bench["train"], tasks=bench["tasks"], workers=args.workers,
+        train=bench["train"], tasks=bench["tasks"], hard_regime=bench.get("hard_regime"), workers=args.workers,
         wall_seconds=time.perf_counter() - start,
     )
     results_json = {"meta": meta, "accuracy": table, "throughput": speed, "training_cost": cost,
