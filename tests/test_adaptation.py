@@ -110,3 +110,24 @@ def test_adaptation_can_learn_from_the_backbones_attention_and_refuses_unknown_t
     assert any(not torch.equal(before[k], v) for k, v in wrapped.relevance.state_dict().items())
     with pytest.raises(ValueError, match="adaptation target"):
         AdaptationConfig(target="labels")
+
+
+def test_cheaper_adaptation_updates_every_nth_call_on_part_of_the_batch(backbone):
+    """``every`` skips the calls between updates entirely; ``images_per_update`` learns on the batch's first
+    images only, so the update equals one made on those images alone."""
+    g = torch.Generator().manual_seed(5)
+    batches = [coloured_patch_stream(16, g)[0] for _ in range(3)]
+    sparse = arrcoc.attach(backbone, budget=0.25, adaptation=AdaptationConfig(every=2, images_per_update=4))
+    alone = arrcoc.attach(backbone, budget=0.25)
+    alone.relevance.load_state_dict(sparse.relevance.state_dict())
+    weights = lambda m: torch.cat([p.detach().flatten().clone() for p in m.relevance.parameters()])  # noqa: E731
+    sparse.adapt(batches[0])
+    alone.adapt(batches[0][:4])
+    assert torch.allclose(weights(sparse), weights(alone))
+    before = weights(sparse)
+    report = sparse.adapt(batches[1])  # the second call: no update, no work
+    assert report.skipped == "updates every 2 calls" and torch.equal(weights(sparse), before)
+    sparse.adapt(batches[2])
+    assert not torch.equal(weights(sparse), before)
+    with pytest.raises(ValueError, match="every >= 1"):
+        AdaptationConfig(every=0)

@@ -47,6 +47,10 @@ class AdaptationConfig:
         probe_max_drop: with a probe, the share of the frozen module's probe agreement an update may lose.
         probe_confidence: z of the one-sided test on the probe (1.64: 95%); see :meth:`OnlineAdaptation.step`.
         probe_chunk: probe images per forward pass.
+        every: update on every ``every``-th call only; the calls between cost nothing (the model's forward is the
+            caller's).
+        images_per_update: learn on at most this many images of each call's batch (its first ones), the target's
+            reduced forwards included; ``None``: all of them.
     """
 
     optimizer: str = "sgd"
@@ -58,6 +62,8 @@ class AdaptationConfig:
     probe_max_drop: float = 0.01
     probe_confidence: float = 1.64
     probe_chunk: int = 64
+    every: int = 1
+    images_per_update: int | None = None
 
     def __post_init__(self) -> None:
         if self.target not in ADAPTATION_TARGETS:
@@ -66,6 +72,9 @@ class AdaptationConfig:
             raise ValueError(f"adaptation optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.lr is None:
             self.lr = DEFAULT_ADAPTATION_LR[self.optimizer]
+        if self.every < 1 or (self.images_per_update is not None and self.images_per_update < 1):
+            raise ValueError(f"adaptation needs every >= 1 and images_per_update >= 1 (or None), got "
+                             f"every={self.every}, images_per_update={self.images_per_update}")
         if not self.lr >= 0 or not self.max_grad_norm > 0:
             raise ValueError(f"adaptation needs lr >= 0 and max_grad_norm > 0, got lr={self.lr}, "
                              f"max_grad_norm={self.max_grad_norm}")
@@ -73,8 +82,8 @@ class AdaptationConfig:
 
 @dataclass
 class AdaptReport:
-    agreement: float  # fraction of images whose reduced prediction equals the full-token one
-    running_agreement: float
+    agreement: float | None  # fraction of images whose reduced prediction equals the full-token one (None: no update)
+    running_agreement: float | None
     snapshot: bool  # the weights this call started from became the rollback point
     rolled_back: bool  # the weights were restored to the rollback point (and not updated)
     probe_agreement: float | None = None  # on the clean probe after this call (None: no probe set)
@@ -101,6 +110,7 @@ class OnlineAdaptation:
         self._optimizer: tuple[AdaptationConfig, torch.optim.Optimizer] | None = None
         self.probe: _Probe | None = None
         self.probe_accepted: tuple[dict[str, Tensor], Tensor] | None = None  # weights that passed, their agreement
+        self.calls = 0
 
     @property
     def config(self) -> AdaptationConfig:
@@ -133,6 +143,13 @@ class OnlineAdaptation:
         probe_max_drop * n``: a one-sided McNemar-style non-inferiority test.
         """
         cfg, model = self.config, self.model
+        self.calls += 1
+        if (self.calls - 1) % cfg.every:
+            last = self.running_agreement
+            return AdaptReport(last, last, False, False, skipped=f"updates every {cfg.every} calls")
+        if cfg.images_per_update is not None:
+            images = images[:cfg.images_per_update]
+            query = query if query is None or isinstance(query, str) else query[:cfg.images_per_update]
         with torch.no_grad():
             agreement = model.agreement(images, query).mean().item()
             m = cfg.proxy_momentum
