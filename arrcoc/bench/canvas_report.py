@@ -242,6 +242,8 @@ def _plots(results: dict[str, Any], out: Path) -> dict[str, str]:
     fig.savefig(out / files["curves"], dpi=110)
     plt.close(fig)
 
+    if any(m.startswith("ARR-COC /") for entries in table.values() for m in entries):
+        files["ablations"] = _ablation_plot(results, out)
     if results.get("throughput"):
         files["pareto"] = _pareto_plot(results, out)
     cost = results.get("training_cost")
@@ -253,6 +255,31 @@ def _plots(results: dict[str, Any], out: Path) -> dict[str, str]:
     if "query" in table:
         files["heatmaps"] = "canvas_heatmaps.png"
     return files
+
+
+def _ablation_plot(results: dict[str, Any], out: Path) -> str:
+    """Each ablation's paired difference to the default ARR-COC at the task's budget, with its 95% interval."""
+    plt = pyplot()
+    table, tasks = results["accuracy"], results["meta"]["tasks"]
+    fig, axes = plt.subplots(1, len(table), figsize=(6 * len(table), 5), squeeze=False)
+    for ax, task in zip(axes[0], table):
+        budget = str(tasks[task]["budget"])
+        default = table[task].get("ARR-COC", {}).get("accuracy", {}).get(budget)
+        diffs = {m.removeprefix("ARR-COC / "): _paired(e["accuracy"].get(budget), default)
+                 for m, e in table[task].items() if m.startswith("ARR-COC /")}
+        diffs = {name: d for name, d in diffs.items() if d is not None}
+        ax.barh(list(diffs), [d[0] for d in diffs.values()], xerr=[d[1] for d in diffs.values()], color="C3",
+                alpha=0.7, capsize=3)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.invert_yaxis()
+        ax.set(xlabel=f"accuracy minus the default's at {float(budget):.1%} (points, paired)",
+               title=TASK_TITLES[task])
+        ax.tick_params(axis="y", labelsize=8)
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(out / "canvas_ablations.png", dpi=110)
+    plt.close(fig)
+    return "canvas_ablations.png"
 
 
 def _pareto_plot(results: dict[str, Any], out: Path) -> str:
@@ -401,6 +428,8 @@ def write_report(results: dict[str, Any], out: Path, report: Path) -> Path:
                              f"{'–' if d is None else _diff(d)} | {_cell(entry.get('box_coverage'))} | "
                              f"{_cell(entry.get('step_ms'))} |")
         lines.append("")
+    if "ablations" in files:
+        lines += [f"![paired differences of the ablations]({link}/{files['ablations']})", ""]
     if results.get("throughput"):
         lines += ["## Accuracy at measured cost", "",
                   "Every method's speed-up over the full model, measured in one run on cluttered canvases with its own "
