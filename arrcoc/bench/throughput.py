@@ -48,8 +48,9 @@ from arrcoc.reporting import (
 )
 
 MODELS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
-          "vit_base": "vit_base_patch16_224", "vit_large": "vit_large_patch16_224"}
-DEFAULT_MODELS = ("vit_tiny", "vit_small", "vit_base")
+          "vit_base": "vit_base_patch16_224", "vit_large": "vit_large_patch16_224",
+          "deit3_small": "deit3_small_patch16_224"}  # DeiT-III: LayerScale
+DEFAULT_MODELS = ("vit_tiny", "vit_small", "vit_base", "deit3_small")
 ALLOCATOR_MODES = {"scores": "discard", "scores+fuse": "fuse", "scores+merge": "merge"}
 METHODS = ("arrcoc", *ALLOCATOR_MODES, "random", "grid", "evit", "ats", "tome")
 LATENCY_METHODS = ("arrcoc", "evit", "tome")
@@ -184,7 +185,27 @@ def checks(results: dict[str, Any]) -> list[tuple[str, bool | None]]:
         lines.append((f"ARR-COC's speed-up at 25% >= {TARGET_ARRCOC_VS_RANDOM}x random-K's on ViT-S (got "
                       f"{arr['speedup']:.2f}x vs {rand['speedup']:.2f}x = {ratio:.2f})",
                       ratio >= TARGET_ARRCOC_VS_RANDOM))
+    for name in ("vit_small", "deit3_small"):
+        if name in results:
+            lines += matched_tokens_check(name, results[name])
     return lines
+
+
+def matched_tokens_check(name: str, result: dict[str, Any]) -> list[tuple[str, bool | None]]:
+    """ARR-COC's speed-up at ToMe's mean token fraction (linear between ARR-COC's budgets) >= ToMe's, for the
+    ToMe budget whose mean fraction ARR-COC's budgets bracket most tightly."""
+    arr = sorted((r["mean_token_fraction"], r["speedup"]) for r in result["rows"] if r["method"] == "arrcoc")
+    tome = [r for r in result["rows"] if r["method"] == "tome"]
+    inside = [r for r in tome if arr and arr[0][0] <= r["mean_token_fraction"] <= arr[-1][0]]
+    if len(arr) < 2 or not inside:
+        return [(f"{name}: ARR-COC >= ToMe's speed-up at a matched mean token count", None)]
+    row = inside[0]
+    fraction = row["mean_token_fraction"]
+    (f0, s0), (f1, s1) = next((a, b) for a, b in zip(arr, arr[1:]) if a[0] <= fraction <= b[0])
+    speed = s0 + (s1 - s0) * (fraction - f0) / (f1 - f0)
+    return [(f"{name}: ARR-COC >= ToMe's speed-up at a matched mean token count (ToMe at budget {row['budget']}: "
+             f"{fraction:.2f} of the tokens per block, {row['speedup']:.2f}x; ARR-COC there {speed:.2f}x)",
+             speed >= row["speedup"])]
 
 
 def plot(results: dict[str, Any], methods: list[str], budgets: list[float], path: Path, title: str = "") -> None:
