@@ -29,7 +29,7 @@ from arrcoc.rules.energy import Relaxation, relax, relax_differentiably
 from .allocator import Allocator
 from .field import RelevanceField, grid_positions
 from .knowing import ParticipatoryKnowing, PerspectivalKnowing, standardize_per_image
-from .texture import NUM_FEATURES, patch_entropy, rgb_to_lab, texture_features
+from .texture import NUM_FEATURES, TextureImage, patch_entropy, texture_features, texture_image
 
 # Sub-networks and the rules that suit them (any of them may also be `frozen`; those with a target
 # may be `backprop`, i.e. autograd inside that sub-network only).
@@ -204,26 +204,28 @@ class RelevanceModule(nn.Module):
             "allocator": self.allocator.net,
         }
 
-    def patch_features(self, images: Tensor, patch_tokens: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(B, N, F) standardised features, and the images' CIE-Lab pixels (B, 3, H, W) when the texture stack
-        or propositional knowing needs them (converted once: the conversion is a large share of the cost)."""
+    def patch_features(self, images: Tensor, patch_tokens: Tensor) -> tuple[Tensor, TextureImage | None]:
+        """(B, N, F) standardised features, and the images at texture resolution (RGB and CIE-Lab) when the
+        texture stack or propositional knowing needs them (converted once: the conversion is a large share of
+        the cost)."""
         dtype = self.pixel_std.dtype  # the module's own (float32 unless it was converted)
-        rgb = (images.to(dtype) * self.pixel_std + self.pixel_mean).clamp(0, 1)
-        lab = rgb_to_lab(rgb) if self.config.texture or self.config.propositional else None
+        texture = (texture_image(images.to(dtype), self.patch_size, self.pixel_mean, self.pixel_std)
+                   if self.config.texture or self.config.propositional else None)
         parts = []
         if self.config.backbone_tokens:
             parts.append(patch_tokens.to(dtype))
         if self.config.texture:
-            parts.append(texture_features(rgb, lab, self.patch_size))
+            parts.append(texture_features(texture))
         raw = torch.cat(parts, -1)
         b, n, f = raw.shape
-        return self.feature_norm(raw.reshape(b * n, f)).reshape(b, n, f), lab
+        return self.feature_norm(raw.reshape(b * n, f)).reshape(b, n, f), texture
 
-    def evidence(self, lab: Tensor | None, features: Tensor, context: Tensor, query: Tensor | None) -> Tensor:
+    def evidence(self, texture: TextureImage | None, features: Tensor, context: Tensor, query: Tensor | None
+                 ) -> Tensor:
         cfg = self.config
         zeros = features.new_zeros(features.shape[:2])
-        propositional = (standardize_per_image(patch_entropy(lab[:, :1], self.patch_size)) if cfg.propositional
-                         else zeros)
+        propositional = (standardize_per_image(patch_entropy(texture.lab[:, :1], texture.samples_per_patch))
+                         if cfg.propositional else zeros)
         perspectival = standardize_per_image(self.perspectival(context)) if cfg.perspectival else zeros
         participatory = (
             standardize_per_image(self.participatory(context, query))
@@ -249,9 +251,9 @@ class RelevanceModule(nn.Module):
 
     def _forward(self, images: Tensor, patch_tokens: Tensor, grid: tuple[int, int], query: Tensor | None
                  ) -> RelevanceOutput:
-        features, lab = self.patch_features(images, patch_tokens)
+        features, texture = self.patch_features(images, patch_tokens)
         context = features - features.mean(1, keepdim=True)
-        evidence = self.evidence(lab, features, context, query)
+        evidence = self.evidence(texture, features, context, query)
         positions = grid_positions(*grid, device=images.device)
         field_input = RelevanceField.pack(evidence, positions, query, self.config.query_dim)
         if self.config.field:

@@ -7,11 +7,17 @@ the patch's place: the responses of 4 x 4 Gaussian place fields tiling the image
 a few convolutions) and it carries what the backbone's early tokens blur: colour and local contrast,
 which a query such as "the red digit" needs, and place, which "the digit in the top left" needs: a
 linear read-out of (y, x) can only rank patches along a ramp, place fields can single out a region.
+
+The image's pixels enter at texture resolution (:func:`texture_image`): box-filtered so that each patch
+keeps at least ``MIN_SAMPLES_PER_PATCH`` samples a side. Everything is pooled per patch anyway, and at full
+resolution this stack cost several times the rest of the relevance module (docs/decisions.md). Position
+features do not depend on the image: they are computed at full resolution on one image's grid, exactly.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +26,11 @@ from torch import Tensor
 
 CHANNELS = ("r", "g", "b", "lightness", "green_red", "blue_yellow", "sobel_x", "sobel_y", "sobel_magnitude",
             "pos_y", "pos_x", "eccentricity", "local_contrast")
+POSITION_CHANNELS = ("pos_y", "pos_x", "eccentricity")  # the same for every image
 PLACE_FIELDS = 4  # per axis: centres at -0.75, -0.25, 0.25, 0.75 of the image's [-1, 1] extent
 NUM_FEATURES = 2 * len(CHANNELS) + PLACE_FIELDS**2  # mean and std per channel, then the place code
+# per side: a 16-px patch is seen as 4 x 4 samples of 4 x 4 pixels, an 8-px one as 4 x 4 samples of 2 x 2
+MIN_SAMPLES_PER_PATCH = 4
 
 _SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0
 # sRGB (D65) -> XYZ, rows X, Y, Z, each divided by the white point so that white maps to (1, 1, 1)
@@ -44,37 +53,88 @@ def rgb_to_lab(rgb: Tensor) -> Tensor:
     return torch.stack([lightness, green_red, blue_yellow], dim=1)
 
 
-def pixel_channels(rgb: Tensor, lab: Tensor) -> Tensor:
-    """(B, 3, H, W) in [0, 1] and its :func:`rgb_to_lab` -> (B, len(CHANNELS), H, W)."""
-    b, _, h, w = rgb.shape
-    lightness = lab[:, :1]
-    kernel = torch.stack([_SOBEL, _SOBEL.T])[:, None].to(rgb)
-    sobel = F.conv2d(F.pad(lightness, (1, 1, 1, 1), mode="replicate"), kernel)
+def texture_stride(patch_size: tuple[int, int]) -> tuple[int, int]:
+    """Image pixels per texture sample along (height, width): the largest divisor of each patch side that
+    leaves at least ``MIN_SAMPLES_PER_PATCH`` samples a side (1 for patches smaller than that)."""
+    return tuple(max((d for d in range(1, side + 1) if side % d == 0 and side // d >= MIN_SAMPLES_PER_PATCH),
+                     default=1) for side in patch_size)
+
+
+@dataclass(frozen=True)
+class TextureImage:
+    """A batch of images at texture resolution (:func:`texture_image`)."""
+
+    rgb: Tensor  # (B, 3, h, w) in [0, 1], each sample the mean of `stride` image pixels
+    lab: Tensor  # (B, 3, h, w) rgb_to_lab(rgb)
+    patch_size: tuple[int, int]  # in image pixels
+    stride: tuple[int, int]  # image pixels per sample
+    image_size: tuple[int, int]  # (H, W) in image pixels
+
+    @property
+    def samples_per_patch(self) -> tuple[int, int]:
+        return self.patch_size[0] // self.stride[0], self.patch_size[1] // self.stride[1]
+
+
+def texture_image(images: Tensor, patch_size: tuple[int, int], pixel_mean: Tensor, pixel_std: Tensor,
+                  stride: tuple[int, int] | None = None) -> TextureImage:
+    """(B, 3, H, W) images as the backbone takes them, ``(rgb - pixel_mean) / pixel_std`` -> the images at
+    texture resolution, ``stride`` image pixels per sample (default :func:`texture_stride`; (1, 1) keeps every
+    pixel). Box-filtered before un-normalising: the filter is linear, so only the clamp to [0, 1] (a guard
+    against out-of-range inputs) comes after the mean instead of before."""
+    stride = texture_stride(patch_size) if stride is None else stride
+    if patch_size[0] % stride[0] or patch_size[1] % stride[1]:
+        raise ValueError(f"the texture stride {stride} must divide the patch size {patch_size}")
+    pooled = F.avg_pool2d(images, stride) if stride != (1, 1) else images
+    rgb = (pooled * pixel_std + pixel_mean).clamp(0, 1)
+    return TextureImage(rgb, rgb_to_lab(rgb), patch_size, stride, (images.shape[-2], images.shape[-1]))
+
+
+def image_channels(image: TextureImage) -> Tensor:
+    """(B, C, h, w): the C channels of ``CHANNELS`` that depend on the image (all but ``POSITION_CHANNELS``),
+    per texture sample. Sobel responses and local contrast (the std of lightness over 3 x 3 samples) are
+    divided by the stride, i.e. per image pixel: on smooth images they keep their full-resolution values."""
+    lightness = F.pad(image.lab[:, :1], (1, 1, 1, 1), mode="replicate")
+    kernel = torch.stack([_SOBEL / image.stride[1], _SOBEL.T / image.stride[0]])[:, None].to(lightness)
+    sobel = F.conv2d(lightness, kernel)
     magnitude = sobel.pow(2).sum(1, keepdim=True).add(1e-12).sqrt()
-    ys = torch.linspace(-1.0, 1.0, h, device=rgb.device, dtype=rgb.dtype)
-    xs = torch.linspace(-1.0, 1.0, w, device=rgb.device, dtype=rgb.dtype)
+    local_mean = F.avg_pool2d(lightness, 3, stride=1)
+    local_variance = (F.avg_pool2d(lightness.pow(2), 3, stride=1) - local_mean.pow(2)).clamp_min(0)
+    local_contrast = local_variance.div(image.stride[0] * image.stride[1]).sqrt()
+    return torch.cat([image.rgb, image.lab, sobel, magnitude, local_contrast], dim=1)
+
+
+def position_channels(height: int, width: int, device: torch.device | None = None,
+                      dtype: torch.dtype | None = None) -> Tensor:
+    """(1, 3, H, W) pos_y, pos_x in [-1, 1] and eccentricity (distance from the centre, 1 at the corners)."""
+    ys = torch.linspace(-1.0, 1.0, height, device=device, dtype=dtype)
+    xs = torch.linspace(-1.0, 1.0, width, device=device, dtype=dtype)
     pos_y, pos_x = torch.meshgrid(ys, xs, indexing="ij")
     eccentricity = (pos_y.pow(2) + pos_x.pow(2)).sqrt() / math.sqrt(2)
-    position = torch.stack([pos_y, pos_x, eccentricity])[None].expand(b, -1, -1, -1)
-    padded = F.pad(lightness, (1, 1, 1, 1), mode="replicate")
-    local_mean = F.avg_pool2d(padded, 3, stride=1)
-    local_contrast = (F.avg_pool2d(padded.pow(2), 3, stride=1) - local_mean.pow(2)).clamp_min(0).sqrt()
-    return torch.cat([rgb, lab, sobel, magnitude, position, local_contrast], dim=1)
+    return torch.stack([pos_y, pos_x, eccentricity])[None]
 
 
-def patch_pixels(channels: Tensor, patch_size: tuple[int, int]) -> Tensor:
-    """(B, C, H, W) -> (B, N, C, pixels per patch), patches in row-major grid order."""
-    return rearrange(channels, "b c (h p1) (w p2) -> b (h w) c (p1 p2)", p1=patch_size[0], p2=patch_size[1])
-
-
-def texture_features(rgb: Tensor, lab: Tensor, patch_size: tuple[int, int]) -> Tensor:
-    """(B, 3, H, W) in [0, 1] and its :func:`rgb_to_lab` -> (B, N, NUM_FEATURES): per-patch mean and std of
-    every channel. Pooled moments (E[x], E[x^2]) instead of a gather into patches: a few times faster on a CPU."""
-    channels = pixel_channels(rgb, lab)
+def pooled_moments(channels: Tensor, patch_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """(B, C, H, W) -> per-patch mean and std (B, C, h, w). Pooled moments (E[x], E[x^2]) instead of a gather
+    into patches: a few times faster on a CPU."""
     mean = F.avg_pool2d(channels, patch_size)
     std = (F.avg_pool2d(channels * channels, patch_size) - mean * mean).clamp_min(0).sqrt()
-    position = CHANNELS.index("pos_y")
-    return rearrange(torch.cat([mean, std, place_code(mean[:, position:position + 2])], dim=1),
+    return mean, std
+
+
+def texture_features(image: TextureImage) -> Tensor:
+    """Images at texture resolution -> (B, N, NUM_FEATURES): per-patch mean and std of every channel of
+    ``CHANNELS`` (in that order), then the patch's place code."""
+    mean, std = pooled_moments(image_channels(image), image.samples_per_patch)
+    position_mean, position_std = pooled_moments(
+        position_channels(*image.image_size, device=mean.device, dtype=mean.dtype), image.patch_size)
+    b, first = mean.shape[0], CHANNELS.index(POSITION_CHANNELS[0])
+
+    def with_position(image_part: Tensor, position_part: Tensor) -> Tensor:
+        position_part = position_part.expand(b, -1, -1, -1)
+        return torch.cat([image_part[:, :first], position_part, image_part[:, first:]], dim=1)
+
+    place = place_code(position_mean[:, :2]).expand(b, -1, -1, -1)
+    return rearrange(torch.cat([with_position(mean, position_mean), with_position(std, position_std), place], dim=1),
                      "b c h w -> b (h w) c")
 
 
@@ -90,15 +150,14 @@ def place_code(centre: Tensor) -> Tensor:
 
 
 def patch_entropy(lightness: Tensor, patch_size: tuple[int, int], bins: int = 8, width: float = 0.5) -> Tensor:
-    """(B, 1, H, W) CIE lightness (channel 0 of :func:`rgb_to_lab`) -> (B, N) information content of each
-    patch: entropy (bits) of its soft lightness histogram.
+    """(B, 1, H, W) CIE lightness (channel 0 of :func:`rgb_to_lab`), ``patch_size`` in its pixels -> (B, N)
+    information content of each patch: entropy (bits) of its soft lightness histogram.
 
     Propositional knowing needs no learning: a flat patch has ~0 bits, a patch of strokes, edges or
     texture spreads its lightness over many bins. Soft (Gaussian) binning keeps it smooth in the pixels.
     """
-    lightness = patch_pixels(lightness, patch_size)[:, :, 0]  # (B, N, P)
-    centres = torch.linspace(0.0, 1.0, bins, device=lightness.device, dtype=lightness.dtype)
-    weights = torch.exp(-0.5 * ((lightness[..., None] - centres) * (bins - 1) / width).pow(2))
-    histogram = weights.sum(-2)
-    p = histogram / histogram.sum(-1, keepdim=True).clamp_min(1e-12)
-    return -(p * p.clamp_min(1e-12).log2()).sum(-1)
+    centres = torch.linspace(0.0, 1.0, bins, device=lightness.device, dtype=lightness.dtype).view(1, bins, 1, 1)
+    weights = torch.exp(-0.5 * ((lightness - centres) * ((bins - 1) / width)).pow(2))  # (B, bins, H, W)
+    histogram = F.avg_pool2d(weights, patch_size)  # the mean, not the sum: the normalisation below cancels it
+    p = histogram / histogram.sum(1, keepdim=True).clamp_min(1e-12)
+    return -(p * p.clamp_min(1e-12).log2()).sum(1).flatten(1)
