@@ -177,7 +177,8 @@ def test_capturing_attention_works_on_compiled_blocks() -> None:
     adapter.blocks[0].compile(backend="eager")
     adapter.run_blocks(state, 0, 1)  # compiled and cached without the hooks
     out, compiled = adapter.run_block(0, state, capture=True)
-    assert torch.allclose(compiled.query, eager.query) and torch.allclose(out.tokens, adapter.run_blocks(state, 0, 1).tokens)
+    assert torch.allclose(compiled.query, eager.query)
+    assert torch.allclose(out.tokens, adapter.run_blocks(state, 0, 1).tokens)
 
 
 @pytest.mark.parametrize("name", ["evit", "ats", "tome", "random"])
