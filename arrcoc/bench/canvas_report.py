@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from arrcoc.metrics import interval, paired_interval
-from arrcoc.reporting import pyplot, read_json, verdict
+from arrcoc.reporting import pyplot, read_json, save_figure, verdict
 
 TASK_TITLES = {"cluttered": "Cluttered canvases (vision only)", "query": "Query canvases (vision-language)"}
 DYNAMIC_VIT = "DynamicViT-style (global backprop)"
@@ -276,10 +276,7 @@ def _ablation_plot(results: dict[str, Any], out: Path) -> str:
                title=TASK_TITLES[task])
         ax.tick_params(axis="y", labelsize=8)
         ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    fig.savefig(out / "canvas_ablations.png", dpi=110)
-    plt.close(fig)
-    return "canvas_ablations.png"
+    return save_figure(fig, out / "canvas_ablations.png", dpi=110).name
 
 
 def _pareto_plot(results: dict[str, Any], out: Path) -> str:
@@ -302,10 +299,7 @@ def _pareto_plot(results: dict[str, Any], out: Path) -> str:
                ylabel="test accuracy (%)", title=TASK_TITLES[task])
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "canvas_pareto.png", dpi=110)
-    plt.close(fig)
-    return "canvas_pareto.png"
+    return save_figure(fig, out / "canvas_pareto.png", dpi=110).name
 
 
 def _cost_plot(cost: dict[str, Any], out: Path) -> str:
@@ -317,10 +311,7 @@ def _cost_plot(cost: dict[str, Any], out: Path) -> str:
     axes[1].bar(names, [cost["local"]["step_ms"], cost["global"]["step_ms"]], color=["C3", "C0"])
     axes[1].set_ylabel("step time (ms)")
     fig.suptitle(f"one training step of the relevance module, batch {cost['batch']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / "canvas_training_cost.png", dpi=110)
-    plt.close(fig)
-    return "canvas_training_cost.png"
+    return save_figure(fig, out / "canvas_training_cost.png", dpi=110).name
 
 
 def _adaptation_plot(adapted: dict[str, Any], out: Path) -> str:
@@ -340,10 +331,7 @@ def _adaptation_plot(adapted: dict[str, Any], out: Path) -> str:
     ax.set_ylabel(f"accuracy at {adapted['budget'] * 100:g}% (%)")
     ax.legend(fontsize=8, loc="center right")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "canvas_adaptation.png", dpi=110)
-    plt.close(fig)
-    return "canvas_adaptation.png"
+    return save_figure(fig, out / "canvas_adaptation.png", dpi=110).name
 
 
 def speed_lines(speed: dict[str, Any], budgets: list[float]) -> list[str]:
