@@ -15,6 +15,8 @@ Patch positions come in with the evidence, so any grid (or tier layout) works.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,6 +25,15 @@ from arrcoc.rules.energy import Energy
 
 EVIDENCE = 3  # propositional, perspectival, participatory
 POSITION = 2
+
+
+class FieldTerms(NamedTuple):
+    """What the field's energy holds fixed while the state relaxes."""
+
+    drive: Tensor  # (B, N) h
+    lateral: Tensor  # (N, N) L, symmetric
+    competition: Tensor  # gamma / N
+    tokens: float  # the budget K, in patches
 
 
 class RelevanceField(nn.Module):
@@ -62,14 +73,26 @@ class RelevanceField(nn.Module):
         distance2 = torch.cdist(positions, positions).pow(2)
         return self.coherence * torch.exp(-0.5 * distance2) * (1 - torch.eye(len(positions), device=x.device))
 
-    def energy(self, r: Tensor, x: Tensor) -> Tensor:
-        rho = torch.sigmoid(r)
-        n = r.shape[-1]
-        coupling = ((rho @ self.lateral(x)) * rho).sum(-1)
-        gamma = F.softplus(self.competition)
+    def terms(self, x: Tensor) -> FieldTerms:
+        """The parts of the energy that depend on ``x`` and the parameters alone, not on the state."""
+        n = x.shape[1]
         tokens = self.budget * n if self.budget <= 1 else self.budget
-        budget_pressure = gamma / (2 * n) * (rho.sum(-1) - tokens).pow(2)
-        return 0.5 * r.pow(2).sum(-1) - (rho * self.drive(x)).sum(-1) - 0.5 * coupling + budget_pressure
+        return FieldTerms(self.drive(x), self.lateral(x), F.softplus(self.competition) / n, tokens)
+
+    def energy(self, r: Tensor, x: Tensor) -> Tensor:
+        return self.energy_and_gradient(r, self.terms(x))[0]
+
+    @staticmethod
+    def energy_and_gradient(r: Tensor, terms: FieldTerms) -> tuple[Tensor, Tensor]:
+        """E(r) per sample (B,) and dE/dr (B, N) = r - rho' (h + L rho - gamma/N (sum rho - K)), rho' = rho (1 - rho)
+        (L is symmetric). Both share rho, L rho and the budget surplus; autograd of E only follows the energy."""
+        rho = torch.sigmoid(r)
+        lateral_input = rho @ terms.lateral
+        surplus = rho.sum(-1) - terms.tokens
+        energy = (0.5 * r.pow(2).sum(-1) - (rho * (terms.drive + 0.5 * lateral_input)).sum(-1)
+                  + 0.5 * terms.competition * surplus.pow(2))
+        net_input = terms.drive + lateral_input - terms.competition * surplus[:, None]
+        return energy, r - rho * (1 - rho) * net_input
 
     def as_energy(self) -> FieldEnergy:
         return FieldEnergy(self)
@@ -86,6 +109,13 @@ class FieldEnergy(Energy):
 
     def energy(self, states: list[Tensor], x: Tensor) -> Tensor:
         return self.module.energy(states[0], x)
+
+    def prepare(self, x: Tensor) -> FieldTerms:
+        return self.module.terms(x)
+
+    def energy_and_gradient(self, states: list[Tensor], prepared: FieldTerms) -> tuple[Tensor, list[Tensor]]:
+        energy, gradient = self.module.energy_and_gradient(states[0], prepared)
+        return energy, [gradient]
 
     def output(self, states: list[Tensor]) -> Tensor:
         return torch.sigmoid(states[0])

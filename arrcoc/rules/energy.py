@@ -3,8 +3,9 @@
 An :class:`Energy` defines a per-sample energy ``E(states, params; x)`` (shape ``(B,)``) over a list
 of state tensors, an initial state, a read-out ``output(states)`` and a default cost
 ``C(output, target)``. :func:`relax` descends ``F = sum_b E + beta * C`` in the states, batched
-(one autograd call per step for the whole batch), and knows nothing of MLPs: any energy over any
-states (e.g. a relevance field over image patches) relaxes the same way.
+(one gradient per step for the whole batch: autograd's, or the energy's analytic one), and knows
+nothing of MLPs: any energy over any states (e.g. a relevance field over image patches) relaxes the
+same way.
 
 Two layered energies over a flat ``nn.Sequential`` MLP are provided:
 
@@ -20,6 +21,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import reduce
 from typing import Any
 
 import torch
@@ -79,7 +81,11 @@ class RelaxationReport:
 
 
 class Energy(ABC):
-    """An energy over a list of state tensors, parameterised by an owned module's parameters."""
+    """An energy over a list of state tensors, parameterised by an owned module's parameters.
+
+    :func:`relax` differentiates :meth:`energy` in the states with autograd, unless the energy gives its state
+    gradient analytically: :meth:`prepare` then returns what the energy holds fixed while the states relax
+    (computed once per relaxation) and :meth:`energy_and_gradient` evaluates from it."""
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -103,9 +109,53 @@ class Energy(ABC):
         """Default nudging cost: squared error, per sample."""
         return 0.5 * (output - target).pow(2).flatten(1).sum(1)
 
+    def prepare(self, x: Tensor) -> Any:
+        """The state-independent parts of the energy for ``x``, for :meth:`energy_and_gradient`; None (the
+        default): no analytic state gradient, autograd differentiates :meth:`energy`."""
+        return None
 
-# a data-dependent loop (host-side stopping and divergence checks every step, autograd inside) that dynamo cannot
-# capture: a compiled model runs it eagerly, between its compiled graphs
+    def energy_and_gradient(self, states: list[Tensor], prepared: Any) -> tuple[Tensor, list[Tensor]]:
+        """Per-sample energy ``(B,)`` and dE/ds for every state, from :meth:`prepare`'s parts."""
+        raise NotImplementedError(f"{type(self).__name__} has no analytic state gradient")
+
+
+class _Objective:
+    """``F = sum_b E(states; x) + beta * sum C(output(states), target)`` and dF/ds, at any states."""
+
+    def __init__(self, model: Energy, x: Tensor, beta: float, target: Tensor | None, cost: Cost):
+        self.model, self.beta, self.cost = model, beta, cost
+        with torch.no_grad():
+            self.prepared = model.prepare(x)
+        # autograd may not save tensors made in inference mode (even outside it): copy those it will differentiate
+        self.x = x.clone() if self.prepared is None and x.is_inference() else x
+        self.target = target.clone() if target is not None and target.is_inference() else target
+
+    def __call__(self, states: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        if self.prepared is None:
+            return self._autograd(states, lambda s: self.model.energy(s, self.x).sum() + self._nudge(s))
+        with torch.no_grad():
+            energy, grads = self.model.energy_and_gradient(states, self.prepared)
+        total = energy.sum()
+        if self.target is not None:  # the cost is any callable: autograd, through the read-out only
+            nudge, nudge_grads = self._autograd(states, self._nudge)
+            total, grads = total + nudge, [g + n for g, n in zip(grads, nudge_grads)]
+        return total, grads
+
+    def _nudge(self, states: list[Tensor]) -> Tensor | float:
+        if self.target is None:
+            return 0.0
+        return self.beta * self.cost(self.model.output(states), self.target).sum()
+
+    @staticmethod
+    def _autograd(states: list[Tensor], objective: Callable[[list[Tensor]], Tensor]) -> tuple[Tensor, list[Tensor]]:
+        with torch.enable_grad():
+            variables = [s.detach().requires_grad_(True) for s in states]
+            total = objective(variables)
+            return total.detach(), list(torch.autograd.grad(total, variables))
+
+
+# a data-dependent loop (host-side stopping and divergence checks, autograd inside) that dynamo cannot capture: a
+# compiled model runs it eagerly, between its compiled graphs
 @torch.compiler.disable
 def relax(
     model: Energy,
@@ -120,6 +170,7 @@ def relax(
     states: list[Tensor] | None = None,
     momentum: float = 0.0,
     rise_tol: float = 1e-3,
+    check_every: int | None = None,
 ) -> tuple[list[Tensor], RelaxationReport]:
     """Gradient descent of ``F = sum_b E(states; x) + beta * sum C(output(states), target)``.
 
@@ -136,6 +187,13 @@ def relax(
     combined over the shards inside :func:`~arrcoc.rules.distributed.sharded_batch`, so a sharded batch relaxes
     as one batch does.
 
+    Every decision of a step stays on the device (the states stop moving once converged, momentum restarts by
+    masking); the host reads the steps' energies, residuals and rises every ``check_every`` steps, in one
+    transfer, and then stops, raises or goes on as a check after every step would have: the states and the
+    report do not depend on ``check_every``, only the number of host syncs and of steps computed after
+    convergence do. ``F``'s dF/ds is the energy's analytic gradient where it has one
+    (:meth:`Energy.energy_and_gradient`), else autograd's.
+
     Args:
         model: the energy whose states are relaxed (its parameters stay fixed).
         x: the clamped input (B, ...).
@@ -145,6 +203,8 @@ def relax(
         cost: the nudging cost (default: the energy's own).
         states: where to start (default: the energy's initial states for ``x``).
         rise_tol: the relative rise of ``F`` in a plain step that counts as divergence.
+        check_every: steps between host-side checks; default 1 on the CPU (a check costs nothing there), 8 on an
+            accelerator (where each is a sync that stalls the queue of kernels).
 
     Returns:
         The relaxed states (detached) and a :class:`RelaxationReport` (steps taken, residual, converged).
@@ -158,56 +218,66 @@ def relax(
         raise ValueError(
             f"relax needs step_size > 0, tol >= 0, 0 <= momentum < 1; got {step_size}, {tol}, {momentum}"
         )
+    if check_every is not None and check_every <= 0:
+        raise ValueError(f"relax needs check_every > 0, got {check_every}")
     if target is not None and beta == 0:
         raise ValueError("a nudged phase (target given) needs beta != 0; for the free phase pass target=None")
     if target is None and beta != 0:
         raise ValueError(f"beta={beta} nudges towards a target, but target is None")
     cost = model.cost if cost is None else cost
-    # dF/ds comes from autograd, which inference mode forbids even under enable_grad: descend outside it, on
-    # copies of the tensors given in it (autograd may not save those); the relaxed states are ordinary tensors
-    copy = torch.is_inference_mode_enabled()
+    check_every = check_every or (1 if x.device.type == "cpu" else 8)
+    # descend outside inference mode, so that autograd (of the energy or the cost) works and the relaxed states are
+    # ordinary tensors
     with torch.inference_mode(False), torch.no_grad():
-        x = x.clone() if copy else x.detach()
-        target = target.clone() if copy and target is not None else target
+        objective = _Objective(model, x.detach(), beta, target, cost)
         states = [s.detach().clone() for s in (model.init_states(x) if states is None else states)]
         velocity = [torch.zeros_like(s) for s in states]
-
-    trace: list[float] = []
-    coasting = False  # whether the last update carried momentum
-    with torch.inference_mode(False), torch.enable_grad():
+        trace: list[float] = []
+        pending: list[Tensor] = []  # per step since the last check: (F, residual, rose in a plain step)
+        previous = rise_floor = None  # whole-batch F at the step before; max(|F at step 0|, 1e-12)
+        coasting = None  # whether the last update carried momentum (None: there was none)
         for step in range(steps + 1):
-            states = [s.requires_grad_(True) for s in states]
-            total = model.energy(states, x).sum()
-            if target is not None:
-                total = total + beta * cost(model.output(states), target).sum()
-            grads = torch.autograd.grad(total, states)
+            total, grads = objective(states)
             # whole-batch quantities: every decision below is the same on every shard of a sharded batch
-            uphill = sum((v * g).sum() for v, g in zip(velocity, grads))  # > 0: momentum points uphill
-            scalars = {"dtype": torch.float64, "device": total.device}  # NCCL reduces on the GPU
-            energy, uphill = sum_over_shards(torch.tensor([total.item(), float(uphill)], **scalars)).tolist()
-            residual = max(g.abs().max().item() for g in grads)
-            moving = float(any(bool(v.any()) for v in velocity))
-            residual, moving = max_over_shards(torch.tensor([residual, moving], **scalars)).tolist()
-            trace.append(energy)
-            if not (math.isfinite(energy) and math.isfinite(residual)):
-                raise RelaxationDiverged(step, trace, "non-finite states or energy")
-            restart = False
-            if step > 0 and energy > trace[-2] + rise_tol * max(abs(trace[-2]), abs(trace[0]), 1e-12):
-                if not coasting:  # a plain gradient step with a stable step size never climbs
-                    raise RelaxationDiverged(step, trace, "energy rose")
-                restart = True
-            if residual < tol or step == steps:
-                break
-            # restart when momentum overshot or points uphill (O'Donoghue & Candes 2015)
-            if restart or uphill > 0:
-                velocity = [torch.zeros_like(v) for v in velocity]
-                moving = 0.0
-            coasting = momentum > 0 and moving > 0
-            velocity = [momentum * v - step_size * g for v, g in zip(velocity, grads)]
-            states = [(s + v).detach() for s, v in zip(states, velocity)]
-    report = RelaxationReport(step, energy, residual, residual < tol, trace)
+            uphill = reduce(torch.add, [torch.dot(v.flatten(), g.flatten()) for v, g in zip(velocity, grads)])
+            energy, uphill = sum_over_shards(torch.stack([total, uphill]).double()).unbind()  # > 0: momentum uphill
+            residual = reduce(torch.maximum, [torch.linalg.vector_norm(g, math.inf) for g in grads])
+            residual = max_over_shards(residual.double())
+            converged = residual < tol
+            if previous is None:
+                rose, rise_floor = torch.zeros_like(converged), energy.abs().clamp_min(1e-12)
+            else:
+                rose = energy > previous + rise_tol * torch.maximum(previous.abs(), rise_floor)
+            plain_rise = rose if coasting is None else rose & ~coasting  # a stable plain step never climbs
+            pending.append(torch.stack([energy, residual, plain_rise.double()]))
+            if (step + 1) % check_every == 0 or step == steps:
+                report = _check(torch.stack(pending).tolist(), step + 1 - len(pending), trace, tol, steps)
+                if report is not None:
+                    break
+                pending = []
+            # restart when momentum overshot or points uphill (O'Donoghue & Candes 2015); stand still once converged
+            keep = ~(rose | (uphill > 0) | converged)
+            velocity = [v.mul_(momentum * keep).sub_(g * (step_size * ~converged)) for v, g in zip(velocity, grads)]
+            states = [s.add_(v) for s, v in zip(states, velocity)]
+            coasting = keep if momentum > 0 and step > 0 else None  # the velocity was zero at step 0
+            previous = energy
+    # converged states stand still, so the states now are those of the step reported
     return [s.detach() for s in states], report
 
+
+def _check(rows: list[list[float]], first_step: int, trace: list[float], tol: float, steps: int
+           ) -> RelaxationReport | None:
+    """Go through the steps' (F, residual, rose in a plain step) as a check after every step would: extend
+    ``trace``, raise on divergence, and report the first step that converged (or the last step)."""
+    for step, (energy, residual, rose) in enumerate(rows, first_step):
+        trace.append(energy)
+        if not (math.isfinite(energy) and math.isfinite(residual)):
+            raise RelaxationDiverged(step, trace, "non-finite states or energy")
+        if rose:
+            raise RelaxationDiverged(step, trace, "energy rose")
+        if residual < tol or step == steps:
+            return RelaxationReport(step, energy, residual, residual < tol, trace)
+    return None
 
 
 class _ThroughEquilibrium(torch.autograd.Function):

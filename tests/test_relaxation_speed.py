@@ -1,0 +1,126 @@
+"""The cheap relaxation (issue 21): the field's analytic state gradient, and host-side checks every few steps
+that change neither the relaxed states nor the report."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from arrcoc.relevance.field import FieldEnergy, RelevanceField, grid_positions
+from arrcoc.rules.energy import RelaxationDiverged, relax
+
+SETTINGS = {"steps": 60, "step_size": 0.3, "momentum": 0.5, "tol": 1e-4}  # the field's (field_relaxation)
+
+
+def random_field(budget: float = 0.25, batch: int = 4, query: bool = True) -> tuple[RelevanceField, torch.Tensor]:
+    torch.manual_seed(0)
+    field = RelevanceField(8, budget, adaptive_balance=query).double()
+    with torch.no_grad():  # away from the initial values, so that every term matters
+        for p in field.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = RelevanceField.pack(torch.randn(batch, 20, 3), grid_positions(4, 5), torch.randn(batch, 8) if query else None,
+                            8).double()
+    return field, x
+
+
+def docstring_energy(field: RelevanceField, r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The field's energy as its module docstring writes it, term by term."""
+    rho, n = torch.sigmoid(r), r.shape[-1]
+    k = field.budget * n if field.budget <= 1 else field.budget
+    coupling = torch.einsum("bi,ij,bj->b", rho, field.lateral(x), rho)
+    return (0.5 * r.pow(2).sum(-1) - (rho * field.drive(x)).sum(-1) - 0.5 * coupling
+            + F.softplus(field.competition) / (2 * n) * (rho.sum(-1) - k).pow(2))
+
+
+class AutogradField(FieldEnergy):
+    """The same energy without its analytic gradient: relax differentiates it with autograd."""
+
+    def prepare(self, x):
+        return None
+
+
+@pytest.mark.parametrize("budget, query", [(0.25, True), (5, False)])  # budget as a fraction / a count
+def test_the_fields_analytic_gradient_is_autograds(budget, query):
+    field, x = random_field(budget, query=query)
+    energy = field.as_energy()
+    for scale in (0.1, 1.0, 4.0):  # near zero to saturated sigmoids
+        r = (scale * torch.randn(x.shape[0], x.shape[1], dtype=torch.float64)).requires_grad_(True)
+        value, (gradient,) = energy.energy_and_gradient([r.detach()], energy.prepare(x))
+        expected = docstring_energy(field, r, x)
+        (autograd,) = torch.autograd.grad(expected.sum(), r)
+        torch.testing.assert_close(value, expected.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gradient, autograd, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("nudge", [None, 0.5, -0.5])
+def test_relaxing_with_the_analytic_gradient_is_relaxing_with_autograd(nudge):
+    """Free and nudged phases (the nudge's cost goes through autograd either way) reach the same states along the
+    same path."""
+    field, x = random_field()
+    target = torch.rand(x.shape[0], x.shape[1], dtype=torch.float64) if nudge else None
+    runs = [relax(model, x, nudge or 0.0, target, **SETTINGS) for model in (field.as_energy(), AutogradField(field))]
+    (analytic, fast), (autograd, slow) = runs
+    assert fast.converged and fast.steps == slow.steps > 5
+    torch.testing.assert_close(analytic[0], autograd[0], rtol=0, atol=1e-12)
+    assert fast.energy_trace == pytest.approx(slow.energy_trace, rel=1e-12, abs=1e-12)
+
+
+def relax_counting_syncs(monkeypatch, *args, **kwargs):
+    """relax's result and how many tensors it read to the host (each a device sync on an accelerator)."""
+    reads = []
+
+    def counted(read):
+        def counting(self, *args):
+            reads.append(read)
+            return read(self, *args)
+        return counting
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    try:
+        return relax(*args, **kwargs), len(reads)
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_checking_every_few_steps_changes_nothing_but_the_syncs(monkeypatch, momentum):
+    field, x = random_field(batch=6)
+    settings = {**SETTINGS, "momentum": momentum}
+    ((states, report), syncs) = relax_counting_syncs(monkeypatch, field.as_energy(), x, check_every=1, **settings)
+    assert report.converged and report.steps > 8 and syncs == report.steps + 1  # one read per check, none else
+    for every in (3, 8, 100):
+        ((sparse, sparse_report), sparse_syncs) = relax_counting_syncs(monkeypatch, field.as_energy(), x,
+                                                                       check_every=every, **settings)
+        assert torch.equal(sparse[0], states[0])  # converged states stand still until the check
+        assert (sparse_report.steps, sparse_report.energy, sparse_report.residual, sparse_report.energy_trace) == (
+            report.steps, report.energy, report.residual, report.energy_trace)
+        assert sparse_syncs == min(math.ceil((report.steps + 1) / every), math.ceil((settings["steps"] + 1) / every))
+    # the step budget ends a relaxation between checks too
+    (_, capped), _ = relax_counting_syncs(monkeypatch, field.as_energy(), x, check_every=8, **{**settings, "steps": 5})
+    assert capped.steps == 5 and not capped.converged and len(capped.energy_trace) == 6
+
+
+def test_a_divergence_is_raised_where_it_happened_however_rarely_checked():
+    field, x = random_field()
+    with torch.no_grad():
+        field.coherence.fill_(5.0)  # a plain step of 50 overshoots
+    raised = []
+    for every in (1, 8):
+        with pytest.raises(RelaxationDiverged) as info:
+            relax(field.as_energy(), x, steps=60, step_size=50.0, check_every=every)
+        raised.append((info.value.step, info.value.energy_trace))
+    assert raised[0] == raised[1] and raised[0][0] >= 1 and len(raised[0][1]) == raised[0][0] + 1
+    with pytest.raises(ValueError, match="check_every"):
+        relax(field.as_energy(), x, check_every=0)
+
+
+def test_a_nan_in_the_input_is_raised_at_the_first_step():
+    field, x = random_field()
+    x[1, 3, 0] = math.nan  # one patch's evidence
+    with pytest.raises(RelaxationDiverged, match="non-finite") as info:
+        relax(field.as_energy(), x, check_every=8, **SETTINGS)
+    assert info.value.step == 0
