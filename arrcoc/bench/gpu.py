@@ -150,8 +150,8 @@ def report(throughput_runs: list[dict[str, Any]], canvas_runs: list[dict[str, An
     if canvas_runs:
         budgets = sorted({r["budget"] for r in canvas_runs[0]["rows"]}, reverse=True)
         lines += ["## Canvas benchmark timing", "",
-                  "The committed canvas ViT (128 px canvases, 64 patches) and the trained cluttered-task ARR-COC, "
-                  "on cluttered test canvases.", ""]
+                  "The committed canvas ViT (64 px canvases, 8 px patches: 64 tokens) and the trained cluttered-task "
+                  "ARR-COC, on cluttered test canvases.", ""]
         for run in canvas_runs:
             lines += [f"**{run['dtype']}**", "", *speed_lines(run, budgets)]
     if vlm is not None:
