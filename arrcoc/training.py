@@ -10,7 +10,7 @@ import time
 import torch
 
 import arrcoc
-from arrcoc.baselines import global_backprop_step, module_backprop_step
+from arrcoc.baselines import GlobalBackpropConfig, global_backprop_step, module_backprop_step
 from arrcoc.data.tasks import TaskData
 from arrcoc.optim import warmup_cosine
 from arrcoc.relevance import ARRCOC, RelevanceConfig
@@ -31,7 +31,8 @@ def train_arrcoc(backbone: torch.nn.Module, config: RelevanceConfig, train: Task
         seed: of the module's initialisation and the data order.
         learning: ``local`` (each sub-network's own rule), ``backprop`` (autograd end to end inside the module, the
             same target: the all-backprop reference) or ``global`` (backprop through the frozen backbone).
-        max_grad_norm: clip the module's gradient norm to this in every step, if given, whatever the learning.
+        max_grad_norm: clip the module's gradient norm to this in every step, if given, whatever the learning
+            (``global`` clips at :class:`~arrcoc.baselines.GlobalBackpropConfig`'s default, 10, unless given).
 
     Returns:
         The trained model (eval mode) and the mean step time in ms.
@@ -42,6 +43,7 @@ def train_arrcoc(backbone: torch.nn.Module, config: RelevanceConfig, train: Task
     model = arrcoc.attach(backbone, config=config)
     schedule = warmup_cosine(model.optimizer, steps)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    global_config = GlobalBackpropConfig(**({} if max_grad_norm is None else {"max_grad_norm": max_grad_norm}))
     start = time.perf_counter()
     for step in range(steps):
         batch = train.batch(order[(step * batch_size) % len(train):][:batch_size])
@@ -52,6 +54,6 @@ def train_arrcoc(backbone: torch.nn.Module, config: RelevanceConfig, train: Task
             module_backprop_step(model, batch.images, batch.queries, boxes=batch.boxes, labels=batch.labels,
                                  max_grad_norm=max_grad_norm)
         else:
-            global_backprop_step(model, batch.images, batch.labels, batch.queries, max_grad_norm=max_grad_norm)
+            global_backprop_step(model, batch.images, batch.labels, batch.queries, global_config)
         schedule.step()
     return model.eval(), 1000 * (time.perf_counter() - start) / steps
