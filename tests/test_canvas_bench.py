@@ -144,3 +144,15 @@ def test_training_steps_per_task_or_shared(tmp_path, steps, per_task):
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump({"seeds": [0], "train": {"steps": steps, "batch_size": 4}}))
     assert canvas.load_bench(str(path), quick=False)["train"]["steps"] == per_task
+
+
+def test_the_end_to_end_allocator_may_train_longer(tmp_path):
+    path = tmp_path / "bench.yaml"
+    train = {"steps": {"cluttered": 2, "query": 5}, "global_steps": {"cluttered": 8, "query": 20}, "batch_size": 4}
+    path.write_text(yaml.safe_dump({"seeds": [0], "train": train}))
+    assert canvas.load_bench(str(path), quick=False)["train"]["global_steps"] == {"cluttered": 8, "query": 20}
+    path.write_text(yaml.safe_dump({"seeds": [0], "train": {"steps": 3, "batch_size": 4}}))
+    assert canvas.load_bench(str(path), quick=False)["train"]["global_steps"] == {"cluttered": 3, "query": 3}
+    path.write_text(yaml.safe_dump({"seeds": [0], "train": {**train, "global_steps": {"query": 20}}}))
+    with pytest.raises(ValueError, match="train.global_steps"):
+        canvas.load_bench(str(path), quick=False)

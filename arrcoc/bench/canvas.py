@@ -110,7 +110,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         return result
     # ARR-COC (local rules, a variant of them, or the global-backprop allocator)
     config = relevance_config(bench, task, job["overrides"])
-    steps, batch_size = bench["train"]["steps"][task], bench["train"]["batch_size"]
+    # the end-to-end allocator may train longer (its own `global_steps`): a reference is only as good as its training
+    per_task = bench["train"]["global_steps" if job["learning"] == "global" else "steps"]
+    steps, batch_size = per_task[task], bench["train"]["batch_size"]
     train = task_data(task, "train", steps * batch_size, 100 + seed)
     model, step_ms = train_arrcoc(backbone, config, train, steps, batch_size, seed, job["learning"],
                                   max_grad_norm=bench["train"].get("max_grad_norm"))
@@ -345,7 +347,12 @@ def load_bench(path: str, quick: bool) -> dict[str, Any]:
                              or hard["task"] not in TASKS or hard["budget"] not in bench["budgets"]):
         raise ValueError(f"hard_regime must be {{task: one of {list(TASKS)}, budget: one of budgets "
                          f"{bench['budgets']}}}, got {hard!r}")
-    bench["train"] = {**bench["train"], "steps": per_task}
+    global_steps = bench["train"].get("global_steps", per_task)
+    global_steps = global_steps if isinstance(global_steps, dict) else dict.fromkeys(tasks, global_steps)
+    if not set(tasks) <= set(global_steps) or not all(isinstance(n, int) and n > 0 for n in global_steps.values()):
+        raise ValueError(f"train.global_steps must be a positive integer or one per task {list(tasks)}, got "
+                         f"{bench['train']['global_steps']!r}")
+    bench["train"] = {**bench["train"], "steps": per_task, "global_steps": global_steps}
     bench["variants"] = dict(bench.get("variants") or {})
     for name, overrides in bench["variants"].items():
         tasks = (overrides or {}).get("tasks", TASKS)

@@ -368,7 +368,9 @@ def write_report(results: dict[str, Any], out: Path, report: Path) -> Path:
         f"{meta['workers']} worker processes, torch {meta['torch']}"
         + (f", code at commit {meta['commit'][:7]}" if meta.get("commit") else "") + f"). Seeds {meta['seeds']}; "
         f"{meta['test_images']} test canvases per task and seed (TEST source digits only; each seed draws its own); "
-        f"relevance modules trained for {meta['train']['steps']} steps of {meta['train']['batch_size']} canvases. "
+        f"relevance modules trained for {meta['train']['steps']} steps of {meta['train']['batch_size']} canvases"
+        + (f" (the DynamicViT-style allocator for {meta['train']['global_steps']})"
+           if meta["train"].get("global_steps") not in (None, meta["train"]["steps"]) else "") + ". "
         "Accuracies are means with a 95% interval over the seeds (Student t).",
         "",
         f"**Backbone (every method):** the canvas ViT `{Path(meta['backbone']).name}` "
