@@ -92,7 +92,7 @@ def test_a_config_naming_one_task_runs_only_that_task(tmp_path):
     assert {job["task"] for job in canvas.jobs_for(bench)} == {"query"}
     with pytest.raises(ValueError, match="hard_regime must be"):
         path.write_text(yaml.safe_dump({"seeds": [0], "budgets": [1.0, 0.25], "train": {"steps": 2, "batch_size": 4},
-                                        "hard_regime": {"task": "cluttered", "budget": 0.0625}}))
+                                        "hard_regime": {"task": "cluttered"}}))
         canvas.load_bench(str(path), quick=False)
 
 
@@ -112,7 +112,8 @@ def test_targets_pair_seeds_and_compare_at_equal_measured_speed():
                            {"method": "random", "budget": 0.0625, "speedup": 6.0},
                            {"method": "evit", "budget": 0.0625, "speedup": 1.6}]}
     results = {"accuracy": table, "throughput": throughput, "meta": {
-        "tasks": {"cluttered": {"budget": 0.0625}}, "hard_regime": {"task": "cluttered", "budget": 0.0625}}}
+        "tasks": {"cluttered": {"budget": 0.0625}}, "hard_regime": {"task": "cluttered", "budget": 0.0625},
+        "budgets": [1.0, 0.5, 0.0625]}}
     rows = {name: (passed, numbers) for name, passed, numbers in targets(results)}
     # random at 2.0x: between (1.5x, 94) and (6x, 61..64): 94 - (94 - 60) * 0.5 / 4.5 = 90.2 for seed 0
     passed, numbers = next(v for k, v in rows.items() if k.startswith("Hard regime: at equal"))
@@ -156,3 +157,11 @@ def test_the_end_to_end_allocator_may_train_longer(tmp_path):
     path.write_text(yaml.safe_dump({"seeds": [0], "train": {**train, "global_steps": {"query": 20}}}))
     with pytest.raises(ValueError, match="train.global_steps"):
         canvas.load_bench(str(path), quick=False)
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_the_committed_benchmark_config_loads(quick):
+    """The README's quick command reads the committed config's quick section (a hard regime at a budget the quick
+    run lacks once made it refuse to start)."""
+    bench = canvas.load_bench("configs/canvas_bench.yaml", quick=quick)
+    assert bench["seeds"] and set(bench["train"]["steps"]) == set(bench["tasks"])

@@ -342,11 +342,11 @@ def load_bench(path: str, quick: bool) -> dict[str, Any]:
     per_task = steps if isinstance(steps, dict) else dict.fromkeys(tasks, steps)
     if not set(tasks) <= set(per_task) or not all(isinstance(n, int) and n > 0 for n in per_task.values()):
         raise ValueError(f"train.steps must be a positive integer or one per task {list(tasks)}, got {steps!r}")
-    hard = bench.get("hard_regime")
+    hard = bench.get("hard_regime")  # reported as not measured where this run lacks its task or budget
     if hard is not None and (not isinstance(hard, dict) or set(hard) != {"task", "budget"}
-                             or hard["task"] not in TASKS or hard["budget"] not in bench["budgets"]):
-        raise ValueError(f"hard_regime must be {{task: one of {list(TASKS)}, budget: one of budgets "
-                         f"{bench['budgets']}}}, got {hard!r}")
+                             or hard["task"] not in TASKS or not isinstance(hard["budget"], float)):
+        raise ValueError(f"hard_regime must be {{task: one of {list(TASKS)}, budget: a fraction of the tokens}}, "
+                         f"got {hard!r}")
     global_steps = bench["train"].get("global_steps", per_task)
     global_steps = global_steps if isinstance(global_steps, dict) else dict.fromkeys(tasks, global_steps)
     if not set(tasks) <= set(global_steps) or not all(isinstance(n, int) and n > 0 for n in global_steps.values()):

@@ -115,7 +115,7 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
                      missing if d is None else f"{_cell(arr)} vs {_cell(allbp)} - 2: paired {_diff(d)}"))
 
     hard = meta.get("hard_regime")
-    if not hard or hard["task"] not in tasks:
+    if not hard or hard["task"] not in tasks or hard["budget"] not in meta["budgets"]:
         rows.append(("Hard regime: at equal measured speed-up, ARR-COC >= the best baseline + 3 points, and within 2 "
                      "points of the box oracle", None, "no hard regime in this run"))
     else:
