@@ -37,8 +37,9 @@ def _seeds(table: dict, task: str, method: str, budget: float) -> list[float] | 
 
 
 def _paired(a: list[float] | None, b: list[float] | None, shift: float = 0.0) -> tuple[float, float] | None:
-    """Mean and 95% half-width of ``a - b - shift`` over the seeds both have (paired: same seed, same canvases)."""
-    if not a or not b or len(a) != len(b):
+    """Mean and 95% half-width of ``a - b - shift`` over the seeds both have (paired: same seed, same canvases);
+    None with fewer than two seeds, which give no interval to judge by."""
+    if not a or not b or len(a) != len(b) or len(a) < 2:
         return None
     return paired_interval(a, [y + shift for y in b])
 
@@ -102,12 +103,12 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
     table, meta = results["accuracy"], results["meta"]
     tasks = meta["tasks"]
     rows: list[tuple[str, bool | None, str]] = []
-    missing = "not in this run"
+    missing = "not in this run, or fewer than 2 seeds"
 
     if "query" in tasks:
         q = tasks["query"]["budget"]
         arr, oracle, allbp = (_seeds(table, "query", m, q) for m in ("ARR-COC", "box oracle", ALL_BACKPROP))
-        d = None if not arr or not oracle else paired_interval(arr, [0.95 * y for y in oracle])
+        d = _paired(arr, [0.95 * y for y in oracle] if oracle else None)
         rows.append((f"Query task at {q:.1%}: ARR-COC >= 95% of the box oracle", _at_least(d),
                      missing if d is None else f"{_cell(arr)} vs 0.95 x {_cell(oracle)}: paired {_diff(d)}"))
         d = _paired(arr, allbp, -2)
@@ -135,7 +136,7 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
             if curves:
                 name = max(curves, key=lambda m: _mean(curves[m][0]))
                 best = (name, *curves[name])
-        if best is None:
+        if best is None or len(arr) < 2:
             rows.append((f"Hard regime: at equal measured speed-up, ARR-COC >= the best of "
                          f"{' / '.join(HARD_BASELINES)} + 3 points", None, missing))
         else:
