@@ -36,6 +36,8 @@ from arrcoc.budget import num_kept
 from arrcoc.relevance.attach import ARRCOC
 from arrcoc.relevance.learning import QueryInput
 
+from .module_backprop import training_pass
+
 
 @dataclass
 class GlobalBackpropConfig:
@@ -94,12 +96,7 @@ def global_backprop_step(model: ARRCOC, images: Tensor, labels: Tensor, query: Q
         ``loss``: the cross-entropy, mean over the images.
     """
     cfg = config or GlobalBackpropConfig()
-    was_training = model.relevance.training
-    model.relevance.train()  # feature statistics follow the training stream, as in learn()
-    try:
-        out, state, _ = model.relevance_pass(images, query, differentiable=True)
-    finally:
-        model.relevance.train(was_training)
+    out, state = training_pass(model, images, query)
     k = num_kept(model.budget, out.logits.shape[1])
     slots = perturbed_top_k(out.logits, k, cfg.sigma, cfg.samples)
     patches = torch.einsum("bkn,bnd->bkd", slots.to(state.tokens.dtype), state.tokens[:, state.num_prefix:])

@@ -15,8 +15,22 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from arrcoc.backbones import TokenSet
 from arrcoc.relevance.attach import ARRCOC
 from arrcoc.relevance.learning import QueryInput
+from arrcoc.relevance.module import RelevanceOutput
+
+
+def training_pass(model: ARRCOC, images: Tensor, query: QueryInput) -> tuple[RelevanceOutput, TokenSet]:
+    """The relevance module's pass with autograd recorded (the field through its equilibrium) and its feature
+    statistics following the training stream, as in ``learn()``: what both backprop references train on."""
+    was_training = model.relevance.training
+    model.relevance.train()
+    try:
+        out, state, _ = model.relevance_pass(images, query, differentiable=True)
+    finally:
+        model.relevance.train(was_training)
+    return out, state
 
 
 def module_backprop_step(model: ARRCOC, images: Tensor, query: QueryInput = None, boxes: Tensor | None = None,
@@ -34,12 +48,7 @@ def module_backprop_step(model: ARRCOC, images: Tensor, query: QueryInput = None
     Returns:
         ``loss``: the binary cross-entropy, summed over the patches, mean over the images.
     """
-    was_training = model.relevance.training
-    model.relevance.train()  # feature statistics follow the training stream, as in learn()
-    try:
-        out, state, _ = model.relevance_pass(images, query, differentiable=True)
-    finally:
-        model.relevance.train(was_training)
+    out, state = training_pass(model, images, query)
     target = model.training_target(out, state, images, boxes, labels).to(out.logits.dtype)
     # the allocator's local rule descends exactly this loss's gradient in the logits: the same scale
     loss = F.binary_cross_entropy_with_logits(out.logits, target, reduction="sum") / out.logits.shape[0]
