@@ -268,7 +268,8 @@ class VLMARRCOC(LocalRuleLearner, nn.Module):
         was_training = self.relevance.training
         self.relevance.train()  # feature statistics follow the training stream
         try:
-            batches = self._score(prompt, q)
+            with torch.no_grad():  # each rule builds its own graph; under autograd the field would build its Hessian
+                batches = self._score(prompt, q)
         finally:
             self.relevance.train(was_training)
         if target is None:
