@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from arrcoc.metrics import interval, paired_interval
 from arrcoc.reporting import pyplot, read_json, save_figure, verdict
 
@@ -70,15 +72,8 @@ def speeds(results: dict[str, Any]) -> dict[str, dict[float, float]]:
 def accuracy_at_speed(points: list[tuple[float, float]], speed: float) -> tuple[float, bool]:
     """A method's accuracy at ``speed``, linear between its measured (speed-up, accuracy) points; beyond its
     fastest point, its accuracy there (second value True: the method cannot get that cheap)."""
-    points = sorted(points)
-    if speed >= points[-1][0]:
-        return points[-1][1], speed > points[-1][0]
-    if speed <= points[0][0]:
-        return points[0][1], False
-    for (s0, a0), (s1, a1) in zip(points, points[1:]):
-        if s0 <= speed <= s1:
-            return a0 + (a1 - a0) * (speed - s0) / (s1 - s0), False
-    raise AssertionError("unreachable")
+    speeds, accuracies = zip(*sorted(points))
+    return float(np.interp(speed, speeds, accuracies)), speed > speeds[-1]
 
 
 def equal_speed(results: dict[str, Any], task: str, method: str, speed: float) -> tuple[list[float], bool] | None:

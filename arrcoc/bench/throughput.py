@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
 from tqdm import tqdm
@@ -111,7 +112,7 @@ def measure(name: str, settings: Settings, bar: tqdm | None = None) -> dict[str,
     device = torch.device(settings.device)
     backbone = timm.create_model(MODELS[name], pretrained=False).to(device).eval()
     adapter = adapt_backbone(backbone)
-    model = arrcoc.attach(backbone, budget=LATENCY_BUDGET).to(device).eval()
+    model = arrcoc.attach(backbone, budget=LATENCY_BUDGET)  # built on the backbone's device, in eval mode
     if settings.compile:
         for block in adapter.blocks:  # the blocks ARR-COC runs are these same modules
             block.compile(dynamic=True)
@@ -201,8 +202,7 @@ def matched_tokens_check(name: str, result: dict[str, Any]) -> list[tuple[str, b
         return [(f"{name}: ARR-COC >= ToMe's speed-up at a matched mean token count", None)]
     row = inside[0]
     fraction = row["mean_token_fraction"]
-    (f0, s0), (f1, s1) = next((a, b) for a, b in zip(arr, arr[1:]) if a[0] <= fraction <= b[0])
-    speed = s0 + (s1 - s0) * (fraction - f0) / (f1 - f0)
+    speed = float(np.interp(fraction, *zip(*arr)))
     return [(f"{name}: ARR-COC >= ToMe's speed-up at a matched mean token count (ToMe at budget {row['budget']}: "
              f"{fraction:.2f} of the tokens per block, {row['speedup']:.2f}x; ARR-COC there {speed:.2f}x)",
              speed >= row["speedup"])]
