@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from arrcoc.bench import canvas
+from arrcoc.bench import canvas, canvas_report
 from arrcoc.bench.canvas_report import targets
 from arrcoc.models.canvas_vit import CanvasViTConfig, build_canvas_vit, load_canvas_vit, save_canvas_vit
 from arrcoc.models.query_fusion import QueryFusionViT, load_query_fusion
@@ -94,6 +94,24 @@ def test_a_config_naming_one_task_runs_only_that_task(tmp_path):
         path.write_text(yaml.safe_dump({"seeds": [0], "budgets": [1.0, 0.25], "train": {"steps": 2, "batch_size": 4},
                                         "hard_regime": {"task": "cluttered"}}))
         canvas.load_bench(str(path), quick=False)
+
+
+def test_a_variant_may_run_on_the_lowest_seeds_only(tmp_path):
+    path = tmp_path / "bench.yaml"
+    variants = {"expensive": {"target": "perturbation", "seeds": 2}, "cheap": {"texture": False}}
+    path.write_text(yaml.safe_dump({"seeds": [4, 1, 3], "train": {"steps": 2, "batch_size": 4}, "variants": variants,
+                                    "baselines": [], "tasks": {"cluttered": {"budget": 0.25}}}))
+    jobs = canvas.jobs_for(canvas.load_bench(str(path), quick=False))
+    assert sorted(j["seed"] for j in jobs if j["method"] == "ARR-COC / expensive") == [1, 3]
+    assert sorted(j["seed"] for j in jobs if j["method"] == "ARR-COC / cheap") == [1, 3, 4]
+    assert all("seeds" not in j["overrides"] for j in jobs if j["kind"] == "arrcoc")
+    # the report pairs it with the default on those seeds
+    assert canvas_report._versus_default([90.0, 92.0], [91.0, 92.5, 50.0])[0] == pytest.approx(-0.75)
+    for bad in (1, 2.5, "all", True):
+        path.write_text(yaml.safe_dump({"seeds": [0, 1], "train": {"steps": 2, "batch_size": 4},
+                                        "variants": {"expensive": {"seeds": bad}}}))
+        with pytest.raises(ValueError, match="`seeds`"):
+            canvas.load_bench(str(path), quick=False)
 
 
 def test_targets_pair_seeds_and_compare_at_equal_measured_speed():

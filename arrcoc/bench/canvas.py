@@ -149,7 +149,10 @@ def jobs_for(bench: dict) -> list[dict[str, Any]]:
                          "all_budgets": True})
             for name, overrides in bench["variants"].items():
                 overrides = dict(overrides)
-                if task not in overrides.pop("tasks", bench["tasks"]):  # a variant may apply to some tasks only
+                # a variant may apply to some tasks only, and run on the lowest few seeds only (an expensive one;
+                # results are kept in seed order, so the report pairs it with the default's first runs)
+                if task not in overrides.pop("tasks", bench["tasks"]) or seed not in sorted(bench["seeds"])[
+                        :overrides.pop("seeds", len(bench["seeds"]))]:
                     continue
                 jobs.append({**common, "kind": "arrcoc", "method": f"ARR-COC / {name}", "overrides": overrides,
                              "learning": "local", "all_budgets": False})
@@ -358,6 +361,10 @@ def load_bench(path: str, quick: bool) -> dict[str, Any]:
         tasks = (overrides or {}).get("tasks", TASKS)
         if not isinstance(tasks, list | tuple) or not set(tasks) <= set(TASKS):
             raise ValueError(f"variant {name!r}: `tasks` must be a list drawn from {list(TASKS)}, got {tasks!r}")
+        seeds = (overrides or {}).get("seeds", 2)
+        if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 2:
+            raise ValueError(f"variant {name!r}: `seeds` (on how many of the run's lowest seeds it runs) must be an "
+                             f"integer >= 2, as a paired interval needs two; got {seeds!r}")
     return bench
 
 

@@ -46,6 +46,12 @@ def _paired(a: list[float] | None, b: list[float] | None, shift: float = 0.0) ->
     return paired_interval(a, [y + shift for y in b])
 
 
+def _versus_default(variant: list[float] | None, default: list[float] | None) -> tuple[float, float] | None:
+    """An ablation's paired difference to the default ARR-COC; a variant may have run on the lowest few of the run's
+    seeds only (its ``seeds`` in the config), and is paired with the default on those (both lists in seed order)."""
+    return _paired(variant, default[:len(variant)] if variant and default else None)
+
+
 def _at_least(diff: tuple[float, float] | None) -> bool | None:
     """A ">=" target on a paired difference: a tie passes only if the interval's lower end is >= -0.5."""
     return None if diff is None else diff[0] - diff[1] >= -TIE
@@ -265,7 +271,7 @@ def _ablation_plot(results: dict[str, Any], out: Path) -> str:
     for ax, task in zip(axes[0], table):
         budget = str(tasks[task]["budget"])
         default = table[task].get("ARR-COC", {}).get("accuracy", {}).get(budget)
-        diffs = {m.removeprefix("ARR-COC / "): _paired(e["accuracy"].get(budget), default)
+        diffs = {m.removeprefix("ARR-COC / "): _versus_default(e["accuracy"].get(budget), default)
                  for m, e in table[task].items() if m.startswith("ARR-COC /")}
         diffs = {name: d for name, d in diffs.items() if d is not None}
         ax.barh(list(diffs), [d[0] for d in diffs.values()], xerr=[d[1] for d in diffs.values()], color="C3",
@@ -413,8 +419,11 @@ def write_report(results: dict[str, Any], out: Path, report: Path) -> Path:
                       "| step (ms) |",
                       "|---|---|---|---|---|"]
             for method, entry in variants.items():
-                d = _paired(entry["accuracy"].get(budget), arr.get("accuracy", {}).get(budget))
-                lines.append(f"| {method.removeprefix('ARR-COC / ')} | {_cell(entry['accuracy'].get(budget))} | "
+                d = _versus_default(entry["accuracy"].get(budget), arr.get("accuracy", {}).get(budget))
+                runs = len(entry["accuracy"].get(budget) or [])
+                all_runs = len(arr.get("accuracy", {}).get(budget) or [])
+                seeds = f" ({runs} of {all_runs} seeds)" if runs < all_runs else ""
+                lines.append(f"| {method.removeprefix('ARR-COC / ')}{seeds} | {_cell(entry['accuracy'].get(budget))} | "
                              f"{'–' if d is None else _diff(d)} | {_cell(entry.get('box_coverage'))} | "
                              f"{_cell(entry.get('step_ms'))} |")
         lines.append("")
