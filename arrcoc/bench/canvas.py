@@ -151,8 +151,9 @@ def jobs_for(bench: dict) -> list[dict[str, Any]]:
                 overrides = dict(overrides)
                 # a variant may apply to some tasks only, and run on the lowest few seeds only (an expensive one;
                 # results are kept in seed order, so the report pairs it with the default's first runs)
-                if task not in overrides.pop("tasks", bench["tasks"]) or seed not in sorted(bench["seeds"])[
-                        :overrides.pop("seeds", len(bench["seeds"]))]:
+                variant_tasks = overrides.pop("tasks", bench["tasks"])
+                variant_seeds = sorted(bench["seeds"])[:overrides.pop("seeds", len(bench["seeds"]))]
+                if task not in variant_tasks or seed not in variant_seeds:
                     continue
                 jobs.append({**common, "kind": "arrcoc", "method": f"ARR-COC / {name}", "overrides": overrides,
                              "learning": "local", "all_budgets": False})

@@ -108,16 +108,15 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
 
     if "query" in tasks:
         q = tasks["query"]["budget"]
-        arr, oracle, allbp = (_seeds(table, "query", m, q) for m in ("ARR-COC", "box oracle", ALL_BACKPROP))
+        arr, oracle = (_seeds(table, "query", m, q) for m in ("ARR-COC", "box oracle"))
         d = _paired(arr, [0.95 * y for y in oracle] if oracle else None)
         rows.append((f"Query task at {q:.1%}: ARR-COC >= 95% of the box oracle", _at_least(d),
                      missing if d is None else f"{_cell(arr)} vs 0.95 x {_cell(oracle)}: paired {_diff(d)}"))
-        d = _paired(arr, allbp, -2)
-        rows.append((f"Query task at {q:.1%}: ARR-COC >= all-backprop ARR-COC - 2 points", _at_least(d),
-                     missing if d is None else f"{_cell(arr)} vs {_cell(allbp)} - 2: paired {_diff(d)}"))
 
     hard = meta.get("hard_regime")
-    if not hard or hard["task"] not in tasks or hard["budget"] not in meta["budgets"]:
+    if hard and (hard["task"] not in tasks or hard["budget"] not in meta["budgets"]):
+        hard = None
+    if not hard:
         rows.append(("Hard regime: at equal measured speed-up, ARR-COC >= the best baseline + 3 points, and within 2 "
                      "points of the box oracle", None, "no hard regime in this run"))
     else:
@@ -154,10 +153,11 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
                      missing if d is None else f"{_cell(arr)} vs {_cell(oracle)} - 2: paired {_diff(d)}"))
 
     for task in tasks:
-        budget = tasks[task]["budget"]
+        # judged where allocation decides: at its own budget the hard regime's task saturates (every method ties)
+        budget = hard["budget"] if hard and hard["task"] == task else tasks[task]["budget"]
         arr, allbp = _seeds(table, task, "ARR-COC", budget), _seeds(table, task, ALL_BACKPROP, budget)
         d = _paired(arr, allbp, -2)
-        rows.append((f"{task} at {budget:.1%}: local-rule ARR-COC >= all-backprop ARR-COC - 2 points", _at_least(d),
+        rows.append((f"{task} at {100 * budget:g}%: local-rule ARR-COC >= all-backprop ARR-COC - 2 points", _at_least(d),
                      missing if d is None else f"{_cell(arr)} vs {_cell(allbp)} - 2: paired {_diff(d)}"))
     cost = results.get("training_cost")
     if cost:
