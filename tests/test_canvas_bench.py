@@ -183,3 +183,32 @@ def test_the_committed_benchmark_config_loads(quick):
     run lacks once made it refuse to start)."""
     bench = canvas.load_bench("configs/canvas_bench.yaml", quick=quick)
     assert bench["seeds"] and set(bench["train"]["steps"]) == set(bench["tasks"])
+
+
+def test_rerunning_some_tasks_keeps_the_others_from_the_earlier_run_and_says_so():
+    settings = {"seeds": [0, 1], "budgets": [1.0, 0.25], "test_images": 10, "backbone_meta": {"seed": 0},
+                "mode": "full"}
+    earlier = {"meta": {**settings, "command": "arrcoc bench canvas", "commit": "abcdef0123", "wall_seconds": 600.0,
+                        "workers": 2, "tasks": {"cluttered": {"budget": 0.25}, "query": {"budget": 0.125}}},
+               "accuracy": {"cluttered": {"full": "before"}, "query": {"full": "before"}},
+               "throughput": "measured before", "training_cost": "before", "adaptation": "before"}
+    rerun = {"meta": {**settings, "command": "arrcoc bench canvas", "commit": "1234567abc", "wall_seconds": 60.0,
+                      "workers": 2, "tasks": {"query": {"budget": 0.125}}},
+             "accuracy": {"query": {"full": "now"}}, "throughput": None, "training_cost": None, "adaptation": None}
+    merged = canvas.keep_earlier_tasks(rerun, earlier)
+    assert merged["accuracy"] == {"cluttered": {"full": "before"}, "query": {"full": "now"}}
+    assert list(merged["meta"]["tasks"]) == ["cluttered", "query"] and merged["throughput"] == "measured before"
+    assert merged["meta"]["earlier"]["tasks"] == ["cluttered"] and merged["meta"]["commit"] == "1234567abc"
+    line = " ".join(canvas_report._earlier_run(merged["meta"]))
+    assert "the cluttered task, and the timing" in line and "10.0 min" in line and "abcdef0" in line
+    assert canvas.keep_earlier_tasks(rerun, None) is rerun  # nothing earlier: the run stands alone
+    with pytest.raises(ValueError, match=r"\['seeds'\] differ"):
+        canvas.keep_earlier_tasks(rerun, {**earlier, "meta": {**earlier["meta"], "seeds": [0]}})
+
+
+def test_rerunning_a_task_the_config_lacks_is_refused(tmp_path):
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump({"seeds": [0], "budgets": [1.0, 0.25], "train": {"steps": 2, "batch_size": 4},
+                                    "tasks": {"query": {"budget": 0.25}}}))
+    with pytest.raises(ValueError, match=r"--tasks \['cluttered'\] are not in"):
+        canvas.main(["--config", str(path), "--tasks", "cluttered", "--out", str(tmp_path / "out")])

@@ -324,3 +324,40 @@ def test_a_subnetwork_can_have_its_own_step_size():
     lrs = {id(p): group["lr"] for group in wrapped.optimizer.param_groups for p in group["params"]}
     assert set(lrs) == {id(p) for p in wrapped.relevance.parameters()}  # every parameter exactly once
     assert all(lr == (0.05 if key in field else 2e-3) for key, lr in lrs.items())
+
+
+def test_a_neighbourhood_ranks_a_compact_object_above_a_lone_confident_patch():
+    from arrcoc.backbones import top_k
+    from arrcoc.relevance.allocator import neighbourhood_support
+    from arrcoc.relevance.field import grid_positions
+
+    probability = torch.full((1, 8, 8), 0.05)
+    probability[0, 1, 6] = 0.99  # a lone, very confident patch: a fragment of a look-alike distractor
+    probability[0, 4:6, 1:3] = 0.8  # a 2 x 2 object of fairly confident patches
+    logits = torch.logit(probability).flatten(1)
+    object_patches = {33, 34, 41, 42}
+    assert 14 in top_k(logits, 4)[0].tolist()  # ranked alone, the fragment takes a token
+    pooled = neighbourhood_support(logits, grid_positions(8, 8)[0], width=1.0)
+    assert set(top_k(pooled, 4)[0].tolist()) == object_patches
+    # the neighbours' weights of every patch sum to one, also at the border: a uniform map stays as it is
+    uniform = torch.full((2, 48), 0.3).logit()
+    assert torch.allclose(neighbourhood_support(uniform, grid_positions(6, 8)[0], width=1.5), uniform, atol=1e-5)
+
+
+def test_the_neighbourhood_changes_the_ranking_not_what_the_rules_learn():
+    g = torch.Generator().manual_seed(0)
+    batch = query_patch_task(8, g)
+    passes = {}
+    for width in (0.0, 1.5):
+        torch.manual_seed(0)
+        wrapped = arrcoc.attach(toy_vit(), budget=0.25, config={"target": "box", "neighbourhood": width})
+        out, _, _ = wrapped.relevance_pass(batch.images, batch.query)
+        wrapped.fill_grads(batch.images, query=batch.query, boxes=batch.boxes)
+        passes[width] = out, [p.grad.clone() for p in wrapped.relevance.parameters() if p.grad is not None]
+    (alone, alone_grads), (pooled, pooled_grads) = passes[0.0], passes[1.5]
+    assert torch.equal(alone.logits, alone.patch_logits) and torch.equal(pooled.patch_logits, alone.patch_logits)
+    assert not torch.allclose(pooled.logits, pooled.patch_logits)
+    assert len(alone_grads) == len(pooled_grads) > 0  # every rule learns per patch, as without a neighbourhood
+    assert all(torch.equal(a, b) for a, b in zip(alone_grads, pooled_grads))
+    with pytest.raises(ValueError, match="neighbourhood must be a width in patches >= 0"):
+        RelevanceConfig(neighbourhood=-1.0)

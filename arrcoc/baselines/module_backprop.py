@@ -2,7 +2,7 @@
 
 The same relevance module, target, optimizer and schedule as :meth:`~arrcoc.relevance.attach.ARRCOC.learn`, but
 every sub-network is trained by autograd on one loss instead of by its own local rule: the binary cross-entropy
-of the allocator's budget logits against the relevance target (the loss whose gradient the allocator's local
+of the allocator's per-patch logits against the relevance target (the loss whose gradient the allocator's local
 rule is given). Its gradient flows end to end inside the module: allocator -> relevance field, differentiated
 through its equilibrium (:func:`~arrcoc.rules.energy.relax_differentiably`) -> the three ways of knowing ->
 perspectival readout and encoder, participatory coupling. The backbone's features enter detached: unlike the
@@ -51,7 +51,7 @@ def module_backprop_step(model: ARRCOC, images: Tensor, query: QueryInput = None
     out, state = training_pass(model, images, query)
     target = model.training_target(out, state, images, boxes, labels).to(out.logits.dtype)
     # the allocator's local rule descends exactly this loss's gradient in the logits: the same scale
-    loss = F.binary_cross_entropy_with_logits(out.logits, target, reduction="sum") / out.logits.shape[0]
+    loss = F.binary_cross_entropy_with_logits(out.patch_logits, target, reduction="sum") / target.shape[0]
     model.relevance.zero_grad(set_to_none=True)
     loss.backward()
     model.step_optimizer(max_grad_norm=max_grad_norm)

@@ -369,6 +369,35 @@ def load_bench(path: str, quick: bool) -> dict[str, Any]:
     return bench
 
 
+CLUTTERED_ONLY = ("throughput", "training_cost", "adaptation")  # measured on cluttered canvases
+SAME_SETTINGS = ("seeds", "budgets", "test_images", "backbone_meta", "mode")
+
+
+def keep_earlier_tasks(results: dict[str, Any], earlier: dict[str, Any] | None) -> dict[str, Any]:
+    """``results`` of a run over some tasks, completed with the other tasks of an ``earlier`` run's results (and
+    what only the cluttered task measures, if this run skipped it). Both runs must share their seeds, budgets,
+    test images, backbone and mode; ``meta.earlier`` records the earlier run (command, commit, wall time)."""
+    if earlier is None:
+        return results
+    meta, before = results["meta"], earlier["meta"]
+    differ = [key for key in SAME_SETTINGS if meta.get(key) != before.get(key)]
+    if differ:
+        raise ValueError(f"cannot keep the earlier run's tasks: its {differ} differ from this run's; rerun every "
+                         "task (without --tasks)")
+    kept = [task for task in before["tasks"] if task not in meta["tasks"]]
+    if not kept:
+        return results
+    merged = copy.deepcopy(results)
+    order = [task for task in TASKS if task in meta["tasks"] or task in kept]
+    merged["accuracy"] = {task: (results if task in meta["tasks"] else earlier)["accuracy"][task] for task in order}
+    merged["meta"]["tasks"] = {task: (meta if task in meta["tasks"] else before)["tasks"][task] for task in order}
+    if "cluttered" in kept:
+        merged.update({key: earlier[key] for key in CLUTTERED_ONLY})
+    merged["meta"]["earlier"] = {"tasks": kept, **{key: before.get(key) for key in ("command", "commit",
+                                                                                     "wall_seconds", "workers")}}
+    return merged
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the README's smoke run (~1.5 min on 2 cores)")
@@ -377,8 +406,17 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--query-fusion", type=Path, default=DEFAULT_QUERY_FUSION)
     parser.add_argument("--workers", type=int, default=2, help="worker processes (one thread each)")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results or runs/quick)")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS,
+                        help="rerun only these tasks; the other tasks' results in the folder's canvas.json (an "
+                             "earlier run with the same seeds, budgets and test images) are kept, and the report "
+                             "names the run each comes from")
     args = parser.parse_args(argv)
     bench = load_bench(args.config, args.quick)
+    if args.tasks:
+        missing = sorted(set(args.tasks) - set(bench["tasks"]))
+        if missing:
+            raise ValueError(f"--tasks {missing} are not in {args.config}'s tasks {list(bench['tasks'])}")
+        bench["tasks"] = {task: bench["tasks"][task] for task in bench["tasks"] if task in args.tasks}
     out = args.out or (REPO_ROOT / ("runs/quick" if args.quick else "benchmarks/results"))
     out.mkdir(parents=True, exist_ok=True)
     model_dir = out / "models"  # the first seed's ARR-COC per task: kept for visualize, the demos and the web app
@@ -434,6 +472,8 @@ def main(argv: list[str] | None = None) -> Path:
     )
     results_json = {"meta": meta, "accuracy": table, "throughput": speed, "training_cost": cost,
                     "adaptation": adapted}
+    if args.tasks:
+        results_json = keep_earlier_tasks(results_json, read_json(out / "canvas.json"))
     save_json_atomic(out / "canvas.json", results_json)
     full_run = out.resolve() == (REPO_ROOT / "benchmarks" / "results").resolve()
     report = write_report(results_json, out, REPO_ROOT / "benchmarks" / "REPORT.md" if full_run else out / "REPORT.md")

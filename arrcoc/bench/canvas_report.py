@@ -360,6 +360,20 @@ def speed_lines(speed: dict[str, Any], budgets: list[float]) -> list[str]:
                     "its speed-up below 1/overhead means it costs that share of one full forward.", ""]
 
 
+def _earlier_run(meta: dict[str, Any]) -> list[str]:
+    """The line that says which tasks come from an earlier run (``arrcoc bench canvas --tasks``), if any."""
+    earlier = meta.get("earlier")
+    if not earlier:
+        return []
+    tasks = " and ".join(f"the {task} task" for task in earlier["tasks"])
+    measured_there = (", and the timing, training cost and adaptation measured on its canvases"
+                      if "cluttered" in earlier["tasks"] else "")
+    return [f"**Kept from an earlier run:** {tasks}{measured_there} come from `{earlier['command']}` "
+            f"({earlier['wall_seconds'] / 60:.1f} min, {earlier['workers']} worker processes"
+            + (f", code at commit {earlier['commit'][:7]}" if earlier.get("commit") else "")
+            + "); this run reran the other tasks only.", ""]
+
+
 def write_report(results: dict[str, Any], out: Path, report: Path) -> Path:
     files = _plots(results, out)
     link = os.path.relpath(out, report.parent)
@@ -379,6 +393,7 @@ def write_report(results: dict[str, Any], out: Path, report: Path) -> Path:
            if meta["train"].get("global_steps") not in (None, meta["train"]["steps"]) else "") + ". "
         "Accuracies are means with a 95% interval over the seeds (Student t).",
         "",
+        *_earlier_run(meta),
         f"**Backbone (every method):** the canvas ViT `{Path(meta['backbone']).name}` "
         f"({json.dumps(backbone.get('architecture', {}))}), trained by `{backbone.get('command', '?')}` in "
         f"{backbone.get('train_seconds', '?')} s on {backbone.get('device', '?')}; full-token test accuracy "

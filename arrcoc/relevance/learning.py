@@ -169,8 +169,8 @@ class LocalRuleLearner:
             contexts["participatory"] = RuleContext(out.query, target=positive)
         if cfg.field:
             contexts["field"] = RuleContext(out.field_input, target=target)
-        # d(binary cross-entropy)/d(logit) of the whole allocator output (its MLP plus the field's logit)
-        error = (torch.sigmoid(out.logits) - target) / target.shape[0]
+        # d(binary cross-entropy)/d(logit) of the whole allocator output (its MLP plus the field's logit), per patch
+        error = (torch.sigmoid(out.patch_logits) - target) / target.shape[0]
         contexts["allocator"] = RuleContext(out.allocator_input, output_error=error[..., None])
         return contexts
 

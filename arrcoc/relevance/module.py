@@ -3,7 +3,8 @@
     image, patch tokens --> features (tokens + texture stack, standardised)
         propositional (entropy), perspectival (Hebbian attention), participatory (query coupling)
         --> evidence (B, N, 3) --> relevance field, relaxed to equilibrium (B, N) in (0, 1)
-        --> allocator --> budget logits (B, N); the top K patches get tokens.
+        --> allocator --> budget logits (B, N) (optionally pooled over a neighbourhood); the top K patches
+        get tokens.
 
 Every sub-network has its own learning rule (see ``SUBNETWORKS`` and ``DEFAULT_RULES``); the
 backbone is only read, never trained.
@@ -26,7 +27,7 @@ from arrcoc.config import apply_override, load_yaml_mapping
 from arrcoc.rules.distributed import ShardedBatchNorm1d
 from arrcoc.rules.energy import Relaxation, relax, relax_differentiably
 
-from .allocator import Allocator
+from .allocator import Allocator, neighbourhood_support
 from .field import RelevanceField, grid_positions
 from .knowing import ParticipatoryKnowing, PerspectivalKnowing, standardize_per_image
 from .texture import NUM_FEATURES, TextureImage, patch_entropy, texture_features, texture_image
@@ -84,6 +85,10 @@ class RelevanceConfig:
     # Raw patch features as allocator inputs: off by default, since they let the allocator learn query-agnostic
     # corrections (docs/decisions.md).
     allocator_features: bool = False
+    # Rank a patch by the allocation of its Gaussian neighbourhood (sigma, in patches) rather than its own, so that
+    # the budget goes to whole objects; 0 ranks every patch alone. It pays where objects span several patches and
+    # distractors look alike (the query task), and costs a little where digits are small (docs/decisions.md).
+    neighbourhood: float = 0.0
     relaxation: Relaxation = dataclasses.field(default_factory=field_relaxation)
     # learning
     target: str = "attention"  # attention | perturbation | box | reward (see arrcoc.relevance.targets)
@@ -103,6 +108,9 @@ class RelevanceConfig:
         check_budget(self.budget)
         if self.dropped not in DROPPED_MODES:
             raise ValueError(f"dropped must be one of {DROPPED_MODES}, got {self.dropped!r}")
+        if not (isinstance(self.neighbourhood, int | float) and 0 <= self.neighbourhood < float("inf")):
+            raise ValueError(f"neighbourhood must be a width in patches >= 0 (0: every patch ranked alone), "
+                             f"got {self.neighbourhood!r}")
         if self.refined_regions < 0:
             raise ValueError(f"refined_regions must be >= 0, got {self.refined_regions}")
         if self.target not in TARGETS:
@@ -169,6 +177,8 @@ class RelevanceOutput:
     """Everything one pass computed; the trainer feeds its pieces to the sub-networks' rules."""
 
     logits: Tensor  # (B, N) budget logits: the top K get tokens
+    patch_logits: Tensor  # (B, N) the allocator's own per-patch logits, what its rule learns (= logits without a
+    # neighbourhood)
     relevance: Tensor  # (B, N) equilibrium relevance in (0, 1)
     evidence: Tensor  # (B, N, 3) propositional, perspectival, participatory (standardised per image)
     features: Tensor  # (B, N, F) standardised patch features
@@ -261,5 +271,8 @@ class RelevanceModule(nn.Module):
         else:
             relevance = torch.sigmoid(evidence @ self.field.evidence_weight.detach())
         allocator_input = Allocator.inputs(relevance, evidence, features if self.config.allocator_features else None)
-        logits = self.allocator(allocator_input)
-        return RelevanceOutput(logits, relevance, evidence, features, context, field_input, allocator_input, query)
+        patch_logits = self.allocator(allocator_input)
+        width = self.config.neighbourhood
+        logits = neighbourhood_support(patch_logits, positions[0], width) if width > 0 else patch_logits
+        return RelevanceOutput(logits, patch_logits, relevance, evidence, features, context, field_input,
+                               allocator_input, query)
