@@ -157,8 +157,8 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
         budget = hard["budget"] if hard and hard["task"] == task else tasks[task]["budget"]
         arr, allbp = _seeds(table, task, "ARR-COC", budget), _seeds(table, task, ALL_BACKPROP, budget)
         d = _paired(arr, allbp, -2)
-        rows.append((f"{task} at {100 * budget:g}%: local-rule ARR-COC >= all-backprop ARR-COC - 2 points", _at_least(d),
-                     missing if d is None else f"{_cell(arr)} vs {_cell(allbp)} - 2: paired {_diff(d)}"))
+        rows.append((f"{task} at {100 * budget:g}%: local-rule ARR-COC >= all-backprop ARR-COC - 2 points",
+                     _at_least(d), missing if d is None else f"{_cell(arr)} vs {_cell(allbp)} - 2: paired {_diff(d)}"))
     cost = results.get("training_cost")
     if cost:
         local, global_ = cost["local"], cost["global"]
