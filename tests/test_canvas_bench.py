@@ -212,3 +212,11 @@ def test_rerunning_a_task_the_config_lacks_is_refused(tmp_path):
                                     "tasks": {"query": {"budget": 0.25}}}))
     with pytest.raises(ValueError, match=r"--tasks \['cluttered'\] are not in"):
         canvas.main(["--config", str(path), "--tasks", "cluttered", "--out", str(tmp_path / "out")])
+
+
+def test_ablations_are_scored_in_the_hard_regime_of_their_task_too():
+    meta = {"tasks": {"cluttered": {"budget": 0.25}, "query": {"budget": 0.125}},
+            "hard_regime": {"task": "cluttered", "budget": 0.0625}}
+    assert canvas_report._ablation_budgets(meta, "cluttered") == ["0.25", "0.0625"]
+    assert canvas_report._ablation_budgets(meta, "query") == ["0.125"]
+    assert canvas_report._ablation_budgets({**meta, "hard_regime": None}, "cluttered") == ["0.25"]

@@ -117,7 +117,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     model, step_ms = train_arrcoc(backbone, config, train, steps, batch_size, seed, job["learning"],
                                   max_grad_norm=bench["train"].get("max_grad_norm"))
     result["step_ms"] = step_ms
-    budgets = bench["budgets"] if job["all_budgets"] else [config.budget]
+    # an ablation is scored at its task's budget, and in the hard regime too where that is its task's
+    hard = bench.get("hard_regime") or {}
+    budgets = bench["budgets"] if job["all_budgets"] else [config.budget] + (
+        [hard["budget"]] if hard.get("task") == task and hard["budget"] != config.budget else [])
     for budget in budgets:
         model.set_budget(budget)
         result["accuracy"][str(budget)] = accuracy(lambda b: model(b.images, b.queries), test)
@@ -462,7 +465,8 @@ def main(argv: list[str] | None = None) -> Path:
     scratch.cleanup()
 
     meta = run_metadata(
-        "arrcoc bench canvas" + (" --quick" if args.quick else ""), args.quick,
+        "arrcoc bench canvas" + (" --quick" if args.quick else "") + (f" --tasks {' '.join(args.tasks)}"
+                                                                       if args.tasks else ""), args.quick,
         backbone=bench["backbone"],
         backbone_meta=read_json(Path(bench["backbone"]).with_suffix(".json")),
         query_fusion_meta=read_json(Path(bench["query_fusion"]).with_suffix(".json")),
