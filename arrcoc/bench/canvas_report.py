@@ -279,7 +279,9 @@ def _ablation_plot(results: dict[str, Any], out: Path) -> str:
     table, meta = results["accuracy"], results["meta"]
     fig, axes = plt.subplots(1, len(table), figsize=(6 * len(table), 5), squeeze=False)
     for ax, task in zip(axes[0], table):
-        budget = _ablation_budgets(meta, task)[-1]
+        budget = [b for b in _ablation_budgets(meta, task)
+                  if any(e["accuracy"].get(b) for m, e in table[task].items() if m.startswith("ARR-COC /"))][-1:]
+        budget = budget[0] if budget else str(meta["tasks"][task]["budget"])
         default = table[task].get("ARR-COC", {}).get("accuracy", {}).get(budget)
         diffs = {m.removeprefix("ARR-COC / "): _versus_default(e["accuracy"].get(budget), default)
                  for m, e in table[task].items() if m.startswith("ARR-COC /")}
@@ -436,7 +438,8 @@ def write_report(results: dict[str, Any], out: Path, report: Path) -> Path:
                         "share of the kept patches that are also kept without the query)."]
         variants = {m: e for m, e in table[task].items() if m.startswith("ARR-COC /")}
         if variants:
-            scored = _ablation_budgets(meta, task)
+            scored = [b for i, b in enumerate(_ablation_budgets(meta, task))  # a run before they were scored there
+                      if i == 0 or any(entry["accuracy"].get(b) for entry in variants.values())]
             at = " and ".join(f"{100 * float(b):g}%" for b in scored)
             default = "; ".join(_cell(arr.get("accuracy", {}).get(b)) for b in scored)
             lines += ["", f"**ARR-COC ablations at {at}** (default: {default}); the paired difference to the default "
