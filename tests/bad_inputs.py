@@ -232,6 +232,8 @@ CASES: list[Case] = [
     Case(ATTACH, "an nn.Linear as backbone", lambda e: arrcoc.attach(nn.Linear(2, 2)), TypeError,
          ("supported families", "torch.nn.modules.linear.Linear")),
     Case(ATTACH, "budget 0", lambda e: e.model(budget=0), ValueError, ("count budget must be >= 1", "got 0")),
+    Case(ATTACH, "a negative neighbourhood width", lambda e: e.model(neighbourhood=-1.5), ValueError,
+         ("neighbourhood must be a width in patches >= 0", "got -1.5")),
     Case(ATTACH, "budget -1", lambda e: e.model(budget=-1), ValueError, ("count budget must be >= 1", "got -1")),
     Case(ATTACH, "budget 1.5 (neither a fraction nor a count)", lambda e: e.model(budget=1.5), ValueError,
          ("budget ratio must be in (0, 1]", "got 1.5")),
