@@ -220,3 +220,12 @@ def test_ablations_are_scored_in_the_hard_regime_of_their_task_too():
     assert canvas_report._ablation_budgets(meta, "cluttered") == ["0.25", "0.0625"]
     assert canvas_report._ablation_budgets(meta, "query") == ["0.125"]
     assert canvas_report._ablation_budgets({**meta, "hard_regime": None}, "cluttered") == ["0.25"]
+
+
+def test_a_tiers_variant_is_not_scored_below_one_token_per_region():
+    import arrcoc
+    from arrcoc.models.toy_vit import toy_vit
+
+    model = arrcoc.attach(toy_vit(), budget=0.25, config={"tiers": True})  # a 4 x 4 grid: 4 regions of 2 x 2
+    assert canvas.tiers_fit(model) and not canvas.tiers_fit(model.set_budget(2))
+    assert canvas.tiers_fit(arrcoc.attach(toy_vit(), budget=2))  # without tiers any budget fits
