@@ -217,9 +217,13 @@ def test_rerunning_a_task_the_config_lacks_is_refused(tmp_path):
 def test_ablations_are_scored_in_the_hard_regime_of_their_task_too():
     meta = {"tasks": {"cluttered": {"budget": 0.25}, "query": {"budget": 0.125}},
             "hard_regime": {"task": "cluttered", "budget": 0.0625}}
-    assert canvas_report._ablation_budgets(meta, "cluttered") == ["0.25", "0.0625"]
-    assert canvas_report._ablation_budgets(meta, "query") == ["0.125"]
-    assert canvas_report._ablation_budgets({**meta, "hard_regime": None}, "cluttered") == ["0.25"]
+    scored = {"ARR-COC / field: frozen": {"accuracy": {"0.25": [95.0], "0.0625": [90.0]}}}
+    assert canvas_report._ablation_budgets(meta, "cluttered", scored) == ["0.25", "0.0625"]
+    assert canvas_report._ablation_budgets(meta, "query", scored) == ["0.125"]
+    assert canvas_report._ablation_budgets({**meta, "hard_regime": None}, "cluttered", scored) == ["0.25"]
+    # a run from before ablations were scored in the hard regime reads as it did
+    earlier = {"ARR-COC / field: frozen": {"accuracy": {"0.25": [95.0]}}}
+    assert canvas_report._ablation_budgets(meta, "cluttered", earlier) == ["0.25"]
 
 
 def test_a_tiers_variant_is_not_scored_below_one_token_per_region():

@@ -263,13 +263,20 @@ def _plots(results: dict[str, Any], out: Path) -> dict[str, str]:
     return files
 
 
-def _ablation_budgets(meta: dict[str, Any], task: str) -> list[str]:
-    """The budgets a task's ablations are scored at: the task's, and the hard regime's where that is this task."""
+def _ablation_budgets(meta: dict[str, Any], task: str, variants: dict[str, Any]) -> list[str]:
+    """The budgets a task's ablations (``variants``: method -> entry) are scored at: the task's, and the hard
+    regime's where that is this task and the run scored them there (runs before it did read as they did)."""
     budgets = [str(meta["tasks"][task]["budget"])]
     hard = meta.get("hard_regime") or {}
-    if hard.get("task") == task and str(hard["budget"]) not in budgets:
+    if (hard.get("task") == task and str(hard["budget"]) not in budgets
+            and any(entry["accuracy"].get(str(hard["budget"])) for entry in variants.values())):
         budgets.append(str(hard["budget"]))
     return budgets
+
+
+def _variants(table: dict[str, Any], task: str) -> dict[str, Any]:
+    """The task's ARR-COC ablations: method -> entry."""
+    return {m: e for m, e in table[task].items() if m.startswith("ARR-COC /")}
 
 
 def _ablation_plot(results: dict[str, Any], out: Path) -> str:
@@ -279,12 +286,11 @@ def _ablation_plot(results: dict[str, Any], out: Path) -> str:
     table, meta = results["accuracy"], results["meta"]
     fig, axes = plt.subplots(1, len(table), figsize=(6 * len(table), 5), squeeze=False)
     for ax, task in zip(axes[0], table):
-        budget = [b for b in _ablation_budgets(meta, task)
-                  if any(e["accuracy"].get(b) for m, e in table[task].items() if m.startswith("ARR-COC /"))][-1:]
-        budget = budget[0] if budget else str(meta["tasks"][task]["budget"])
+        variants = _variants(table, task)
+        budget = _ablation_budgets(meta, task, variants)[-1]
         default = table[task].get("ARR-COC", {}).get("accuracy", {}).get(budget)
         diffs = {m.removeprefix("ARR-COC / "): _versus_default(e["accuracy"].get(budget), default)
-                 for m, e in table[task].items() if m.startswith("ARR-COC /")}
+                 for m, e in variants.items()}
         diffs = {name: d for name, d in diffs.items() if d is not None}
         ax.barh(list(diffs), [d[0] for d in diffs.values()], xerr=[d[1] for d in diffs.values()], color="C3",
                 alpha=0.7, capsize=3)
@@ -436,10 +442,9 @@ def write_report(results: dict[str, Any], out: Path, report: Path) -> Path:
             lines += ["", f"ARR-COC at {meta['tasks'][task]['budget']:.1%}: " + "; ".join(extra)
                       + " (box coverage: share of the target digit's patches kept, capped at K; query overlap: "
                         "share of the kept patches that are also kept without the query)."]
-        variants = {m: e for m, e in table[task].items() if m.startswith("ARR-COC /")}
+        variants = _variants(table, task)
         if variants:
-            scored = [b for i, b in enumerate(_ablation_budgets(meta, task))  # a run before they were scored there
-                      if i == 0 or any(entry["accuracy"].get(b) for entry in variants.values())]
+            scored = _ablation_budgets(meta, task, variants)
             at = " and ".join(f"{100 * float(b):g}%" for b in scored)
             default = "; ".join(_cell(arr.get("accuracy", {}).get(b)) for b in scored)
             lines += ["", f"**ARR-COC ablations at {at}** (default: {default}); the paired difference to the default "
