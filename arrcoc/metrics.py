@@ -104,6 +104,15 @@ def timed(fn: Callable[[], Any], device: torch.device | str = "cpu") -> float:
     return time.perf_counter() - start
 
 
+def relevance_module_call(model: ARRCOC, images: Tensor) -> Callable[[], Any]:
+    """A call that runs only ``model``'s relevance module (scoring, field relaxation, allocation) on ``images``,
+    embedded once beforehand: the module's own cost, without the token embedding the backbone computes anyway."""
+    grid = model.adapter.grid(images)
+    with torch.no_grad():
+        patches = model.adapter.tokens(images).patches
+    return lambda: model.relevance(images, patches, (grid.height, grid.width), None)
+
+
 def autocast(device: torch.device | str, dtype: str) -> AbstractContextManager:
     """Mixed precision as timed runs use it: ``float32`` runs as is; ``bfloat16`` / ``float16`` autocast."""
     if dtype not in DTYPES:

@@ -202,3 +202,27 @@ def test_equal_compute_baselines_run_on_the_requested_mean_token_count_or_report
         assert equal_compute_baseline(name, 8, depth, grid) is None
     with pytest.raises(ValueError, match="progressive"):
         equal_compute_baseline("random", 8, depth, grid)
+
+
+@pytest.mark.parametrize("name", ["evit", "ats", "tome"])
+def test_an_early_schedule_is_a_progressive_baseline_at_its_fastest(name: str) -> None:
+    """The early schedule reaches the budget's K as soon as the method can (EViT / ATS after block 0, ToMe at
+    half the tokens per block), runs fewer tokens per block than the method's own schedule, and really runs so."""
+    adapter = adapt_backbone(build("timm-vit-eager"))
+    x = images()
+    grid = adapter.grid(x)
+    n, k = grid.num_patches, num_kept(0.25, grid.num_patches)
+    early = make_baseline(name, 0.25, adapter.depth, grid, early=True)
+    per_block = tokens_per_block(early, n, adapter.depth)
+    halvings = [max(k, n // 2 ** i) for i in range(adapter.depth)]
+    assert per_block == (halvings if name == "tome" else [n] + [k + (name == "evit")] * (adapter.depth - 1))
+    assert sum(per_block) <= sum(tokens_per_block(make_baseline(name, 0.25, adapter.depth, grid), n, adapter.depth))
+    deep, depth = PatchGrid(8, 8, (8, 8)), 6  # deeper than the test model: there the own schedule starts later
+    assert (sum(tokens_per_block(make_baseline(name, 0.0625, depth, deep, early=True), 64, depth))
+            < sum(tokens_per_block(make_baseline(name, 0.0625, depth, deep), 64, depth)))
+    trace: list[int] = []
+    with torch.no_grad():
+        run_reduced(adapter, x, early, trace)
+    assert [t - adapter.num_prefix_tokens for t in trace] == per_block
+    with pytest.raises(ValueError, match="progressive"):
+        make_baseline("grid", 0.25, adapter.depth, grid, early=True)

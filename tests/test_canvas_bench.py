@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from arrcoc.bench import canvas, canvas_report
-from arrcoc.bench.canvas_report import targets
+from arrcoc.bench.canvas_report import equal_speed, targets
 from arrcoc.models.canvas_vit import CanvasViTConfig, build_canvas_vit, load_canvas_vit, save_canvas_vit
 from arrcoc.models.query_fusion import QueryFusionViT, load_query_fusion
 from arrcoc.storage import save_weights_atomic
@@ -57,8 +57,8 @@ def test_benchmark_runs_every_method_and_writes_results_report_and_plots(checkpo
     results = json.loads((out / "canvas.json").read_text())
     for task in ("cluttered", "query"):
         methods = results["accuracy"][task]
-        assert {"full", "random", "evit", "tome", "box oracle", "ARR-COC", "DynamicViT-style (global backprop)",
-                "ARR-COC all-backprop", "ARR-COC / field: frozen"} <= set(methods)
+        assert {"full", "random", "evit", "tome", "evit (early)", "tome (early)", "box oracle", "ARR-COC",
+                "DynamicViT-style (global backprop)", "ARR-COC all-backprop", "ARR-COC / field: frozen"} <= set(methods)
         assert set(methods["ARR-COC"]["accuracy"]) == {"1.0", "0.25"}
         assert all(0 <= a <= 100 for entry in methods.values() for seeds in entry["accuracy"].values() for a in seeds)
     # a variant limited to some tasks (`tasks:`) runs only there
@@ -67,6 +67,9 @@ def test_benchmark_runs_every_method_and_writes_results_report_and_plots(checkpo
     assert "query fusion (reference)" in results["accuracy"]["query"]
     assert 0 <= results["accuracy"]["query"]["ARR-COC"]["query_overlap"][0] <= 100
     assert results["training_cost"]["local"]["step_ms"] > 0 and results["adaptation"]["stream_images"] == 8
+    assert {row["method"] for row in results["throughput"]["rows"]} >= {"evit (early)", "ARR-COC relevance module"}
+    assert set(results["throughput"]["module_share"]) == {"4"}  # the batch is below the small batch's 16
+    assert all(0 < share < 10 for share in results["throughput"]["module_share"].values())
     adapted = results["adaptation"]
     assert 0 <= adapted["oracle_shift"] <= 100
     assert set(adapted["coverage"]) == {"frozen", "teacher", "adapted"}
@@ -140,6 +143,24 @@ def test_targets_pair_seeds_and_compare_at_equal_measured_speed():
     assert passed is True and "paired +1.3" in numbers  # (95 - 96 + 2, 94 - 95 + 2, 96 - 96 + 2) = (1, 1, 2)
     passed, _ = next(v for k, v in rows.items() if k.startswith("Hard regime (cluttered"))
     assert passed is True  # random-K 34 points below all tokens, the oracle within 2
+
+
+def test_a_progressive_baseline_is_judged_on_the_best_of_its_schedules_at_equal_speed():
+    """Its own schedule and its early one form one frontier: a point that a faster schedule beats is dropped, and
+    between the rest the accuracy is interpolated, so a method is not held to a schedule slower than it has."""
+    table = {"cluttered": {
+        "full": {"accuracy": {"1.0": [96.0, 96.0]}},
+        "evit": {"accuracy": {"0.5": [94.0, 94.0], "0.0625": [95.0, 95.0]}},
+        "evit (early)": {"accuracy": {"0.5": [92.0, 92.0], "0.0625": [80.0, 84.0]}},
+    }}
+    rows = [("evit", 0.5, 1.2), ("evit", 0.0625, 1.6), ("evit (early)", 0.5, 1.5), ("evit (early)", 0.0625, 3.0)]
+    results = {"accuracy": table, "throughput": {
+        "rows": [{"method": m, "budget": b, "speedup": s} for m, b, s in rows]}}
+    # frontier: (1x, 96), (1.6x, 95), (3x, 80 / 84); evit at 1.2x (94) and early at 1.5x (92) are beaten by 1.6x
+    values, beyond = equal_speed(results, "cluttered", "evit", 2.3)
+    assert not beyond and values == pytest.approx([95 - 15 * 0.5, 95 - 11 * 0.5])
+    values, beyond = equal_speed(results, "cluttered", "evit", 4.0)
+    assert beyond and values == [80.0, 84.0]  # at its cheapest: it cannot get that fast
 
 
 def test_unknown_benchmark_keys_are_refused(tmp_path):

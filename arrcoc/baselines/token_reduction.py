@@ -161,14 +161,29 @@ def _stages(depth: int, count: int) -> tuple[int, ...]:
     return tuple(sorted({min(depth - 1, depth * i // (count + 1)) for i in range(1, count + 1)}))
 
 
-def make_baseline(name: str, budget: Budget, depth: int, grid: PatchGrid) -> Reducer | None:
+def make_baseline(name: str, budget: Budget, depth: int, grid: PatchGrid, early: bool = False) -> Reducer | None:
     """A baseline whose last stage keeps ``num_kept(budget, N)`` patch tokens (ToMe: about as many).
 
     full: no reduction (None). random / grid: select before block 0. evit: CLS-attention top-K at three
     stages with the rest fused (keep rate budget^(1/3) per stage). ats: CLS attention x value norm,
     one stage after the first quarter of the blocks. tome: bipartite merging after every block.
+
+    early: a progressive method's fastest schedule, for comparisons at a speed its own schedule cannot reach:
+    EViT / ATS reduce once, straight to the budget, after block 0 (the first block whose attention they can
+    read); ToMe merges as many pairs as it can (half the tokens) after each block until it reaches the budget.
     """
     n = grid.num_patches
+    if early:
+        if name not in PROGRESSIVE:
+            raise ValueError(f"an early schedule is for the progressive baselines {PROGRESSIVE}, got {name!r}")
+        if name == "tome":
+            per_step, tokens = [], n
+            for _ in range(max(1, depth - 1)):
+                per_step.append(min(tokens - num_kept(budget, n), tokens // 2))
+                tokens -= per_step[-1]
+            return ToMe(per_step + [0] * (depth - len(per_step)))
+        scorer = cls_attention_scores if name == "evit" else ats_scores
+        return TopK(scorer, budget, (0,), "fuse" if name == "evit" else "discard", needs_attention=True)
     if name == "full":
         return None
     if name == "random":

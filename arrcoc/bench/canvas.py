@@ -49,7 +49,15 @@ from arrcoc.baselines import (
 from arrcoc.budget import num_kept
 from arrcoc.config import REPO_ROOT, load_yaml_mapping
 from arrcoc.data.tasks import TASKS, shared_text_encoder, task_data
-from arrcoc.metrics import accuracy, autocast, peak_memory_growth, selection_metrics, target_coverage, timed
+from arrcoc.metrics import (
+    accuracy,
+    autocast,
+    peak_memory_growth,
+    relevance_module_call,
+    selection_metrics,
+    target_coverage,
+    timed,
+)
 from arrcoc.models.canvas_vit import DEFAULT_CHECKPOINT, load_canvas_vit
 from arrcoc.models.query_fusion import DEFAULT_QUERY_FUSION, load_query_fusion
 from arrcoc.relevance import ARRCOC, AdaptationConfig, RelevanceConfig
@@ -61,6 +69,7 @@ from arrcoc.visualize import canvas_queries, demo_canvases, explain, queries_fig
 from .canvas_report import ALL_BACKPROP, write_report
 
 EVAL_BATCH = 250
+SMALL_BATCH = 16  # the relevance module's share of a forward is also measured at this batch
 
 
 # ---- methods ---------------------------------------------------------------------------------------
@@ -70,15 +79,20 @@ def relevance_config(bench: dict, task: str, overrides: dict[str, Any]) -> Relev
                                      budget=bench["tasks"][task]["budget"])
 
 
-def baseline_predict(adapter: BackboneAdapter, name: str, budget: float, equal_compute: bool = False):
-    """``predict`` for a query-agnostic baseline; None if its equal-compute schedule is unreachable."""
+SCHEDULES = ("equal compute", "early")  # a progressive baseline's other schedules, each its own row: "evit (early)"
+
+
+def baseline_predict(adapter: BackboneAdapter, name: str, budget: float, schedule: str | None = None):
+    """``predict`` for a query-agnostic baseline, on its own schedule or on one of ``SCHEDULES``: "equal compute"
+    (the mean tokens per block of a method that keeps K from block 0; None where unreachable) or "early" (its
+    fastest, for comparisons at measured speed). Also returns the mean patch tokens per block."""
     grid = adapter.grid()
-    if equal_compute:
+    if schedule == "equal compute":
         reducer = equal_compute_baseline(name, num_kept(budget, grid.num_patches), adapter.depth, grid)
         if reducer is None:
             return None, None
     else:
-        reducer = make_baseline(name, budget, adapter.depth, grid)
+        reducer = make_baseline(name, budget, adapter.depth, grid, early=schedule == "early")
     mean_tokens = statistics.fmean(tokens_per_block(reducer, grid.num_patches, adapter.depth))
     return (lambda batch: adapter.head(run_reduced(adapter, batch.images, reducer))), mean_tokens
 
@@ -97,10 +111,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     if kind == "baseline":
         adapter = adapt_backbone(backbone)
         for budget in (b for b in bench["budgets"] if b < 1):
-            for equal_compute in (False, True) if job["method"] in PROGRESSIVE else (False,):
-                predict, mean_tokens = baseline_predict(adapter, job["method"], budget, equal_compute)
+            for schedule in (None, *SCHEDULES) if job["method"] in PROGRESSIVE else (None,):
+                predict, mean_tokens = baseline_predict(adapter, job["method"], budget, schedule)
                 if predict is not None:
-                    key = f"{job['method']}" + (" (equal compute)" if equal_compute else "")
+                    key = job["method"] + (f" ({schedule})" if schedule else "")
                     result.setdefault("rows", {}).setdefault(key, {})[str(budget)] = {
                         "accuracy": accuracy(predict, test), "mean_tokens": mean_tokens}
         return result
@@ -212,12 +226,14 @@ def throughput(bench: dict, models: dict[str, ARRCOC], threads: int, batch: int,
     fns: dict[tuple[str, float], Any] = {}
     for budget in bench["budgets"]:
         for name in bench["baselines"] if budget < 1 else ["full"]:
-            reducer = make_baseline(name, budget, adapter.depth, grid)
-            fns[(name, budget)] = lambda reducer=reducer: adapter.head(run_reduced(adapter, images, reducer))
+            for early in (False, True) if name in PROGRESSIVE else (False,):
+                reducer = make_baseline(name, budget, adapter.depth, grid, early)
+                fns[(name + " (early)" * early, budget)] = (
+                    lambda reducer=reducer: adapter.head(run_reduced(adapter, images, reducer)))
         if budget < 1:
             model = models["cluttered"].to(device)
             fns[("ARR-COC", budget)] = lambda model=model, budget=budget: model.set_budget(budget)(images)
-            fns[("ARR-COC relevance module", budget)] = lambda model=model: model.relevance_map(images)
+            fns[("ARR-COC relevance module", budget)] = relevance_module_call(model, images)
     fns[("full", 1.0)] = lambda: adapter(images)
     times: dict[tuple[str, float], list[float]] = {key: [] for key in fns}
     with autocast(device, dtype):
@@ -226,11 +242,21 @@ def throughput(bench: dict, models: dict[str, ARRCOC], threads: int, batch: int,
         for _ in tqdm(range(repeats), desc="throughput", leave=False):
             for key, fn in fns.items():
                 times[key].append(timed(fn, device))
+        # the module's share of a full forward also at a small batch, where its many small operations weigh more
+        small = images[:SMALL_BATCH]
+        module_small, full_small = relevance_module_call(models["cluttered"], small), lambda: adapter(small)
+        small_times: dict[str, list[float]] = {"module": [], "full": []}
+        for _ in range(repeats):
+            small_times["module"].append(timed(module_small, device))
+            small_times["full"].append(timed(full_small, device))
     full = statistics.median(times[("full", 1.0)])
     rows = [{"method": name, "budget": budget, "images_per_s": len(images) / statistics.median(t),
              "speedup": full / statistics.median(t)} for (name, budget), t in times.items()]
+    module = statistics.median([x for (name, _), t in times.items() if name == "ARR-COC relevance module" for x in t])
+    share = {str(len(images)): module / full,
+             str(len(small)): statistics.median(small_times["module"]) / statistics.median(small_times["full"])}
     return {"batch": len(images), "threads": threads, "repeats": repeats, "device": device, "dtype": dtype,
-            "full_ms": 1000 * full, "rows": rows}
+            "full_ms": 1000 * full, "rows": rows, "module_share": share}
 
 
 def _training_cost_worker(learning: str, bench: dict, batch_size: int, steps: int) -> dict[str, float]:

@@ -35,7 +35,7 @@ from arrcoc.backbones import adapt_backbone, keep_top_k
 from arrcoc.backbones.adapters import BackboneAdapter
 from arrcoc.baselines import make_baseline, run_reduced
 from arrcoc.config import config_file, parse_with_config
-from arrcoc.metrics import DTYPES, autocast, timed
+from arrcoc.metrics import DTYPES, autocast, relevance_module_call, timed
 from arrcoc.relevance import ARRCOC
 from arrcoc.reporting import (
     closing_lines,
@@ -122,7 +122,7 @@ def measure(name: str, settings: Settings, bar: tqdm | None = None) -> dict[str,
     times: dict[tuple[str, float], list[float]] = {c: [] for c in configs}
     with torch.inference_mode(), autocast(device, settings.dtype):
         fns = {c: forward_fn(adapter, model, images, *c) for c in configs}
-        fns[("relevance module", 1.0)] = lambda: model.relevance_map(images)
+        fns[("relevance module", 1.0)] = relevance_module_call(model, images)
         state = adapter.tokens(images)
         scores = torch.rand(images.shape[0], state.num_patch_tokens, device=device)
         fns[("top-K selection", 1.0)] = lambda: keep_top_k(state, scores, LATENCY_BUDGET)
