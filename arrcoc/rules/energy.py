@@ -191,7 +191,9 @@ def relax(
     masking); the host reads the steps' energies, residuals and rises every ``check_every`` steps, in one
     transfer, and then stops, raises or goes on as a check after every step would have: the states and the
     report do not depend on ``check_every``, only the number of host syncs and of steps computed after
-    convergence do. ``F``'s dF/ds is the energy's analytic gradient where it has one
+    convergence do. With ``check_every=1`` (the CPU's default) the step's numbers are read anyway, so its
+    decisions are made on the host, bit for bit the same, in fewer small tensor operations. ``F``'s dF/ds
+    is the energy's analytic gradient where it has one
     (:meth:`Energy.energy_and_gradient`), else autograd's.
 
     Args:
@@ -243,6 +245,18 @@ def relax(
             energy, uphill = sum_over_shards(torch.stack([total, uphill]).double()).unbind()  # > 0: momentum uphill
             residual = reduce(torch.maximum, [torch.linalg.vector_norm(g, math.inf) for g in grads])
             residual = max_over_shards(residual.double())
+            if check_every == 1:  # a check after every step reads these anyway: decide on the host, in fewer ops
+                energy, uphill, residual = torch.stack([energy, uphill, residual]).tolist()
+                rose = previous is not None and energy > previous + rise_tol * max(abs(previous), rise_floor)
+                rise_floor = max(abs(energy), 1e-12) if previous is None else rise_floor
+                report = _check([[energy, residual, float(rose and not coasting)]], step, trace, tol, steps)
+                if report is not None:
+                    break
+                keep, moving = not (rose or uphill > 0 or residual < tol), residual >= tol
+                velocity = [v.mul_(momentum * keep).sub_(g * (step_size * moving)) for v, g in zip(velocity, grads)]
+                states = [s.add_(v) for s, v in zip(states, velocity)]
+                coasting, previous = momentum > 0 and step > 0 and keep, energy
+                continue
             converged = residual < tol
             if previous is None:
                 rose, rise_floor = torch.zeros_like(converged), energy.abs().clamp_min(1e-12)
@@ -257,7 +271,8 @@ def relax(
                 pending = []
             # restart when momentum overshot or points uphill (O'Donoghue & Candes 2015); stand still once converged
             keep = ~(rose | (uphill > 0) | converged)
-            velocity = [v.mul_(momentum * keep).sub_(g * (step_size * ~converged)) for v, g in zip(velocity, grads)]
+            velocity = [v.mul_(momentum * keep.to(v.dtype)).sub_(g * (step_size * (~converged).to(g.dtype)))
+                        for v, g in zip(velocity, grads)]
             states = [s.add_(v) for s, v in zip(states, velocity)]
             coasting = keep if momentum > 0 and step > 0 else None  # the velocity was zero at step 0
             previous = energy
