@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -96,9 +97,11 @@ def equal_speed(results: dict[str, Any], task: str, method: str, speed: float) -
     if not full or not points:
         return None
     frontier: list[tuple[float, list[float]]] = []
+    best = -math.inf  # the highest mean accuracy of any faster point
     for point in sorted([(1.0, full)] + points, key=lambda p: -p[0]):  # fastest first
-        if not frontier or _mean(point[1]) > max(_mean(acc) for _, acc in frontier):
+        if _mean(point[1]) > best:
             frontier.append(point)
+            best = _mean(point[1])
     per_seed, beyond = [], False
     for i in range(len(full)):
         value, cut = accuracy_at_speed([(s, acc[i]) for s, acc in frontier], speed)
