@@ -85,14 +85,17 @@ class RelevanceField(nn.Module):
     @staticmethod
     def energy_and_gradient(r: Tensor, terms: FieldTerms) -> tuple[Tensor, Tensor]:
         """E(r) per sample (B,) and dE/dr (B, N) = r - rho' (h + L rho - gamma/N (sum rho - K)), rho' = rho (1 - rho)
-        (L is symmetric). Both share rho, L rho and the budget surplus; autograd of E only follows the energy."""
+        (L is symmetric). Both share rho, h + L rho and the budget surplus, in few fused operations: the relaxation
+        evaluates this at every step; autograd of E only follows the energy."""
         rho = torch.sigmoid(r)
-        lateral_input = rho @ terms.lateral
-        surplus = rho.sum(-1) - terms.tokens
-        energy = (0.5 * r.pow(2).sum(-1) - (rho * (terms.drive + 0.5 * lateral_input)).sum(-1)
-                  + 0.5 * terms.competition * surplus.pow(2))
-        net_input = terms.drive + lateral_input - terms.competition * surplus[:, None]
-        return energy, r - rho * (1 - rho) * net_input
+        field_input = torch.addmm(terms.drive, rho, terms.lateral)  # h + L rho
+        surplus = rho.sum(-1, keepdim=True) - terms.tokens
+        net_input = field_input - terms.competition * surplus
+        gradient = torch.addcmul(r, torch.addcmul(rho, rho, rho, value=-1), net_input, value=-1)
+        # 1/2 sum r^2 - sum rho h - 1/2 rho L rho = 1/2 sum (r^2 - rho (h + (h + L rho)))
+        energy = 0.5 * (torch.addcmul(r * r, rho, terms.drive + field_input, value=-1).sum(-1)
+                        + terms.competition * surplus.squeeze(-1).pow(2))
+        return energy, gradient
 
     def as_energy(self) -> FieldEnergy:
         return FieldEnergy(self)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .distributed import max_over_shards, sum_over_shards
+from .distributed import is_sharded, max_over_shards, sum_over_shards
 
 Cost = Callable[[Tensor, Tensor], Tensor]
 
@@ -133,8 +133,7 @@ class _Objective:
     def __call__(self, states: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         if self.prepared is None:
             return self._autograd(states, lambda s: self.model.energy(s, self.x).sum() + self._nudge(s))
-        with torch.no_grad():
-            energy, grads = self.model.energy_and_gradient(states, self.prepared)
+        energy, grads = self.model.energy_and_gradient(states, self.prepared)  # relax runs under no_grad
         total = energy.sum()
         if self.target is not None:  # the cost is any callable: autograd, through the read-out only
             nudge, nudge_grads = self._autograd(states, self._nudge)
@@ -242,21 +241,23 @@ def relax(
             total, grads = objective(states)
             # whole-batch quantities: every decision below is the same on every shard of a sharded batch
             uphill = reduce(torch.add, [torch.dot(v.flatten(), g.flatten()) for v, g in zip(velocity, grads)])
-            energy, uphill = sum_over_shards(torch.stack([total, uphill]).double()).unbind()  # > 0: momentum uphill
             residual = reduce(torch.maximum, [torch.linalg.vector_norm(g, math.inf) for g in grads])
-            residual = max_over_shards(residual.double())
+            numbers = torch.stack([total, uphill, residual]).double()  # F, uphill (> 0: momentum uphill), residual
+            if is_sharded():
+                numbers = torch.cat([sum_over_shards(numbers[:2]), max_over_shards(numbers[2:])])
             if check_every == 1:  # a check after every step reads these anyway: decide on the host, in fewer ops
-                energy, uphill, residual = torch.stack([energy, uphill, residual]).tolist()
+                energy, uphill, residual = numbers.tolist()
                 rose = previous is not None and energy > previous + rise_tol * max(abs(previous), rise_floor)
                 rise_floor = max(abs(energy), 1e-12) if previous is None else rise_floor
                 report = _check([[energy, residual, float(rose and not coasting)]], step, trace, tol, steps)
                 if report is not None:
                     break
-                keep, moving = not (rose or uphill > 0 or residual < tol), residual >= tol
-                velocity = [v.mul_(momentum * keep).sub_(g * (step_size * moving)) for v, g in zip(velocity, grads)]
+                keep = not (rose or uphill > 0)  # and not converged: the check above stopped then
+                velocity = [v.mul_(momentum * keep).sub_(g * step_size) for v, g in zip(velocity, grads)]
                 states = [s.add_(v) for s, v in zip(states, velocity)]
                 coasting, previous = momentum > 0 and step > 0 and keep, energy
                 continue
+            energy, uphill, residual = numbers.unbind()
             converged = residual < tol
             if previous is None:
                 rose, rise_floor = torch.zeros_like(converged), energy.abs().clamp_min(1e-12)
