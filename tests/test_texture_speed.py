@@ -11,9 +11,11 @@ from arrcoc.models.toy_vit import toy_vit
 from arrcoc.relevance.texture import (
     CHANNELS,
     NUM_FEATURES,
+    POSITION_CHANNELS,
     image_channels,
     patch_entropy,
     pooled_moments,
+    position_features,
     rgb_to_lab,
     texture_features,
     texture_image,
@@ -145,3 +147,37 @@ def test_image_channels_are_the_image_dependent_channels_in_order():
     assert channels.shape == (1, len(CHANNELS) - 3, 16, 16)
     torch.testing.assert_close(channels[:, :3], image.rgb)
     torch.testing.assert_close(channels[:, 3:6], image.lab)
+
+
+def test_edges_and_local_contrast_are_the_sobel_responses_and_3x3_std_of_lightness():
+    """The one convolution over (L, L^2) gives what its definitions say: Sobel x / y of lightness (per image pixel),
+    their magnitude and the std of lightness over each sample's 3 x 3 neighbourhood (edges replicated)."""
+    image = texture_image(torch.rand(2, 3, 32, 32), (8, 8), ZERO, ONE)  # stride 2
+    channels = image_channels(image)
+    lightness = F.pad(image.lab[:, :1], (1, 1, 1, 1), mode="replicate")
+    windows = lightness.unfold(2, 3, 1).unfold(3, 3, 1).flatten(-2)  # (2, 1, 16, 16, 9)
+    sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0
+    gradient_x = (windows * sobel.flatten()).sum(-1) / 2
+    gradient_y = (windows * sobel.T.flatten()).sum(-1) / 2
+    names = [name for name in CHANNELS if name not in POSITION_CHANNELS]
+    torch.testing.assert_close(channels[:, [names.index("sobel_x")]], gradient_x, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(channels[:, [names.index("sobel_y")]], gradient_y, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(channels[:, [names.index("sobel_magnitude")]],
+                               (gradient_x**2 + gradient_y**2).sqrt(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(channels[:, [names.index("local_contrast")]],
+                               windows.std(-1, correction=0) / 2, atol=2e-4, rtol=1e-3)
+
+
+def test_position_features_made_in_inference_mode_serve_training():
+    """The position features are made once per image and patch size; made first under inference_mode, they are
+    still ordinary tensors (an inference tensor cannot be saved for backward), and a later pass with autograd gets
+    the same features."""
+    images = torch.rand(2, 3, 40, 24)  # a size no other test uses: the cache is empty for it
+    with torch.inference_mode():
+        first = texture_features(texture_image(images, (8, 8), ZERO, ONE))
+    assert not any(part.is_inference() for part in position_features((40, 24), (8, 8), images.device, images.dtype))
+    weight = torch.ones(NUM_FEATURES, requires_grad=True)
+    second = texture_features(texture_image(images, (8, 8), ZERO, ONE))
+    (second * weight).sum().backward()
+    torch.testing.assert_close(first, second)
+    assert weight.grad is not None

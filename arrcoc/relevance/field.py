@@ -110,6 +110,9 @@ class FieldEnergy(Energy):
     def init_states(self, x: Tensor) -> list[Tensor]:
         return [self.module.drive(x).detach()]  # start from the evidence alone
 
+    def start(self, x: Tensor, prepared: FieldTerms | None) -> list[Tensor]:
+        return self.init_states(x) if prepared is None else [prepared.drive.detach()]
+
     def energy(self, states: list[Tensor], x: Tensor) -> Tensor:
         return self.module.energy(states[0], x)
 

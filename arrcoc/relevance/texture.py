@@ -16,6 +16,7 @@ features do not depend on the image: they are computed at full resolution on one
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -94,11 +95,14 @@ def image_channels(image: TextureImage) -> Tensor:
     per texture sample. Sobel responses and local contrast (the std of lightness over 3 x 3 samples) are
     divided by the stride, i.e. per image pixel: on smooth images they keep their full-resolution values."""
     lightness = F.pad(image.lab[:, :1], (1, 1, 1, 1), mode="replicate")
-    kernel = torch.stack([_SOBEL / image.stride[1], _SOBEL.T / image.stride[0]])[:, None].to(lightness)
-    sobel = F.conv2d(lightness, kernel)
+    # one convolution over (L, L^2): Sobel x and y of L, the 3 x 3 means of L and of L^2
+    kernel = lightness.new_zeros(4, 2, 3, 3)
+    kernel[0, 0], kernel[1, 0] = _SOBEL / image.stride[1], _SOBEL.T / image.stride[0]
+    kernel[2, 0] = kernel[3, 1] = 1 / 9
+    sobel, local_mean, local_square = F.conv2d(torch.cat([lightness, lightness * lightness], 1), kernel).split(
+        [2, 1, 1], 1)
     magnitude = sobel.pow(2).sum(1, keepdim=True).add(1e-12).sqrt()
-    local_mean = F.avg_pool2d(lightness, 3, stride=1)
-    local_variance = (F.avg_pool2d(lightness.pow(2), 3, stride=1) - local_mean.pow(2)).clamp_min(0)
+    local_variance = (local_square - local_mean.pow(2)).clamp_min(0)
     local_contrast = local_variance.div(image.stride[0] * image.stride[1]).sqrt()
     return torch.cat([image.rgb, image.lab, sobel, magnitude, local_contrast], dim=1)
 
@@ -125,17 +129,21 @@ def texture_features(image: TextureImage) -> Tensor:
     """Images at texture resolution -> (B, N, NUM_FEATURES): per-patch mean and std of every channel of
     ``CHANNELS`` (in that order), then the patch's place code."""
     mean, std = pooled_moments(image_channels(image), image.samples_per_patch)
-    position_mean, position_std = pooled_moments(
-        position_channels(*image.image_size, device=mean.device, dtype=mean.dtype), image.patch_size)
-    b, first = mean.shape[0], CHANNELS.index(POSITION_CHANNELS[0])
+    position_mean, position_std, place = (part.expand(mean.shape[0], -1, -1, -1) for part in position_features(
+        image.image_size, image.patch_size, mean.device, mean.dtype))
+    first = CHANNELS.index(POSITION_CHANNELS[0])
+    return rearrange(torch.cat([mean[:, :first], position_mean, mean[:, first:],
+                                std[:, :first], position_std, std[:, first:], place], dim=1), "b c h w -> b (h w) c")
 
-    def with_position(image_part: Tensor, position_part: Tensor) -> Tensor:
-        position_part = position_part.expand(b, -1, -1, -1)
-        return torch.cat([image_part[:, :first], position_part, image_part[:, first:]], dim=1)
 
-    place = place_code(position_mean[:, :2]).expand(b, -1, -1, -1)
-    return rearrange(torch.cat([with_position(mean, position_mean), with_position(std, position_std), place], dim=1),
-                     "b c h w -> b (h w) c")
+@functools.lru_cache(maxsize=16)
+def position_features(image_size: tuple[int, int], patch_size: tuple[int, int], device: torch.device,
+                      dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(1, C, h, w) per-patch mean and std of the position channels, and the place code: the same for every
+    image of a size, so made once (as ordinary tensors, also when first asked for in inference mode)."""
+    with torch.inference_mode(False), torch.no_grad():
+        mean, std = pooled_moments(position_channels(*image_size, device=device, dtype=dtype), patch_size)
+        return mean, std, place_code(mean[:, :2])
 
 
 def place_code(centre: Tensor) -> Tensor:

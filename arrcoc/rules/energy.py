@@ -97,6 +97,11 @@ class Energy(ABC):
     def init_states(self, x: Tensor) -> list[Tensor]:
         """Where a free relaxation starts."""
 
+    def start(self, x: Tensor, prepared: Any) -> list[Tensor]:
+        """Where :func:`relax` starts a free relaxation, given :meth:`prepare`'s parts for ``x`` (an energy whose
+        start is among them need not recompute it); default :meth:`init_states`."""
+        return self.init_states(x)
+
     @abstractmethod
     def energy(self, states: list[Tensor], x: Tensor) -> Tensor:
         """Per-sample energy, shape ``(B,)``; ``x`` is clamped."""
@@ -231,7 +236,7 @@ def relax(
     # ordinary tensors
     with torch.inference_mode(False), torch.no_grad():
         objective = _Objective(model, x.detach(), beta, target, cost)
-        states = [s.detach().clone() for s in (model.init_states(x) if states is None else states)]
+        states = [s.detach().clone() for s in (model.start(x, objective.prepared) if states is None else states)]
         velocity = [torch.zeros_like(s) for s in states]
         trace: list[float] = []
         pending: list[Tensor] = []  # per step since the last check: (F, residual, rose in a plain step)
