@@ -65,6 +65,12 @@ def test_benchmark_runs_every_method_and_writes_results_report_and_plots(checkpo
     assert "ARR-COC / no participatory" in results["accuracy"]["query"]
     assert "ARR-COC / no participatory" not in results["accuracy"]["cluttered"]
     assert "query fusion (reference)" in results["accuracy"]["query"]
+    # ARR-COC and its ablations on the cluttered task are also scored on its shift split, at the ablations' budgets
+    cluttered, query = results["accuracy"]["cluttered"], results["accuracy"]["query"]
+    for method in ("ARR-COC", "ARR-COC / field: frozen"):
+        assert set(cluttered[method]["shift_accuracy"]) == {"0.25"}
+        assert all(0 <= a <= 100 for a in cluttered[method]["shift_accuracy"]["0.25"])
+    assert "shift_accuracy" not in query["ARR-COC"] and "shift_accuracy" not in cluttered["random"]
     assert 0 <= results["accuracy"]["query"]["ARR-COC"]["query_overlap"][0] <= 100
     assert results["training_cost"]["local"]["step_ms"] > 0 and results["adaptation"]["stream_images"] == 8
     assert {row["method"] for row in results["throughput"]["rows"]} >= {"evit (early)", "ARR-COC relevance module"}
@@ -78,6 +84,7 @@ def test_benchmark_runs_every_method_and_writes_results_report_and_plots(checkpo
     report = (out / "REPORT.md").read_text()
     assert "## Targets" in report and ("PASS" in report or "FAIL" in report)
     assert "## Accuracy at measured cost" in report and "paired difference to the default" in report
+    assert "| variant | accuracy at 25% | paired difference | shift at 25% | paired difference |" in report
     for plot in ("canvas_accuracy.png", "canvas_pareto.png", "canvas_training_cost.png", "canvas_adaptation.png",
                  "canvas_heatmaps.png"):
         assert (out / plot).stat().st_size > 1000

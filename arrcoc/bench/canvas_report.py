@@ -465,21 +465,26 @@ def write_report(results: dict[str, Any], out: Path, report: Path) -> Path:
         variants = _variants(table, task)
         if variants:
             scored = _ablation_budgets(meta, task, variants)
+            # (key, budget, column title): on the task's test canvases, then on its shift split where it was scored
+            shifted = [b for b in scored if b in arr.get("shift_accuracy", {})]
+            columns = ([("accuracy", b, f"accuracy at {100 * float(b):g}%") for b in scored]
+                       + [("shift_accuracy", b, f"shift at {100 * float(b):g}%") for b in shifted])
             at = " and ".join(f"{100 * float(b):g}%" for b in scored)
-            default = "; ".join(_cell(arr.get("accuracy", {}).get(b)) for b in scored)
+            default = "; ".join(_cell(arr.get(key, {}).get(b)) for key, b, _ in columns)
             lines += ["", f"**ARR-COC ablations at {at}** (default: {default}); the paired difference to the default "
                       "over the seeds, with its 95% interval, is what each piece contributes"
                       + (" (the second budget is the hard regime, where allocation decides)" if len(scored) > 1
-                         else ""), "",
-                      "| variant | " + " | ".join(f"accuracy at {100 * float(b):g}% | paired difference"
-                                                  for b in scored)
+                         else "")
+                      + (" and on the shift split (3x the clutter, larger digits: the online-adaptation section's "
+                         "shift), unseen in training" if shifted else ""), "",
+                      "| variant | " + " | ".join(f"{title} | paired difference" for _, _, title in columns)
                       + " | box coverage (%) | step (ms) |",
-                      "|---|" + "---|---|" * len(scored) + "---|---|"]
+                      "|---|" + "---|---|" * len(columns) + "---|---|"]
             for method, entry in variants.items():
                 cells = []
-                for budget in scored:
-                    d = _versus_default(entry["accuracy"].get(budget), arr.get("accuracy", {}).get(budget))
-                    cells += [_cell(entry["accuracy"].get(budget)), "–" if d is None else _diff(d)]
+                for key, budget, _ in columns:
+                    d = _versus_default(entry.get(key, {}).get(budget), arr.get(key, {}).get(budget))
+                    cells += [_cell(entry.get(key, {}).get(budget)), "–" if d is None else _diff(d)]
                 runs = len(entry["accuracy"].get(scored[0]) or [])
                 all_runs = len(arr.get("accuracy", {}).get(scored[0]) or [])
                 seeds = f" ({runs} of {all_runs} seeds)" if runs < all_runs else ""
