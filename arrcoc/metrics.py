@@ -1,13 +1,11 @@
 """What the commands and benchmarks measure: accuracy, how much of the target a selection keeps, intervals
-over seeds, wall time (on CPU or GPU, in float32 or autocast) and resident memory."""
+over seeds, wall time (on CPU or GPU, in float32 or autocast) and memory."""
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -15,6 +13,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
 
 from arrcoc.backbones import PatchGrid, top_k
 from arrcoc.budget import num_kept
@@ -126,25 +126,28 @@ def resident_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_memory_growth(fn: Callable[[], Any]) -> float:
-    """MB by which the process's resident memory rises above its level before ``fn()`` while it runs:
-    freed heap is first handed back to the OS (``malloc_trim``), then a thread samples the RSS every
-    0.2 ms. CPU PyTorch has no allocator statistics; on CUDA, ``max_memory_allocated`` would serve."""
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    base = peak = resident_bytes()
-    running = True
-
-    def sample() -> None:
-        nonlocal peak
-        while running:
-            peak = max(peak, resident_bytes())
-            time.sleep(0.0002)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
+def peak_tensor_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> float:
+    """MB: the peak of the bytes held by tensors allocated while ``fn()`` runs (as CUDA's
+    ``max_memory_allocated``, counted from the start of ``fn``). On CPU, which keeps no allocator statistics, the
+    profiler's allocation and free events are replayed in time order: exact and deterministic, unlike the
+    process's resident memory, which follows the C library's heap (docs/decisions.md)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
         fn()
-    finally:
-        running = False
-        sampler.join()
-    return (max(peak, resident_bytes()) - base) / 2**20
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - start) / 2**20
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        fn()
+    changes, pending = [], list(profiler.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        pending.extend(event.children)
+        if event.tag == _EventType.Allocation:  # frees are negative sizes
+            changes.append((event.start_time_ns, event.extra_fields.alloc_size))
+    held = peak = 0
+    for _, size in sorted(changes):
+        held += size
+        peak = max(peak, held)
+    return peak / 2**20

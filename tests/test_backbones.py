@@ -293,3 +293,23 @@ def test_transformers_users_may_pass_pixel_values_by_keyword():
         model(x, pixel_values=x)
     with pytest.raises(TypeError, match="give the images once"):
         model()
+
+
+@pytest.mark.parametrize("name", ["timm-vit", "hf-dinov2-registers"])
+def test_a_large_batch_is_embedded_in_chunks_with_the_same_tokens(name: str, monkeypatch) -> None:
+    from arrcoc.backbones import adapters
+
+    adapter = adapt_backbone(build(name))
+    x = images(batch=7)
+    with torch.no_grad():
+        whole = adapter.embed(x)
+        calls = []
+        embed = adapter._embed
+        monkeypatch.setattr(adapter, "_embed", lambda chunk: calls.append(len(chunk)) or embed(chunk))
+        monkeypatch.setattr(adapters, "EMBED_CHUNK", 3)
+        assert (adapter.embed(x) - whole).abs().max() <= TOL and calls == [3, 3, 1]
+        trainable = adapt_backbone(build(name), trainable=True).train()  # batch statistics see the whole batch
+        calls.clear()
+        monkeypatch.setattr(trainable, "_embed", lambda chunk: calls.append(len(chunk)) or embed(chunk))
+        trainable.embed(x)
+        assert calls == [7]

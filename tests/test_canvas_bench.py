@@ -261,3 +261,20 @@ def test_a_tiers_variant_is_not_scored_below_one_token_per_region():
     model = arrcoc.attach(toy_vit(), budget=0.25, config={"tiers": True})  # a 4 x 4 grid: 4 regions of 2 x 2
     assert canvas.tiers_fit(model) and not canvas.tiers_fit(model.set_budget(2))
     assert canvas.tiers_fit(arrcoc.attach(toy_vit(), budget=2))  # without tiers any budget fits
+
+
+def test_peak_tensor_memory_counts_what_is_held_at_once_not_what_was_allocated():
+    import torch
+
+    from arrcoc.metrics import peak_tensor_memory
+
+    kept = []
+
+    def two_at_once_then_one():  # 4 MB and 8 MB live together, then 8 MB alone: the peak is 12 MB
+        a = torch.ones(2**20)
+        b = torch.ones(2**21)
+        del a, b
+        kept.append(torch.ones(2**21))
+
+    assert abs(peak_tensor_memory(two_at_once_then_one) - 12.0) < 0.1
+    assert abs(peak_tensor_memory(lambda: kept.clear()) - 0.0) < 0.1  # freeing what existed before is no growth

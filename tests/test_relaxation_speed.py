@@ -21,8 +21,8 @@ def random_field(budget: float = 0.25, batch: int = 4, query: bool = True) -> tu
     with torch.no_grad():  # away from the initial values, so that every term matters
         for p in field.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    x = RelevanceField.pack(torch.randn(batch, 20, 3), grid_positions(4, 5), torch.randn(batch, 8) if query else None,
-                            8).double()
+    x = RelevanceField.pack(torch.randn(batch, 20, 3), grid_positions(4, 5), torch.randn(batch, 8) if query else None
+                            ).double()
     return field, x
 
 
@@ -124,3 +124,18 @@ def test_a_nan_in_the_input_is_raised_at_the_first_step():
     with pytest.raises(RelaxationDiverged, match="non-finite") as info:
         relax(field.as_energy(), x, check_every=8, **SETTINGS)
     assert info.value.step == 0
+
+
+def test_without_a_query_the_field_input_has_no_query_columns_and_the_same_energy() -> None:
+    field, _ = random_field()
+    evidence, positions = torch.randn(4, 20, 3, dtype=torch.float64), grid_positions(4, 5).double()
+    packed = RelevanceField.pack(evidence, positions, None)
+    zeros = RelevanceField.pack(evidence, positions, torch.zeros(4, 8, dtype=torch.float64))
+    assert packed.shape == (4, 20, 5) and zeros.shape == (4, 20, 13)
+    r = torch.randn(4, 20, dtype=torch.float64)
+    energy, with_zeros = field.as_energy(), field.as_energy()
+    assert torch.allclose(energy.energy([r], packed), with_zeros.energy([r], zeros), atol=1e-12)
+    params = list(field.parameters())
+    grads = [torch.autograd.grad(energy.energy([r], x).sum(), params, allow_unused=True) for x in (packed, zeros)]
+    for p, a, b in zip(params, *grads):  # what equilibrium propagation reads: dE/dtheta (unused: zero)
+        assert torch.allclose(torch.zeros_like(p) if a is None else a, b, atol=1e-12)

@@ -87,7 +87,7 @@ def test_field_relaxation_converges_on_random_evidence():
     with torch.no_grad():
         field.coherence.fill_(0.3), field.competition.fill_(1.0)
     evidence = torch.randn(16, GRID * GRID, 3)
-    x = field.pack(evidence, torch.rand(1, GRID * GRID, 2) * GRID, torch.randn(16, 384), 384)
+    x = field.pack(evidence, torch.rand(1, GRID * GRID, 2) * GRID, torch.randn(16, 384))
     _, report = relax(field.as_energy(), x, steps=200, step_size=0.3, momentum=0.5, tol=1e-5)
     assert report.converged and report.residual < 1e-5
 

@@ -75,6 +75,9 @@ class AttentionStats:
         return self.value.float().transpose(1, 2).flatten(2).norm(dim=-1)
 
 
+EMBED_CHUNK = 32  # images per call of the backbone's embedding
+
+
 class BackboneAdapter(nn.Module):
     """Family-independent interface; subclasses fill in embedding, block call, head and q/k/v taps."""
 
@@ -149,9 +152,16 @@ class BackboneAdapter(nn.Module):
         return self.pre_norm(self.embed_before_norm(images))
 
     def embed_before_norm(self, images: Tensor) -> Tensor:
-        """``embed`` without ``pre_norm``: where tokens can still be pooled linearly."""
+        """``embed`` without ``pre_norm``: where tokens can still be pooled linearly.
+
+        Runs :data:`EMBED_CHUNK` images at a time (unless the backbone is training, where batch statistics would
+        see each chunk alone): a stem's intermediate activations then exist for one chunk at a time, and a
+        convolutional stem runs faster on CPU (docs/decisions.md).
+        """
         self.check_images(images)
-        return self._embed(images)
+        if self.model.training or len(images) <= EMBED_CHUNK:
+            return self._embed(images)
+        return torch.cat([self._embed(chunk) for chunk in images.split(EMBED_CHUNK)])
 
     def patch_content(self, images: Tensor) -> Tensor:
         """(B, N, D) patch projections of ``images`` of any divisible size, before positions are added."""

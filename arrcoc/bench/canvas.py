@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import multiprocessing
 import statistics
 import tempfile
@@ -52,7 +51,7 @@ from arrcoc.data.tasks import TASKS, shared_text_encoder, task_data
 from arrcoc.metrics import (
     accuracy,
     autocast,
-    peak_memory_growth,
+    peak_tensor_memory,
     relevance_module_call,
     selection_metrics,
     target_coverage,
@@ -269,11 +268,6 @@ def throughput(bench: dict, models: dict[str, ARRCOC], threads: int, batch: int,
 
 def _training_cost_worker(learning: str, bench: dict, batch_size: int, steps: int) -> dict[str, float]:
     torch.set_num_threads(1)
-    # A fixed mmap threshold (mallopt M_MMAP_THRESHOLD = -3): every block over 128 KiB is its own mapping,
-    # returned to the OS when freed, so the RSS follows the live tensors. glibc's default threshold grows
-    # after frees and keeps later large blocks on the heap, so the measured peak varied run to run
-    # (docs/decisions.md).
-    ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)
     torch.manual_seed(0)
     data = task_data("cluttered", "train", batch_size, 0)
     config = relevance_config(bench, "cluttered", {})
@@ -286,17 +280,18 @@ def _training_cost_worker(learning: str, bench: dict, batch_size: int, steps: in
             global_backprop_step(model, data.images, data.labels)
 
     step()  # warm-up: lazily built state, the optimizer's moments
-    peaks, times = [], []
+    times = []
     for _ in range(steps):
         start = time.perf_counter()
-        peaks.append(peak_memory_growth(step))
+        step()
         times.append(time.perf_counter() - start)
-    return {"peak_mb": statistics.median(peaks), "step_ms": 1000 * statistics.median(times)}
+    peak = peak_tensor_memory(step)  # apart from the timed steps: the profiler slows a step down
+    return {"peak_mb": peak, "step_ms": 1000 * statistics.median(times)}
 
 
 def training_cost(bench: dict, batch: int, steps: int) -> dict[str, Any]:
-    """Peak memory growth during one training step (median over steps) and the median step time, local
-    rules vs. global backprop, each in a fresh process on the same batch."""
+    """Peak tensor memory of one training step (deterministic: one step serves) and the median step time,
+    local rules vs. global backprop, each in a fresh process on the same batch."""
     out: dict[str, Any] = {}
     for learning in ("local", "global"):
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:

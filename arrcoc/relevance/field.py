@@ -51,18 +51,22 @@ class RelevanceField(nn.Module):
             nn.init.zeros_(self.balance.weight), nn.init.zeros_(self.balance.bias)
 
     @staticmethod
-    def pack(evidence: Tensor, positions: Tensor, query: Tensor | None, query_dim: int) -> Tensor:
-        """Everything the field holds clamped, as one (B, N, 3 + 2 + Dq) tensor (query zeros if none)."""
+    def pack(evidence: Tensor, positions: Tensor, query: Tensor | None) -> Tensor:
+        """Everything the field holds clamped, as one (B, N, 3 + 2 + Dq) tensor; (B, N, 3 + 2) without a query
+        (a zero query, not repeated at every patch: at batch 128 and Dq 384 those zeros were half of a training
+        step's peak memory)."""
         b, n, _ = evidence.shape
-        q = evidence.new_zeros(b, query_dim) if query is None else query.to(evidence.dtype)
-        return torch.cat([evidence, positions.to(evidence).expand(b, n, POSITION), q[:, None].expand(b, n, -1)], -1)
+        parts = [evidence, positions.to(evidence).expand(b, n, POSITION)]
+        return torch.cat(parts if query is None else [*parts, query.to(evidence.dtype)[:, None].expand(b, n, -1)], -1)
 
     def drive(self, x: Tensor) -> Tensor:
         """(B, N) external input h: the balanced evidence."""
         evidence, query = x[..., :EVIDENCE], x[:, 0, EVIDENCE + POSITION:]
         weight = self.evidence_weight
         if self.balance is not None:
-            weight = weight * 2 * torch.sigmoid(self.balance(query))  # (B, 3): per query
+            # without a query (no columns) the balance of a zero query: its bias
+            balance = self.balance(query) if query.shape[-1] else self.balance.bias.expand(len(x), EVIDENCE)
+            weight = weight * 2 * torch.sigmoid(balance)  # (B, 3): per query
             return torch.einsum("bnk,bk->bn", evidence, weight) + self.evidence_bias
         return evidence @ weight + self.evidence_bias
 

@@ -265,7 +265,7 @@ class RelevanceModule(nn.Module):
         context = features - features.mean(1, keepdim=True)
         evidence = self.evidence(texture, features, context, query)
         positions = grid_positions(*grid, device=images.device)
-        field_input = RelevanceField.pack(evidence, positions, query, self.config.query_dim)
+        field_input = RelevanceField.pack(evidence, positions, query)
         if self.config.field:
             relevance = self.relax_field(field_input)
         else:
