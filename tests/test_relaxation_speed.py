@@ -139,3 +139,51 @@ def test_without_a_query_the_field_input_has_no_query_columns_and_the_same_energ
     grads = [torch.autograd.grad(energy.energy([r], x).sum(), params, allow_unused=True) for x in (packed, zeros)]
     for p, a, b in zip(params, *grads):  # what equilibrium propagation reads: dE/dtheta (unused: zero)
         assert torch.allclose(torch.zeros_like(p) if a is None else a, b, atol=1e-12)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.3])
+def test_a_step_that_raises_the_energy_is_undone_at_half_the_step(momentum):
+    """A step of 2.0 overshoots this field (coherence 1.5): with backtracks the relaxation halves the step until it
+    descends and converges to the equilibrium a small step reaches; the same states and report however rarely the
+    host checks; without backtracks, or with too few, it raises."""
+    field, x = random_field()
+    with torch.no_grad():
+        field.coherence.fill_(1.5)
+    reference, _ = relax(field.as_energy(), x, steps=2000, step_size=0.05, tol=1e-9)
+    runs = [relax(field.as_energy(), x, steps=200, step_size=2.0, momentum=momentum, tol=1e-9, backtracks=6,
+                  check_every=every) for every in (1, 3, 8)]
+    (states, report) = runs[0]
+    assert report.converged and report.halvings >= 1
+    assert torch.allclose(states[0], reference[0], atol=1e-7)
+    trace = report.energy_trace
+    assert any(later > earlier for earlier, later in zip(trace, trace[1:]))  # the undone steps are in the trace
+    for other_states, other in runs[1:]:
+        assert torch.equal(other_states[0], states[0])
+        assert (other.steps, other.energy, other.residual, other.halvings, other.energy_trace) == (
+            report.steps, report.energy, report.residual, report.halvings, trace)
+    for backtracks in (0, report.halvings - 1):
+        with pytest.raises(RelaxationDiverged, match="energy rose"):
+            relax(field.as_energy(), x, steps=200, step_size=2.0, momentum=momentum, tol=1e-9, backtracks=backtracks)
+
+
+def test_the_last_step_undone_returns_the_states_before_it():
+    field, x = random_field()
+    with torch.no_grad():
+        field.coherence.fill_(1.5)
+    _, report = relax(field.as_energy(), x, steps=200, step_size=2.0, tol=1e-9, backtracks=6)
+    undone = next(step for step, (a, b) in enumerate(zip(report.energy_trace, report.energy_trace[1:]), 1) if b > a)
+    for every in (1, 8):
+        states, capped = relax(field.as_energy(), x, steps=undone, step_size=2.0, tol=1e-9, backtracks=6,
+                               check_every=every)
+        before = (field.as_energy().init_states(x) if undone == 1 else
+                  relax(field.as_energy(), x, steps=undone - 1, step_size=2.0, tol=1e-9, backtracks=6)[0])
+        assert capped.halvings == 1 and capped.energy == capped.energy_trace[-2]
+        assert torch.equal(states[0], before[0])
+
+
+@pytest.mark.parametrize("backtracks", [-1, 1.5, True])
+def test_backtracks_must_be_a_count(backtracks):
+    from arrcoc.rules.energy import Relaxation
+
+    with pytest.raises(ValueError, match="backtracks"):
+        Relaxation(backtracks=backtracks)

@@ -47,26 +47,31 @@ class RelaxationDiverged(FloatingPointError):
 class Relaxation:
     """How a state is relaxed towards a minimum of its energy (see :func:`relax`): at most ``steps`` updates of
     size ``step_size`` with heavy-ball ``momentum``; converged once max |dF/ds| < ``tol`` (free phase) or
-    < ``tol * |beta|`` (nudged and clamped phases, whose forces scale with beta)."""
+    < ``tol * |beta|`` (nudged and clamped phases, whose forces scale with beta). A plain step that raises the
+    energy is undone and the step size halved, at most ``backtracks`` times; once more, it raises."""
 
     steps: int = 500
     step_size: float = 0.1
     momentum: float = 0.9
     tol: float = 1e-5
+    backtracks: int = 0
 
     def __post_init__(self) -> None:
         parent = getattr(super(), "__post_init__", None)  # a rule config that extends this one validates too
         if parent is not None:
             parent()
-        if self.steps <= 0 or self.step_size <= 0 or self.tol < 0 or not 0 <= self.momentum < 1:
+        if (self.steps <= 0 or self.step_size <= 0 or self.tol < 0 or not 0 <= self.momentum < 1
+                or isinstance(self.backtracks, bool) or not isinstance(self.backtracks, int) or self.backtracks < 0):
             raise ValueError(
-                f"relaxation needs steps > 0, step_size > 0, tol >= 0 and 0 <= momentum < 1, got steps={self.steps}, "
-                f"step_size={self.step_size}, tol={self.tol}, momentum={self.momentum}"
+                f"relaxation needs steps > 0, step_size > 0, tol >= 0, 0 <= momentum < 1 and an integer backtracks "
+                f">= 0, got steps={self.steps}, step_size={self.step_size}, tol={self.tol}, momentum={self.momentum}, "
+                f"backtracks={self.backtracks!r}"
             )
 
     def settings(self) -> dict[str, float]:
         """The keyword arguments of :func:`relax` this stands for."""
-        return {"steps": self.steps, "step_size": self.step_size, "momentum": self.momentum, "tol": self.tol}
+        return {"steps": self.steps, "step_size": self.step_size, "momentum": self.momentum, "tol": self.tol,
+                "backtracks": self.backtracks}
 
 
 @dataclass
@@ -77,7 +82,8 @@ class RelaxationReport:
     energy: float
     residual: float  # max |dF/ds| over all state entries at the returned states
     converged: bool  # residual < tol
-    energy_trace: list[float] = field(repr=False, default_factory=list)
+    energy_trace: list[float] = field(repr=False, default_factory=list)  # F at every step, undone ones included
+    halvings: int = 0  # plain steps undone (each halving the step size)
 
 
 class Energy(ABC):
@@ -174,6 +180,7 @@ def relax(
     states: list[Tensor] | None = None,
     momentum: float = 0.0,
     rise_tol: float = 1e-3,
+    backtracks: int = 0,
     check_every: int | None = None,
 ) -> tuple[list[Tensor], RelaxationReport]:
     """Gradient descent of ``F = sum_b E(states; x) + beta * sum C(output(states), target)``.
@@ -183,10 +190,11 @@ def relax(
     steps (~sqrt of the condition number instead of linear in it).
 
     The free phase has ``target=None, beta=0``; a nudged phase a target and ``beta != 0``. Stops
-    after ``steps`` updates or once the residual ``max |dF/ds|`` is below ``tol``. Raises
-    :class:`RelaxationDiverged` if the states become non-finite or a plain gradient step (one
-    without momentum) raises ``F`` by more than ``rise_tol`` (relative): with a stable step size
-    it never climbs; a momentum step that climbs just resets the momentum. Parameters and
+    after ``steps`` updates or once the residual ``max |dF/ds|`` is below ``tol``. A plain gradient step (one
+    without momentum) that raises ``F`` by more than ``rise_tol`` (relative) took too large a step (with a stable
+    step size it never climbs): it is undone and the step size halved, at most ``backtracks`` times; once more,
+    or if the states become non-finite, :class:`RelaxationDiverged` is raised. A momentum step that climbs
+    just resets the momentum. Parameters and
     ``.grad`` are never touched. ``F``, the residual and the momentum restarts are whole-batch quantities,
     combined over the shards inside :func:`~arrcoc.rules.distributed.sharded_batch`, so a sharded batch relaxes
     as one batch does.
@@ -208,7 +216,8 @@ def relax(
         steps, tol, step_size, momentum: how to descend (:class:`Relaxation` holds them as one setting).
         cost: the nudging cost (default: the energy's own).
         states: where to start (default: the energy's initial states for ``x``).
-        rise_tol: the relative rise of ``F`` in a plain step that counts as divergence.
+        rise_tol: the relative rise of ``F`` in a plain step that counts as too large a step.
+        backtracks: how many such steps may be undone (halving the step size each time) before it raises.
         check_every: steps between host-side checks; default 1 on the CPU (a check costs nothing there), 8 on an
             accelerator (where each is a sync that stalls the queue of kernels).
 
@@ -216,7 +225,8 @@ def relax(
         The relaxed states (detached) and a :class:`RelaxationReport` (steps taken, residual, converged).
 
     Raises:
-        RelaxationDiverged: non-finite states, or ``F`` rising in a plain gradient step.
+        RelaxationDiverged: non-finite states, or ``F`` rising in a plain gradient step once ``backtracks``
+            are spent.
     """
     if steps <= 0:
         raise ValueError(f"relax needs steps > 0, got {steps}")
@@ -226,6 +236,8 @@ def relax(
         )
     if check_every is not None and check_every <= 0:
         raise ValueError(f"relax needs check_every > 0, got {check_every}")
+    if backtracks < 0:
+        raise ValueError(f"relax needs backtracks >= 0, got {backtracks}")
     if target is not None and beta == 0:
         raise ValueError("a nudged phase (target given) needs beta != 0; for the free phase pass target=None")
     if target is None and beta != 0:
@@ -238,10 +250,13 @@ def relax(
         objective = _Objective(model, x.detach(), beta, target, cost)
         states = [s.detach().clone() for s in (model.start(x, objective.prepared) if states is None else states)]
         velocity = [torch.zeros_like(s) for s in states]
-        trace: list[float] = []
+        checks = _Checks(tol, steps, backtracks)
         pending: list[Tensor] = []  # per step since the last check: (F, residual, rose in a plain step)
         previous = rise_floor = None  # whole-batch F at the step before; max(|F at step 0|, 1e-12)
         coasting = None  # whether the last update carried momentum (None: there was none)
+        before: tuple[list[Tensor], list[Tensor], Any] | None = None  # states, dF/ds and residual a step before
+        # the step size's factor, halved by every undone step; on the device, in float64 as Python's floats are
+        scale: Any = 1.0 if check_every == 1 else torch.ones((), dtype=torch.float64, device=x.device)
         for step in range(steps + 1):
             total, grads = objective(states)
             # whole-batch quantities: every decision below is the same on every shard of a sharded batch
@@ -254,51 +269,76 @@ def relax(
                 energy, uphill, residual = numbers.tolist()
                 rose = previous is not None and energy > previous + rise_tol * max(abs(previous), rise_floor)
                 rise_floor = max(abs(energy), 1e-12) if previous is None else rise_floor
-                report = _check([[energy, residual, float(rose and not coasting)]], step, trace, tol, steps)
+                undo = rose and not coasting
+                report = checks.read([[energy, residual, float(undo)]], step)
                 if report is not None:
+                    states = before[0] if undo else states  # the last step undone
                     break
+                if undo:  # back to the states before that step (the checks allowed it), at half the step
+                    (states, grads, _), energy, scale = before, previous, scale * 0.5
                 keep = not (rose or uphill > 0)  # and not converged: the check above stopped then
-                velocity = [v.mul_(momentum * keep).sub_(g * step_size) for v, g in zip(velocity, grads)]
-                states = [s.add_(v) for s, v in zip(states, velocity)]
+                velocity = [v.mul_(momentum * keep).sub_(g * (step_size * scale)) for v, g in zip(velocity, grads)]
+                before = states, grads, None
+                states = [s + v for s, v in zip(states, velocity)]
                 coasting, previous = momentum > 0 and step > 0 and keep, energy
                 continue
             energy, uphill, residual = numbers.unbind()
-            converged = residual < tol
             if previous is None:
-                rose, rise_floor = torch.zeros_like(converged), energy.abs().clamp_min(1e-12)
+                rose, rise_floor = torch.zeros_like(residual, dtype=torch.bool), energy.abs().clamp_min(1e-12)
             else:
                 rose = energy > previous + rise_tol * torch.maximum(previous.abs(), rise_floor)
-            plain_rise = rose if coasting is None else rose & ~coasting  # a stable plain step never climbs
-            pending.append(torch.stack([energy, residual, plain_rise.double()]))
+            undo = rose if coasting is None else rose & ~coasting  # a stable plain step never climbs
+            pending.append(torch.stack([energy, residual, undo.double()]))
+            if backtracks and before is not None:  # undo a plain step that raised F (the checks raise past the last)
+                states = [torch.where(undo, b, s) for b, s in zip(before[0], states)]
+                grads = [torch.where(undo, b, g) for b, g in zip(before[1], grads)]
+                energy, residual = torch.where(undo, previous, energy), torch.where(undo, before[2], residual)
+                scale = torch.where(undo, scale * 0.5, scale)
             if (step + 1) % check_every == 0 or step == steps:
-                report = _check(torch.stack(pending).tolist(), step + 1 - len(pending), trace, tol, steps)
+                report = checks.read(torch.stack(pending).tolist(), step + 1 - len(pending))
                 if report is not None:
                     break
                 pending = []
+            converged = residual < tol
             # restart when momentum overshot or points uphill (O'Donoghue & Candes 2015); stand still once converged
             keep = ~(rose | (uphill > 0) | converged)
-            velocity = [v.mul_(momentum * keep.to(v.dtype)).sub_(g * (step_size * (~converged).to(g.dtype)))
+            velocity = [v.mul_(momentum * keep.to(v.dtype)).sub_(g * (step_size * scale * (~converged).to(g.dtype)))
                         for v, g in zip(velocity, grads)]
-            states = [s.add_(v) for s, v in zip(states, velocity)]
+            before = states, grads, residual
+            states = [s + v for s, v in zip(states, velocity)]
             coasting = keep if momentum > 0 and step > 0 else None  # the velocity was zero at step 0
             previous = energy
     # converged states stand still, so the states now are those of the step reported
     return [s.detach() for s in states], report
 
 
-def _check(rows: list[list[float]], first_step: int, trace: list[float], tol: float, steps: int
-           ) -> RelaxationReport | None:
-    """Go through the steps' (F, residual, rose in a plain step) as a check after every step would: extend
-    ``trace``, raise on divergence, and report the first step that converged (or the last step)."""
-    for step, (energy, residual, rose) in enumerate(rows, first_step):
-        trace.append(energy)
-        if not (math.isfinite(energy) and math.isfinite(residual)):
-            raise RelaxationDiverged(step, trace, "non-finite states or energy")
-        if rose:
-            raise RelaxationDiverged(step, trace, "energy rose")
-        if residual < tol or step == steps:
-            return RelaxationReport(step, energy, residual, residual < tol, trace)
-    return None
+class _Checks:
+    """Goes through the steps' (F, residual, rose in a plain step) as a check after every step would: extends the
+    energy trace, counts undone steps and raises once they exceed ``backtracks`` (or on non-finite numbers), and
+    reports the first step that converged (or the last step)."""
+
+    def __init__(self, tol: float, steps: int, backtracks: int):
+        self.tol, self.steps, self.backtracks = tol, steps, backtracks
+        self.trace: list[float] = []
+        self.halvings = 0
+        self.kept = (math.nan, math.nan)  # F and residual where the states are: those of the last step not undone
+
+    def read(self, rows: list[list[float]], first_step: int) -> RelaxationReport | None:
+        for step, (energy, residual, rose) in enumerate(rows, first_step):
+            self.trace.append(energy)
+            if not (math.isfinite(energy) and math.isfinite(residual)):
+                raise RelaxationDiverged(step, self.trace, "non-finite states or energy")
+            if rose:
+                if self.halvings == self.backtracks:
+                    spent = f" after {self.halvings} halvings of the step" if self.halvings else ""
+                    raise RelaxationDiverged(step, self.trace, "energy rose" + spent)
+                self.halvings += 1
+            else:
+                self.kept = energy, residual
+            energy, residual = self.kept
+            if residual < self.tol or step == self.steps:
+                return RelaxationReport(step, energy, residual, residual < self.tol, self.trace, self.halvings)
+        return None
 
 
 class _ThroughEquilibrium(torch.autograd.Function):
