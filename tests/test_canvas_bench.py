@@ -278,3 +278,25 @@ def test_peak_tensor_memory_counts_what_is_held_at_once_not_what_was_allocated()
 
     assert abs(peak_tensor_memory(two_at_once_then_one) - 12.0) < 0.1
     assert abs(peak_tensor_memory(lambda: kept.clear()) - 0.0) < 0.1  # freeing what existed before is no growth
+
+
+def test_a_job_draws_the_same_random_tokens_whatever_ran_before_it_in_its_worker(checkpoints, monkeypatch):
+    import torch
+
+    from arrcoc.baselines import token_reduction
+
+    drawn = []
+
+    def recorded(state, stats=None):
+        scores = torch.rand(state.tokens.shape[0], state.num_patch_tokens)
+        drawn.append(scores)
+        return scores
+
+    monkeypatch.setattr(token_reduction, "random_scores", recorded)
+    bench = {"budgets": [1.0, 0.125], "test_images": 40, "backbone": str(checkpoints[0])}
+    job = {"kind": "baseline", "method": "random", "task": "cluttered", "seed": 1, "bench": bench}
+    canvas.run_job(job)
+    first, drawn[:] = list(drawn), []
+    torch.rand(1000)  # another job's draws in the same worker
+    canvas.run_job(job)
+    assert first and all(torch.equal(a, b) for a, b in zip(first, drawn, strict=True))

@@ -101,6 +101,7 @@ def baseline_predict(adapter: BackboneAdapter, name: str, budget: float, schedul
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
     kind, task, seed, bench = job["kind"], job["task"], job["seed"], job["bench"]
+    torch.manual_seed(seed)  # random-K draws the same tokens whichever jobs its worker process ran before
     test = task_data(task, "test", bench["test_images"], seed)
     backbone = load_canvas_vit(bench["backbone"])
     result: dict[str, Any] = {"kind": kind, "task": task, "seed": seed, "method": job["method"], "accuracy": {}}
