@@ -403,7 +403,7 @@ def _earlier_run(meta: dict[str, Any]) -> list[str]:
     earlier = meta.get("earlier")
     if not earlier:
         return []
-    tasks = " and ".join(f"the {task} task" for task in earlier["tasks"])
+    tasks = "the results of the " + " and ".join(f"{task} task" for task in earlier["tasks"])
     measured_there = (", and the timing, training cost and adaptation measured on its canvases"
                       if "cluttered" in earlier["tasks"] else "")
     return [f"**Kept from an earlier run:** {tasks}{measured_there} come from `{earlier['command']}` "
