@@ -300,3 +300,25 @@ def test_a_job_draws_the_same_random_tokens_whatever_ran_before_it_in_its_worker
     torch.rand(1000)  # another job's draws in the same worker
     canvas.run_job(job)
     assert first and all(torch.equal(a, b) for a, b in zip(first, drawn, strict=True))
+
+
+def test_a_task_may_score_its_ablations_at_more_budgets():
+    bench = {"budgets": [1.0, 0.25, 0.125], "tasks": {"cluttered": {"budget": 0.25}, "query": {
+        "budget": 0.125, "ablation_budgets": [0.03125, 0.125]}}, "hard_regime": {"task": "cluttered", "budget": 0.0625}}
+    assert canvas.ablation_budgets_of(bench, "query") == [0.125, 0.03125]
+    assert canvas.ablation_budgets_of(bench, "cluttered") == [0.25, 0.0625]
+    scored = {"ARR-COC / allocator: frozen": {"accuracy": {"0.125": [85.0], "0.03125": [80.0]}}}
+    assert canvas_report._ablation_budgets(bench, "query", scored) == ["0.125", "0.03125"]
+    # a run from before the budget was added reads as it did
+    assert canvas_report._ablation_budgets(bench, "query", {"ARR-COC / allocator: frozen": {
+        "accuracy": {"0.125": [85.0]}}}) == ["0.125"]
+
+
+@pytest.mark.parametrize("extra", [0.03125, [1.5], ["low"]])
+def test_ablation_budgets_must_be_fractions(tmp_path, extra):
+    config = yaml.safe_load(open("configs/canvas_bench.yaml"))
+    config["tasks"]["query"]["ablation_budgets"] = extra
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="ablation_budgets"):
+        canvas.load_bench(str(path), quick=False)

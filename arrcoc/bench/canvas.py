@@ -132,12 +132,11 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     model, step_ms = train_arrcoc(backbone, config, train, steps, batch_size, seed, job["learning"],
                                   max_grad_norm=bench["train"].get("max_grad_norm"))
     result["step_ms"] = step_ms
-    # an ablation is scored at its task's budget, and in the hard regime too where that is its task's; where the task
-    # has a shift split, also on shifted canvases at those budgets (a regime some pieces may matter in)
-    hard = bench.get("hard_regime") or {}
-    ablation_budgets = [config.budget] + (
-        [hard["budget"]] if hard.get("task") == task and hard["budget"] != config.budget else [])
-    scored = {"accuracy": (test, bench["budgets"] if job["all_budgets"] else ablation_budgets)}
+    # an ablation is scored at its task's ablation budgets; where the task has a shift split, also on shifted canvases
+    # at those budgets (a regime some pieces may matter in). The default is scored there too, for the pairing.
+    ablation_budgets = ablation_budgets_of(bench, task)
+    everywhere = bench["budgets"] + [b for b in ablation_budgets if b not in bench["budgets"]]
+    scored = {"accuracy": (test, everywhere if job["all_budgets"] else ablation_budgets)}
     if task in SHIFT_TASKS:
         scored["shift_accuracy"] = task_data(task, "shift", bench["test_images"], seed), ablation_budgets
     for key, (canvases, budgets) in scored.items():
@@ -150,6 +149,14 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     if job["method"] == "ARR-COC":  # the first seed's is kept (timing, heatmaps, demos); others for adaptation
         model.save_pretrained(model_path(bench, task, seed))
     return result
+
+
+def ablation_budgets_of(bench: dict, task: str) -> list[float]:
+    """The budgets a task's ablations are scored at: the task's own, the hard regime's where that is this task, and
+    any more the task lists as ``ablation_budgets`` (e.g. the lowest budget, where the allocator matters)."""
+    entry, hard = bench["tasks"][task], bench.get("hard_regime") or {}
+    extra = ([hard["budget"]] if hard.get("task") == task else []) + list(entry.get("ablation_budgets", []))
+    return [entry["budget"], *(b for b in dict.fromkeys(extra) if b != entry["budget"])]
 
 
 def tiers_fit(model: ARRCOC) -> bool:
@@ -392,6 +399,11 @@ def load_bench(path: str, quick: bool) -> dict[str, Any]:
     per_task = steps if isinstance(steps, dict) else dict.fromkeys(tasks, steps)
     if not set(tasks) <= set(per_task) or not all(isinstance(n, int) and n > 0 for n in per_task.values()):
         raise ValueError(f"train.steps must be a positive integer or one per task {list(tasks)}, got {steps!r}")
+    for task, entry in bench["tasks"].items() if isinstance(tasks, dict) else ():
+        extra = entry.get("ablation_budgets", [])
+        if not isinstance(extra, list) or not all(isinstance(b, float) and 0 < b < 1 for b in extra):
+            raise ValueError(f"tasks.{task}.ablation_budgets must be a list of token fractions in (0, 1), got "
+                             f"{extra!r}")
     hard = bench.get("hard_regime")  # reported as not measured where this run lacks its task or budget
     if hard is not None and (not isinstance(hard, dict) or set(hard) != {"task", "budget"}
                              or hard["task"] not in TASKS or not isinstance(hard["budget"], float)):

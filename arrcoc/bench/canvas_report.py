@@ -276,13 +276,15 @@ def _plots(results: dict[str, Any], out: Path) -> dict[str, str]:
 
 
 def _ablation_budgets(meta: dict[str, Any], task: str, variants: dict[str, Any]) -> list[str]:
-    """The budgets a task's ablations (``variants``: method -> entry) are scored at: the task's, and the hard
-    regime's where that is this task and the run scored them there (runs before it did read as they did)."""
-    budgets = [str(meta["tasks"][task]["budget"])]
-    hard = meta.get("hard_regime") or {}
-    if (hard.get("task") == task and str(hard["budget"]) not in budgets
-            and any(entry["accuracy"].get(str(hard["budget"])) for entry in variants.values())):
-        budgets.append(str(hard["budget"]))
+    """The budgets a task's ablations (``variants``: method -> entry) are scored at: the task's, then the hard
+    regime's where that is this task, then the task's further ``ablation_budgets``, each where the run scored them
+    (runs from before a budget was added read as they did)."""
+    entry, hard = meta["tasks"][task], meta.get("hard_regime") or {}
+    extra = ([hard["budget"]] if hard.get("task") == task else []) + list(entry.get("ablation_budgets", []))
+    budgets = [str(entry["budget"])]
+    for budget in map(str, extra):
+        if budget not in budgets and any(v["accuracy"].get(budget) for v in variants.values()):
+            budgets.append(budget)
     return budgets
 
 
@@ -470,11 +472,13 @@ def write_report(results: dict[str, Any], out: Path, report: Path) -> Path:
             columns = ([("accuracy", b, f"accuracy at {100 * float(b):g}%") for b in scored]
                        + [("shift_accuracy", b, f"shift at {100 * float(b):g}%") for b in shifted])
             at = " and ".join(f"{100 * float(b):g}%" for b in scored)
+            hard = meta.get("hard_regime") or {}
+            hard_budget = str(hard["budget"]) if hard.get("task") == task else None
             default = "; ".join(_cell(arr.get(key, {}).get(b)) for key, b, _ in columns)
             lines += ["", f"**ARR-COC ablations at {at}** (default: {default}); the paired difference to the default "
                       "over the seeds, with its 95% interval, is what each piece contributes"
-                      + (" (the second budget is the hard regime, where allocation decides)" if len(scored) > 1
-                         else "")
+                      + (f" ({100 * float(hard_budget):g}% is the hard regime, where allocation decides)"
+                         if hard_budget in scored[1:] else "")
                       + (" and on the shift split (3x the clutter, larger digits: the online-adaptation section's "
                          "shift), unseen in training" if shifted else ""), "",
                       "| variant | " + " | ".join(f"{title} | paired difference" for _, _, title in columns)
