@@ -126,18 +126,11 @@ def resident_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_tensor_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> float:
-    """MB: the peak of the bytes held by tensors allocated while ``fn()`` runs (as CUDA's
-    ``max_memory_allocated``, counted from the start of ``fn``). On CPU, which keeps no allocator statistics, the
-    profiler's allocation and free events are replayed in time order: exact and deterministic, unlike the
-    process's resident memory, which follows the C library's heap (docs/decisions.md)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - start) / 2**20
+def peak_tensor_memory(fn: Callable[[], Any]) -> float:
+    """MB: the peak of the bytes held by CPU tensors allocated while ``fn()`` runs (what CUDA's
+    ``max_memory_allocated`` gives on a GPU). CPU PyTorch keeps no allocator statistics, so the profiler's
+    allocation and free events are replayed in time order: exact and deterministic, unlike the process's resident
+    memory, which follows the C library's heap (docs/decisions.md)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         fn()
     changes, pending = [], list(profiler.profiler.kineto_results.experimental_event_tree())

@@ -305,8 +305,8 @@ def test_a_job_draws_the_same_random_tokens_whatever_ran_before_it_in_its_worker
 def test_a_task_may_score_its_ablations_at_more_budgets():
     bench = {"budgets": [1.0, 0.25, 0.125], "tasks": {"cluttered": {"budget": 0.25}, "query": {
         "budget": 0.125, "ablation_budgets": [0.03125, 0.125]}}, "hard_regime": {"task": "cluttered", "budget": 0.0625}}
-    assert canvas.ablation_budgets_of(bench, "query") == [0.125, 0.03125]
-    assert canvas.ablation_budgets_of(bench, "cluttered") == [0.25, 0.0625]
+    assert canvas_report.ablation_budgets(bench, "query") == [0.125, 0.03125]
+    assert canvas_report.ablation_budgets(bench, "cluttered") == [0.25, 0.0625]
     scored = {"ARR-COC / allocator: frozen": {"accuracy": {"0.125": [85.0], "0.03125": [80.0]}}}
     assert canvas_report._ablation_budgets(bench, "query", scored) == ["0.125", "0.03125"]
     # a run from before the budget was added reads as it did

@@ -65,7 +65,7 @@ from arrcoc.storage import save_json_atomic
 from arrcoc.training import train_arrcoc
 from arrcoc.visualize import canvas_queries, demo_canvases, explain, queries_figure
 
-from .canvas_report import ALL_BACKPROP, write_report
+from .canvas_report import ALL_BACKPROP, ablation_budgets, write_report
 
 EVAL_BATCH = 250
 SMALL_BATCH = 16  # the relevance module's share of a forward is also measured at this batch
@@ -134,11 +134,11 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     result["step_ms"] = step_ms
     # an ablation is scored at its task's ablation budgets; where the task has a shift split, also on shifted canvases
     # at those budgets (a regime some pieces may matter in). The default is scored there too, for the pairing.
-    ablation_budgets = ablation_budgets_of(bench, task)
-    everywhere = bench["budgets"] + [b for b in ablation_budgets if b not in bench["budgets"]]
-    scored = {"accuracy": (test, everywhere if job["all_budgets"] else ablation_budgets)}
+    budgets_of_ablations = ablation_budgets(bench, task)
+    everywhere = bench["budgets"] + [b for b in budgets_of_ablations if b not in bench["budgets"]]
+    scored = {"accuracy": (test, everywhere if job["all_budgets"] else budgets_of_ablations)}
     if task in SHIFT_TASKS:
-        scored["shift_accuracy"] = task_data(task, "shift", bench["test_images"], seed), ablation_budgets
+        scored["shift_accuracy"] = task_data(task, "shift", bench["test_images"], seed), budgets_of_ablations
     for key, (canvases, budgets) in scored.items():
         for budget in budgets:
             if not tiers_fit(model.set_budget(budget)) and budget != config.budget:
@@ -149,14 +149,6 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     if job["method"] == "ARR-COC":  # the first seed's is kept (timing, heatmaps, demos); others for adaptation
         model.save_pretrained(model_path(bench, task, seed))
     return result
-
-
-def ablation_budgets_of(bench: dict, task: str) -> list[float]:
-    """The budgets a task's ablations are scored at: the task's own, the hard regime's where that is this task, and
-    any more the task lists as ``ablation_budgets`` (e.g. the lowest budget, where the allocator matters)."""
-    entry, hard = bench["tasks"][task], bench.get("hard_regime") or {}
-    extra = ([hard["budget"]] if hard.get("task") == task else []) + list(entry.get("ablation_budgets", []))
-    return [entry["budget"], *(b for b in dict.fromkeys(extra) if b != entry["budget"])]
 
 
 def tiers_fit(model: ARRCOC) -> bool:

@@ -275,17 +275,20 @@ def _plots(results: dict[str, Any], out: Path) -> dict[str, str]:
     return files
 
 
-def _ablation_budgets(meta: dict[str, Any], task: str, variants: dict[str, Any]) -> list[str]:
-    """The budgets a task's ablations (``variants``: method -> entry) are scored at: the task's, then the hard
-    regime's where that is this task, then the task's further ``ablation_budgets``, each where the run scored them
-    (runs from before a budget was added read as they did)."""
-    entry, hard = meta["tasks"][task], meta.get("hard_regime") or {}
+def ablation_budgets(settings: dict[str, Any], task: str) -> list[float]:
+    """The budgets a task's ablations are scored at (``settings``: the benchmark's, or a run's meta): the task's
+    own, the hard regime's where that is this task, and any more the task lists as ``ablation_budgets`` (e.g. the
+    lowest budget, where the allocator matters)."""
+    entry, hard = settings["tasks"][task], settings.get("hard_regime") or {}
     extra = ([hard["budget"]] if hard.get("task") == task else []) + list(entry.get("ablation_budgets", []))
-    budgets = [str(entry["budget"])]
-    for budget in map(str, extra):
-        if budget not in budgets and any(v["accuracy"].get(budget) for v in variants.values()):
-            budgets.append(budget)
-    return budgets
+    return [entry["budget"], *(b for b in dict.fromkeys(extra) if b != entry["budget"])]
+
+
+def _ablation_budgets(meta: dict[str, Any], task: str, variants: dict[str, Any]) -> list[str]:
+    """:func:`ablation_budgets` of a run, each where the run scored its ablations (``variants``: method -> entry;
+    runs from before a budget was added read as they did)."""
+    own, *extra = map(str, ablation_budgets(meta, task))
+    return [own, *(b for b in extra if any(v["accuracy"].get(b) for v in variants.values()))]
 
 
 def _variants(table: dict[str, Any], task: str) -> dict[str, Any]:
