@@ -44,7 +44,7 @@ def test_benchmark_runs_every_method_and_writes_results_report_and_plots(checkpo
                   "query": {"budget": 0.25, "relevance": {"target": "box"}}},
         "variants": {"field: frozen": {"rules.field": {"name": "frozen"}},
                      "no participatory": {"participatory": False, "tasks": ["query"]}},
-        "throughput": {"batch": 4, "repeats": 1}, "training_cost": {"batch": 4, "steps": 1},
+        "throughput": {"batch": 4, "repeats": 3}, "training_cost": {"batch": 4, "steps": 1},
         "adaptation": {"stream_images": 8, "held_out": 8, "batch": 4, "budget": 0.25, "target": "attention"},
         "hard_regime": {"task": "cluttered", "budget": 0.25},
     }
@@ -75,6 +75,7 @@ def test_benchmark_runs_every_method_and_writes_results_report_and_plots(checkpo
     assert results["training_cost"]["local"]["step_ms"] > 0 and results["adaptation"]["stream_images"] == 8
     assert {row["method"] for row in results["throughput"]["rows"]} >= {"evit (early)", "ARR-COC relevance module"}
     assert set(results["throughput"]["module_share"]) == {"4"}  # the batch is below the small batch's 16
+    # medians of 3 interleaved repeats: one scheduling hiccup on a loaded machine (CI) no longer decides the ratio
     assert all(0 < share < 10 for share in results["throughput"]["module_share"].values())
     adapted = results["adaptation"]
     assert 0 <= adapted["oracle_shift"] <= 100
