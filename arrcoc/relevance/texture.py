@@ -39,18 +39,21 @@ _RGB_TO_XYZ = torch.tensor([
     [0.2126, 0.7152, 0.0722],
     [0.0193, 0.1192, 0.9505],
 ]) / torch.tensor([[0.9505], [1.0], [1.089]])
+# f(X), f(Y), f(Z) -> L = 1.16 f(Y) - 0.16, a = 5 (f(X) - f(Y)), b = 2 (f(Y) - f(Z)), scaled as rgb_to_lab says
+_F_TO_LAB = torch.tensor([[0.0, 1.16, 0.0], [5.0, -5.0, 0.0], [0.0, 2.0, -2.0]])
+_LAB_OFFSET = torch.tensor([-0.16, 0.0, 0.0])
 
 
 def rgb_to_lab(rgb: Tensor) -> Tensor:
-    """(B, 3, H, W) sRGB in [0, 1] -> CIE-Lab scaled to about [0, 1] (L) and [-1, 1] (a, b)."""
-    linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055).pow(2.4), rgb / 12.92)
-    xyz = torch.einsum("ij,bjhw->bihw", _RGB_TO_XYZ.to(rgb), linear)
+    """(B, 3, H, W) sRGB in [0, 1] -> CIE-Lab scaled to about [0, 1] (L) and [-1, 1] (a, b). The two 3 x 3 colour
+    maps are matrix products over the flattened pixels: a few times faster on a CPU than an einsum."""
+    pixels = rgb.flatten(2)  # (B, 3, H W)
+    linear = torch.where(pixels > 0.04045, ((pixels + 0.055) / 1.055).pow(2.4), pixels / 12.92)
+    xyz = _RGB_TO_XYZ.to(rgb) @ linear
     eps = (6 / 29) ** 3
     f = torch.where(xyz > eps, xyz.clamp_min(eps).pow(1 / 3), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
-    lightness = 1.16 * f[:, 1] - 0.16
-    green_red = 5.0 * (f[:, 0] - f[:, 1])
-    blue_yellow = 2.0 * (f[:, 1] - f[:, 2])
-    return torch.stack([lightness, green_red, blue_yellow], dim=1)
+    lab = torch.baddbmm(_LAB_OFFSET.to(rgb)[:, None], _F_TO_LAB.to(rgb).expand(len(f), 3, 3), f)
+    return lab.view_as(rgb)
 
 
 def box_mean(images: Tensor, kernel: tuple[int, int]) -> Tensor:
@@ -96,7 +99,7 @@ def texture_image(images: Tensor, patch_size: tuple[int, int], pixel_mean: Tenso
     stride = texture_stride(patch_size) if stride is None else stride
     if patch_size[0] % stride[0] or patch_size[1] % stride[1]:
         raise ValueError(f"the texture stride {stride} must divide the patch size {patch_size}")
-    rgb = (box_mean(images, stride) * pixel_std + pixel_mean).clamp(0, 1)
+    rgb = torch.addcmul(pixel_mean, box_mean(images, stride), pixel_std).clamp_(0, 1)
     return TextureImage(rgb, rgb_to_lab(rgb), patch_size, stride, (images.shape[-2], images.shape[-1]))
 
 
@@ -178,7 +181,7 @@ def patch_entropy(lightness: Tensor, patch_size: tuple[int, int], bins: int = 8,
     texture spreads its lightness over many bins. Soft (Gaussian) binning keeps it smooth in the pixels.
     """
     centres = torch.linspace(0.0, 1.0, bins, device=lightness.device, dtype=lightness.dtype).view(1, bins, 1, 1)
-    weights = torch.exp(-0.5 * ((lightness - centres) * ((bins - 1) / width)).pow(2))  # (B, bins, H, W)
+    weights = torch.square(lightness - centres).mul_(-0.5 * ((bins - 1) / width) ** 2).exp_()  # (B, bins, H, W)
     histogram = F.avg_pool2d(weights, patch_size)  # the mean, not the sum: the normalisation below cancels it
     p = histogram / histogram.sum(1, keepdim=True).clamp_min(1e-12)
     return -(p * p.clamp_min(1e-12).log2()).sum(1).flatten(1)
