@@ -187,3 +187,90 @@ def test_backtracks_must_be_a_count(backtracks):
 
     with pytest.raises(ValueError, match="backtracks"):
         Relaxation(backtracks=backtracks)
+
+
+def test_the_fields_gradient_alone_is_the_gradient_of_its_energy():
+    field, x = random_field()
+    energy = field.as_energy()
+    r = torch.randn(x.shape[0], x.shape[1], dtype=torch.float64)
+    (alone,) = energy.gradient([r], energy.prepare(x))
+    _, (with_energy,) = energy.energy_and_gradient([r], energy.prepare(x))
+    assert torch.equal(alone, with_energy)
+
+
+class CountingField(FieldEnergy):
+    """The field's energy, counting how often the energy (not just its gradient) is evaluated."""
+
+    def __init__(self, field):
+        super().__init__(field)
+        self.energies = 0
+
+    def energy_and_gradient(self, states, prepared):
+        self.energies += 1
+        return super().energy_and_gradient(states, prepared)
+
+
+@pytest.mark.parametrize("check_every", [1, 8])
+def test_a_gradient_only_relaxation_reaches_the_same_equilibrium_without_the_energy_per_step(check_every):
+    field, x = random_field(batch=6)
+    monitored, monitored_report = relax(field.as_energy(), x, **SETTINGS)
+    counting = CountingField(field)
+    states, report = relax(counting, x, gradient_only=True, check_every=check_every, **SETTINGS)
+    assert report.converged and report.residual < SETTINGS["tol"] and report.steps > 5
+    assert counting.energies == 1  # once, for the report: none per step
+    assert report.energy_trace == [report.energy]
+    assert report.energy == pytest.approx(float(field.as_energy().energy(states, x).sum().detach()), rel=1e-12)
+    # both are within tol of the one equilibrium (this field's energy is strongly convex near it)
+    assert torch.allclose(torch.sigmoid(states[0]), torch.sigmoid(monitored[0]), atol=1e-4)
+    assert monitored_report.converged
+
+
+def test_a_gradient_only_relaxation_that_cannot_converge_starts_over_watching_the_energy():
+    """A step of 2.0 overshoots this field: the gradient-only descent does not converge, and the relaxation is then
+    the monitored one, bit for bit (backtracking included)."""
+    field, x = random_field()
+    with torch.no_grad():
+        field.coherence.fill_(1.5)
+    settings = {"steps": 200, "step_size": 2.0, "momentum": 0.3, "tol": 1e-9, "backtracks": 6}
+    monitored, monitored_report = relax(field.as_energy(), x, **settings)
+    states, report = relax(field.as_energy(), x, gradient_only=True, **settings)
+    assert monitored_report.converged and monitored_report.halvings >= 1
+    assert torch.equal(states[0], monitored[0]) and report == monitored_report
+    # and a diverging one still raises, as the monitored relaxation does
+    with pytest.raises(RelaxationDiverged, match="energy rose"):
+        relax(field.as_energy(), x, gradient_only=True, **{**settings, "backtracks": 0})
+
+
+def test_nudged_phases_and_autograd_energies_always_watch_the_energy():
+    field, x = random_field()
+    target = torch.rand(x.shape[0], x.shape[1], dtype=torch.float64)
+    for model, beta, nudge in ((field.as_energy(), 0.5, target), (AutogradField(field), 0.0, None)):
+        plain, plain_report = relax(model, x, beta, nudge, **SETTINGS)
+        states, report = relax(model, x, beta, nudge, gradient_only=True, **SETTINGS)
+        assert torch.equal(states[0], plain[0]) and report == plain_report and len(report.energy_trace) > 2
+
+
+def test_an_energy_rule_relaxes_with_all_of_its_relaxation_settings(monkeypatch):
+    """The EP rule's phases get every setting of its config (backtracks and gradient_only included), as the
+    relevance module's own relaxation does."""
+    from arrcoc.rules import energy_rule
+    from arrcoc.rules.equilibrium_propagation import EquilibriumPropagation, EquilibriumPropagationConfig
+
+    field, x = random_field()
+    seen = []
+    real = energy_rule.relax
+    monkeypatch.setattr(energy_rule, "relax", lambda *args, **kwargs: seen.append(kwargs) or real(*args, **kwargs))
+    config = EquilibriumPropagationConfig(steps=60, step_size=0.3, momentum=0.5, tol=1e-4, backtracks=3,
+                                          gradient_only=True, beta=0.5)
+    rule = EquilibriumPropagation(field, config)
+    free = rule.free_phase(x)
+    assert free[0].shape == x.shape[:2]
+    assert seen[0]["backtracks"] == 3 and seen[0]["gradient_only"] is True and seen[0]["tol"] == 1e-4
+
+
+@pytest.mark.parametrize("gradient_only", [1, "yes", None])
+def test_gradient_only_must_be_a_boolean(gradient_only):
+    from arrcoc.rules.energy import Relaxation
+
+    with pytest.raises(ValueError, match="gradient_only"):
+        Relaxation(gradient_only=gradient_only)

@@ -15,6 +15,7 @@ Patch positions come in with the evidence, so any grid (or tier layout) works.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -88,18 +89,28 @@ class RelevanceField(nn.Module):
 
     @staticmethod
     def energy_and_gradient(r: Tensor, terms: FieldTerms) -> tuple[Tensor, Tensor]:
-        """E(r) per sample (B,) and dE/dr (B, N) = r - rho' (h + L rho - gamma/N (sum rho - K)), rho' = rho (1 - rho)
-        (L is symmetric). Both share rho, h + L rho and the budget surplus, in few fused operations: the relaxation
-        evaluates this at every step; autograd of E only follows the energy."""
-        rho = torch.sigmoid(r)
-        field_input = torch.addmm(terms.drive, rho, terms.lateral)  # h + L rho
-        surplus = rho.sum(-1, keepdim=True) - terms.tokens
-        net_input = field_input - terms.competition * surplus
-        gradient = torch.addcmul(r, torch.addcmul(rho, rho, rho, value=-1), net_input, value=-1)
+        """E(r) per sample (B,) and dE/dr (B, N) (:meth:`gradient`). Both share rho, h + L rho and the budget
+        surplus, in few fused operations: the relaxation evaluates this at every step; autograd of E only follows
+        the energy."""
+        rho, field_input, surplus, gradient = RelevanceField._forces(r, terms)
         # 1/2 sum r^2 - sum rho h - 1/2 rho L rho = 1/2 sum (r^2 - rho (h + (h + L rho)))
         energy = 0.5 * (torch.addcmul(r * r, rho, terms.drive + field_input, value=-1).sum(-1)
                         + terms.competition * surplus.squeeze(-1).pow(2))
         return energy, gradient
+
+    @staticmethod
+    def gradient(r: Tensor, terms: FieldTerms) -> Tensor:
+        """dE/dr (B, N) = r - rho' (h + L rho - gamma/N (sum rho - K)), rho' = rho (1 - rho) (L is symmetric)."""
+        return RelevanceField._forces(r, terms)[3]
+
+    @staticmethod
+    def _forces(r: Tensor, terms: FieldTerms) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """rho, h + L rho, the budget surplus sum rho - K (B, 1) and dE/dr."""
+        rho = torch.sigmoid(r)
+        field_input = torch.addmm(terms.drive, rho, terms.lateral)  # h + L rho
+        surplus = rho.sum(-1, keepdim=True) - terms.tokens
+        net_input = torch.addcmul(field_input, surplus, terms.competition, value=-1)
+        return rho, field_input, surplus, torch.addcmul(r, torch.addcmul(rho, rho, rho, value=-1), net_input, value=-1)
 
     def as_energy(self) -> FieldEnergy:
         return FieldEnergy(self)
@@ -127,6 +138,9 @@ class FieldEnergy(Energy):
         energy, gradient = self.module.energy_and_gradient(states[0], prepared)
         return energy, [gradient]
 
+    def gradient(self, states: list[Tensor], prepared: FieldTerms) -> list[Tensor]:
+        return [self.module.gradient(states[0], prepared)]
+
     def output(self, states: list[Tensor]) -> Tensor:
         return torch.sigmoid(states[0])
 
@@ -134,8 +148,11 @@ class FieldEnergy(Energy):
         return 0.5 * (output - target).pow(2).sum(-1)
 
 
-def grid_positions(height: int, width: int, device=None) -> Tensor:
-    """(1, N, 2) patch centres in patch units, row-major."""
-    ys, xs = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
-    return torch.stack([ys.flatten(), xs.flatten()], -1).float()[None]
+@functools.lru_cache(maxsize=16)
+def grid_positions(height: int, width: int, device: torch.device | str | None = None) -> Tensor:
+    """(1, N, 2) patch centres in patch units, row-major. Made once per grid and device and shared (an ordinary
+    tensor, also when first asked for in inference mode): do not modify it in place."""
+    with torch.inference_mode(False), torch.no_grad():
+        ys, xs = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
+        return torch.stack([ys.flatten(), xs.flatten()], -1).float()[None]
 

@@ -55,7 +55,7 @@ PARTICIPATORY_CONTRASTS = ("batch", "patches")
 
 def field_relaxation() -> Relaxation:
     """How the field relaxes, at inference and in every phase of its rule, by default."""
-    return Relaxation(steps=60, step_size=0.5, momentum=0.3, tol=1e-4, backtracks=4)
+    return Relaxation(steps=60, step_size=0.5, momentum=0.3, tol=1e-4, backtracks=4, gradient_only=True)
 
 
 @dataclass

@@ -55,23 +55,26 @@ class Relaxation:
     momentum: float = 0.9
     tol: float = 1e-5
     backtracks: int = 0
+    gradient_only: bool = False  # free phases: descend on dE/ds alone, no energy per step (see relax)
 
     def __post_init__(self) -> None:
         parent = getattr(super(), "__post_init__", None)  # a rule config that extends this one validates too
         if parent is not None:
             parent()
         if (self.steps <= 0 or self.step_size <= 0 or self.tol < 0 or not 0 <= self.momentum < 1
-                or isinstance(self.backtracks, bool) or not isinstance(self.backtracks, int) or self.backtracks < 0):
+                or isinstance(self.backtracks, bool) or not isinstance(self.backtracks, int) or self.backtracks < 0
+                or not isinstance(self.gradient_only, bool)):
             raise ValueError(
-                f"relaxation needs steps > 0, step_size > 0, tol >= 0, 0 <= momentum < 1 and an integer backtracks "
-                f">= 0, got steps={self.steps}, step_size={self.step_size}, tol={self.tol}, momentum={self.momentum}, "
-                f"backtracks={self.backtracks!r}"
+                f"relaxation needs steps > 0, step_size > 0, tol >= 0, 0 <= momentum < 1, an integer backtracks "
+                f">= 0 and a boolean gradient_only, got steps={self.steps}, step_size={self.step_size}, "
+                f"tol={self.tol}, momentum={self.momentum}, backtracks={self.backtracks!r}, "
+                f"gradient_only={self.gradient_only!r}"
             )
 
     def settings(self) -> dict[str, float]:
         """The keyword arguments of :func:`relax` this stands for."""
         return {"steps": self.steps, "step_size": self.step_size, "momentum": self.momentum, "tol": self.tol,
-                "backtracks": self.backtracks}
+                "backtracks": self.backtracks, "gradient_only": self.gradient_only}
 
 
 @dataclass
@@ -129,6 +132,10 @@ class Energy(ABC):
         """Per-sample energy ``(B,)`` and dE/ds for every state, from :meth:`prepare`'s parts."""
         raise NotImplementedError(f"{type(self).__name__} has no analytic state gradient")
 
+    def gradient(self, states: list[Tensor], prepared: Any) -> list[Tensor]:
+        """dE/ds alone (a gradient-only relaxation's step); an energy may give it in fewer operations."""
+        return self.energy_and_gradient(states, prepared)[1]
+
 
 class _Objective:
     """``F = sum_b E(states; x) + beta * sum C(output(states), target)`` and dF/ds, at any states."""
@@ -182,6 +189,7 @@ def relax(
     rise_tol: float = 1e-3,
     backtracks: int = 0,
     check_every: int | None = None,
+    gradient_only: bool = False,
 ) -> tuple[list[Tensor], RelaxationReport]:
     """Gradient descent of ``F = sum_b E(states; x) + beta * sum C(output(states), target)``.
 
@@ -208,6 +216,15 @@ def relax(
     is the energy's analytic gradient where it has one
     (:meth:`Energy.energy_and_gradient`), else autograd's.
 
+    ``gradient_only`` relaxes a free phase (no target) of an energy with an analytic gradient without evaluating
+    the energy at each step: heavy ball on :meth:`Energy.gradient` alone, the momentum restarted whenever it points
+    uphill, the residual read every ``check_every`` steps. A step's energy is most of its work, and the monitored
+    checks above guard against a step size too large for the energy's curvature: if this descent has not converged
+    within ``steps`` (or its states became non-finite), the relaxation starts over, watching the energy, so that its
+    failures are the monitored relaxation's. Its states are within ``tol`` of the same equilibrium, not bit for bit
+    the monitored relaxation's, and depend on ``check_every`` (it may take a few steps past convergence); its
+    report's trace holds only the final energy. Nudged phases and sharded batches always watch the energy.
+
     Args:
         model: the energy whose states are relaxed (its parameters stay fixed).
         x: the clamped input (B, ...).
@@ -220,6 +237,7 @@ def relax(
         backtracks: how many such steps may be undone (halving the step size each time) before it raises.
         check_every: steps between host-side checks; default 1 on the CPU (a check costs nothing there), 8 on an
             accelerator (where each is a sync that stalls the queue of kernels).
+        gradient_only: descend a free phase on the gradient alone, falling back to the monitored relaxation.
 
     Returns:
         The relaxed states (detached) and a :class:`RelaxationReport` (steps taken, residual, converged).
@@ -249,6 +267,11 @@ def relax(
     with torch.inference_mode(False), torch.no_grad():
         objective = _Objective(model, x.detach(), beta, target, cost)
         states = [s.detach().clone() for s in (model.start(x, objective.prepared) if states is None else states)]
+        if gradient_only and target is None and objective.prepared is not None and not is_sharded():
+            descended = _descend_gradient_only(model, objective.prepared, states, steps, tol, step_size, momentum,
+                                               check_every)
+            if descended is not None:
+                return descended
         velocity = [torch.zeros_like(s) for s in states]
         checks = _Checks(tol, steps, backtracks)
         pending: list[Tensor] = []  # per step since the last check: (F, residual, rose in a plain step)
@@ -310,6 +333,31 @@ def relax(
             previous = energy
     # converged states stand still, so the states now are those of the step reported
     return [s.detach() for s in states], report
+
+
+def _descend_gradient_only(model: Energy, prepared: Any, states: list[Tensor], steps: int, tol: float,
+                           step_size: float, momentum: float, check_every: int
+                           ) -> tuple[list[Tensor], RelaxationReport] | None:
+    """:func:`relax`'s gradient-only free phase; None if it has not converged within ``steps`` or its states became
+    non-finite. ``states`` are left as they were (the monitored relaxation may start from them)."""
+    velocity = [torch.zeros_like(s) for s in states]
+    for step in range(steps + 1):
+        grads = model.gradient(states, prepared)
+        if step % check_every == 0 or step == steps:
+            residual = max(float(torch.linalg.vector_norm(g, math.inf)) for g in grads)
+            if not math.isfinite(residual):
+                return None
+            if residual < tol:
+                energy = float(model.energy_and_gradient(states, prepared)[0].sum())
+                return [s.detach() for s in states], RelaxationReport(step, energy, residual, True, [energy])
+        if step == steps:
+            return None
+        # restart the momentum once it points uphill (O'Donoghue & Candes 2015), decided on the device
+        uphill = reduce(torch.add, [(v * g).sum() for v, g in zip(velocity, grads)])
+        carried = (uphill <= 0) * momentum
+        velocity = [v.mul_(carried).sub_(g, alpha=step_size) for v, g in zip(velocity, grads)]
+        states = [s + v for s, v in zip(states, velocity)]
+    return None
 
 
 class _Checks:

@@ -65,10 +65,9 @@ class EnergyRule(LearningRule):
         tol_scale: float = 1.0,
     ) -> list[Tensor]:
         cfg = self.config
-        states, report = relax(
-            self.energy if model is None else model, x, beta, target, cost=cost, states=start,
-            steps=cfg.steps, step_size=cfg.step_size, momentum=cfg.momentum, tol=cfg.tol * tol_scale,
-        )
+        settings = {**cfg.settings(), "tol": cfg.tol * tol_scale}
+        states, report = relax(self.energy if model is None else model, x, beta, target, cost=cost, states=start,
+                               **settings)
         self.last_reports[phase] = report
         return states
 
