@@ -227,9 +227,20 @@ def test_rerunning_some_tasks_keeps_the_others_from_the_earlier_run_and_says_so(
     merged = canvas.keep_earlier_tasks(rerun, earlier)
     assert merged["accuracy"] == {"cluttered": {"full": "before"}, "query": {"full": "now"}}
     assert list(merged["meta"]["tasks"]) == ["cluttered", "query"] and merged["throughput"] == "measured before"
-    assert merged["meta"]["earlier"]["tasks"] == ["cluttered"] and merged["meta"]["commit"] == "1234567abc"
+    assert [run["tasks"] for run in merged["meta"]["earlier"]] == [["cluttered"]]
+    assert merged["meta"]["commit"] == "1234567abc"
     line = " ".join(canvas_report._earlier_run(merged["meta"]))
     assert "the cluttered task, and the timing" in line and "10.0 min" in line and "abcdef0" in line
+    # rerunning the other task next keeps the cluttered results, which still name the run that measured them ...
+    again = {**rerun, "meta": {**rerun["meta"], "commit": "fedcba9876", "tasks": {"cluttered": {"budget": 0.25}}},
+             "accuracy": {"cluttered": {"full": "again"}}}
+    chained = canvas.keep_earlier_tasks(again, merged)
+    assert [(run["tasks"], run["commit"]) for run in chained["meta"]["earlier"]] == [(["query"], "1234567abc")]
+    # ... and a task kept twice names the run that measured it, not the one that kept it
+    twice = canvas.keep_earlier_tasks({**rerun, "meta": {**rerun["meta"], "commit": "0000000000"}}, merged)
+    assert [(run["tasks"], run["commit"]) for run in twice["meta"]["earlier"]] == [(["cluttered"], "abcdef0123")]
+    old_file = {**merged, "meta": {**merged["meta"], "earlier": merged["meta"]["earlier"][0]}}  # a dict before
+    assert canvas_report._earlier_run(old_file["meta"]) == canvas_report._earlier_run(merged["meta"])
     assert canvas.keep_earlier_tasks(rerun, None) is rerun  # nothing earlier: the run stands alone
     with pytest.raises(ValueError, match=r"\['seeds'\] differ"):
         canvas.keep_earlier_tasks(rerun, {**earlier, "meta": {**earlier["meta"], "seeds": [0]}})

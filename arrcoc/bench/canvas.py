@@ -65,7 +65,7 @@ from arrcoc.storage import save_json_atomic
 from arrcoc.training import train_arrcoc
 from arrcoc.visualize import canvas_queries, demo_canvases, explain, queries_figure
 
-from .canvas_report import ALL_BACKPROP, ablation_budgets, write_report
+from .canvas_report import ALL_BACKPROP, ablation_budgets, earlier_runs, write_report
 
 EVAL_BATCH = 250
 SMALL_BATCH = 16  # the relevance module's share of a forward is also measured at this batch
@@ -426,7 +426,8 @@ SAME_SETTINGS = ("seeds", "budgets", "test_images", "backbone_meta", "mode")
 def keep_earlier_tasks(results: dict[str, Any], earlier: dict[str, Any] | None) -> dict[str, Any]:
     """``results`` of a run over some tasks, completed with the other tasks of an ``earlier`` run's results (and
     what only the cluttered task measures, if this run skipped it). Both runs must share their seeds, budgets,
-    test images, backbone and mode; ``meta.earlier`` records the earlier run (command, commit, wall time)."""
+    test images, backbone and mode; ``meta.earlier`` records, per run a kept task's results come from, its command,
+    commit and wall time (a task the earlier run had itself kept from a run before it names that run)."""
     if earlier is None:
         return results
     meta, before = results["meta"], earlier["meta"]
@@ -443,8 +444,15 @@ def keep_earlier_tasks(results: dict[str, Any], earlier: dict[str, Any] | None) 
     merged["meta"]["tasks"] = {task: (meta if task in meta["tasks"] else before)["tasks"][task] for task in order}
     if "cluttered" in kept:
         merged.update({key: earlier[key] for key in CLUTTERED_ONLY})
-    merged["meta"]["earlier"] = {"tasks": kept, **{key: before.get(key) for key in ("command", "commit",
-                                                                                     "wall_seconds", "workers")}}
+    sources: list[dict[str, Any]] = []
+    for task in kept:
+        source = next((run for run in earlier_runs(before) if task in run["tasks"]),
+                      {key: before.get(key) for key in ("command", "commit", "wall_seconds", "workers")})
+        record = next((r for r in sources if all(r[k] == source.get(k) for k in r if k != "tasks")), None)
+        if record is None:
+            sources.append(record := {**{k: v for k, v in source.items() if k != "tasks"}, "tasks": []})
+        record["tasks"].append(task)
+    merged["meta"]["earlier"] = sources
     return merged
 
 

@@ -403,18 +403,25 @@ def speed_lines(speed: dict[str, Any], budgets: list[float]) -> list[str]:
                     ""]
 
 
+def earlier_runs(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs whose tasks a results file kept (``meta.earlier``; one record in files written before it was a
+    list)."""
+    earlier = meta.get("earlier") or []
+    return [earlier] if isinstance(earlier, dict) else earlier
+
+
 def _earlier_run(meta: dict[str, Any]) -> list[str]:
-    """The line that says which tasks come from an earlier run (``arrcoc bench canvas --tasks``), if any."""
-    earlier = meta.get("earlier")
-    if not earlier:
-        return []
-    tasks = "the results of the " + " and ".join(f"{task} task" for task in earlier["tasks"])
-    measured_there = (", and the timing, training cost and adaptation measured on its canvases"
-                      if "cluttered" in earlier["tasks"] else "")
-    return [f"**Kept from an earlier run:** {tasks}{measured_there} come from `{earlier['command']}` "
-            f"({earlier['wall_seconds'] / 60:.1f} min, {earlier['workers']} worker processes"
-            + (f", code at commit {earlier['commit'][:7]}" if earlier.get("commit") else "")
-            + "); this run reran the other tasks only.", ""]
+    """The lines that say which tasks come from an earlier run (``arrcoc bench canvas --tasks``), if any."""
+    lines = []
+    for earlier in earlier_runs(meta):
+        tasks = "the results of the " + " and ".join(f"{task} task" for task in earlier["tasks"])
+        measured_there = (", and the timing, training cost and adaptation measured on its canvases"
+                          if "cluttered" in earlier["tasks"] else "")
+        lines += [f"**Kept from an earlier run:** {tasks}{measured_there} come from `{earlier['command']}` "
+                  f"({earlier['wall_seconds'] / 60:.1f} min, {earlier['workers']} worker processes"
+                  + (f", code at commit {earlier['commit'][:7]}" if earlier.get("commit") else "")
+                  + "); this run reran the other tasks only.", ""]
+    return lines
 
 
 def write_report(results: dict[str, Any], out: Path, report: Path) -> Path:
