@@ -87,6 +87,8 @@ class RelaxationReport:
     converged: bool  # residual < tol
     energy_trace: list[float] = field(repr=False, default_factory=list)  # F at every step, undone ones included
     halvings: int = 0  # plain steps undone (each halving the step size)
+    # the states come from a gradient-only descent (False after one that did not converge: the monitored one ran)
+    gradient_only: bool = False
 
 
 class Energy(ABC):
@@ -349,7 +351,7 @@ def _descend_gradient_only(model: Energy, prepared: Any, states: list[Tensor], s
                 return None
             if residual < tol:
                 energy = float(model.energy_and_gradient(states, prepared)[0].sum())
-                return [s.detach() for s in states], RelaxationReport(step, energy, residual, True, [energy])
+                return [s.detach() for s in states], RelaxationReport(step, energy, residual, True, [energy], 0, True)
         if step == steps:
             return None
         # restart the momentum once it points uphill (O'Donoghue & Candes 2015), decided on the device
