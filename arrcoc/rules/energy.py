@@ -96,7 +96,8 @@ class Energy(ABC):
 
     :func:`relax` differentiates :meth:`energy` in the states with autograd, unless the energy gives its state
     gradient analytically: :meth:`prepare` then returns what the energy holds fixed while the states relax
-    (computed once per relaxation) and :meth:`energy_and_gradient` evaluates from it."""
+    (computed once per relaxation) and :meth:`energy_and_gradient` evaluates from it (:meth:`gradient` alone, for a
+    gradient-only relaxation)."""
 
     def __init__(self, module: nn.Module):
         self.module = module
