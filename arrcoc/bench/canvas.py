@@ -444,15 +444,14 @@ def keep_earlier_tasks(results: dict[str, Any], earlier: dict[str, Any] | None) 
     merged["meta"]["tasks"] = {task: (meta if task in meta["tasks"] else before)["tasks"][task] for task in order}
     if "cluttered" in kept:
         merged.update({key: earlier[key] for key in CLUTTERED_ONLY})
-    sources: list[dict[str, Any]] = []
+    own = {key: before.get(key) for key in ("command", "commit", "wall_seconds", "workers")}
+    sources: dict[tuple, dict[str, Any]] = {}  # per source run, the kept tasks that come from it
     for task in kept:
-        source = next((run for run in earlier_runs(before) if task in run["tasks"]),
-                      {key: before.get(key) for key in ("command", "commit", "wall_seconds", "workers")})
-        record = next((r for r in sources if all(r[k] == source.get(k) for k in r if k != "tasks")), None)
-        if record is None:
-            sources.append(record := {**{k: v for k, v in source.items() if k != "tasks"}, "tasks": []})
+        run = next((run for run in earlier_runs(before) if task in run["tasks"]), own)
+        record = sources.setdefault((run.get("command"), run.get("commit")),
+                                    {**{k: v for k, v in run.items() if k != "tasks"}, "tasks": []})
         record["tasks"].append(task)
-    merged["meta"]["earlier"] = sources
+    merged["meta"]["earlier"] = list(sources.values())
     return merged
 
 
