@@ -152,3 +152,36 @@ def test_infonce_hebbian_learns_to_retrieve_the_paired_key():
         opt.step()
     assert before < 0.2
     assert retrieval_accuracy() > 0.9
+
+
+def test_modulated_sanger_learns_the_components_of_the_gated_samples_only():
+    """A third factor gates which samples a unit learns from: half of the samples vary along one axis and are
+    gated in, half along another with more variance and are gated out."""
+    g = torch.Generator().manual_seed(0)
+
+    def sample(n):
+        gated = torch.rand(n, generator=g) < 0.5
+        x = torch.randn(n, 6, generator=g) * 0.1
+        x[gated, 0] += 2.0 * torch.randn(int(gated.sum()), generator=g)
+        x[~gated, 1] += 3.0 * torch.randn(int((~gated).sum()), generator=g)
+        return x, gated.float()
+
+    directions = {}
+    for modulated in (False, True):
+        layer = nn.Linear(6, 1, bias=False)
+        rule = build_rule({"name": "hebbian-oja", "form": "sanger", "modulated": modulated}, layer)
+        opt = torch.optim.SGD(layer.parameters(), lr=0.01)
+        for _ in range(1500):
+            x, gate = sample(64)
+            opt.zero_grad(set_to_none=True)
+            rule.step(RuleContext(x, target=gate if modulated else None))
+            opt.step()
+        directions[modulated] = F.normalize(layer.weight.detach()[0], dim=0).abs()
+    assert directions[False][1] >= 0.98  # every sample: the axis of largest variance
+    assert directions[True][0] >= 0.98  # gated: the axis the gated samples vary along
+
+
+def test_modulated_oja_says_what_third_factor_it_needs():
+    rule = build_rule({"name": "hebbian-oja", "modulated": True}, nn.Linear(4, 2, bias=False))
+    with pytest.raises(ValueError, match="one factor per sample"):
+        rule.step(RuleContext(torch.randn(8, 4)))

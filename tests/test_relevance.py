@@ -92,8 +92,8 @@ def test_field_relaxation_converges_on_random_evidence():
     assert report.converged and report.residual < 1e-5
 
 
-def train_on(task, steps: int) -> float:
-    wrapped = arrcoc.attach(toy_vit(), budget=0.25, config={"target": "box"})
+def train_on(task, steps: int, **config) -> float:
+    wrapped = arrcoc.attach(toy_vit(), budget=0.25, config={"target": "box", **config})
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         batch = task(32, g)
@@ -109,6 +109,21 @@ def test_one_informative_patch_is_ranked_first():
 
 def test_the_query_decides_between_two_candidate_patches():
     assert train_on(query_patch_task, 200) >= 0.90
+
+
+def test_the_field_alone_carries_the_evidence_to_the_allocator_when_asked():
+    """``allocator_evidence: false``: the allocator sees only the field's relevance, so the query reaches the
+    ranking only through the field's equilibrium."""
+    wrapped = arrcoc.attach(toy_vit(), budget=0.25, config={"allocator_evidence": False})
+    batch = query_patch_task(4, torch.Generator().manual_seed(0))
+    assert wrapped.relevance_pass(batch.images, batch.query)[0].allocator_input.shape == (4, 16, 1)
+    assert train_on(query_patch_task, 200, allocator_evidence=False) >= 0.90
+
+
+def test_self_information_as_propositional_knowing_finds_the_informative_patch():
+    assert train_on(single_patch_task, 150, propositional_measure="self-information") >= 0.95
+    with pytest.raises(ValueError, match="propositional_measure must be one of"):
+        RelevanceConfig(propositional_measure="surprise")
 
 
 def test_save_and_load_round_trip(tmp_path):

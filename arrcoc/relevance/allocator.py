@@ -31,9 +31,9 @@ class Allocator(nn.Module):
         nn.init.zeros_(self.net[-1].weight), nn.init.zeros_(self.net[-1].bias)  # start on the field
 
     @staticmethod
-    def inputs(relevance: Tensor, evidence: Tensor, features: Tensor | None) -> Tensor:
+    def inputs(relevance: Tensor, evidence: Tensor | None, features: Tensor | None) -> Tensor:
         """(B, N, in): what the allocator sees of each patch."""
-        parts = [relevance[..., None], evidence] + ([] if features is None else [features])
+        parts = [relevance[..., None]] + [p for p in (evidence, features) if p is not None]
         return torch.cat(parts, -1)
 
     def forward(self, inputs: Tensor) -> Tensor:

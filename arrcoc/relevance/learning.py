@@ -162,7 +162,8 @@ class LocalRuleLearner:
         cfg, relevance = self.config, self.relevance
         contexts: dict[str, RuleContext] = {}
         if cfg.perspectival:
-            contexts["perspectival_encoder"] = RuleContext(out.context)
+            modulated = cfg.rules["perspectival_encoder"].get("modulated", False)
+            contexts["perspectival_encoder"] = RuleContext(out.context, target=target if modulated else None)
             responses = relevance.perspectival.responses(out.context)
             contexts["perspectival_readout"] = RuleContext(responses, target=target[..., None])
         if cfg.participatory and out.query is not None:

@@ -30,7 +30,7 @@ from arrcoc.rules.energy import Relaxation, relax, relax_differentiably
 from .allocator import Allocator, neighbourhood_support
 from .field import RelevanceField, grid_positions
 from .knowing import ParticipatoryKnowing, PerspectivalKnowing, standardize_per_image
-from .texture import NUM_FEATURES, TextureImage, patch_entropy, texture_features, texture_image
+from .texture import NUM_FEATURES, TextureImage, patch_entropy, patch_self_information, texture_features, texture_image
 
 # Sub-networks and the rules that suit them (any of them may also be `frozen`; those with a target
 # may be `backprop`, i.e. autograd inside that sub-network only).
@@ -50,6 +50,7 @@ DEFAULT_RULES: dict[str, dict[str, Any]] = {
     "allocator": {"name": "fa"},
 }
 TARGETS = ("attention", "perturbation", "box", "reward")
+PROPOSITIONAL_MEASURES = ("entropy", "self-information")
 PARTICIPATORY_CONTRASTS = ("batch", "patches")
 
 
@@ -70,6 +71,9 @@ class RelevanceConfig:
     backbone_tokens: bool = True
     texture: bool = True
     propositional: bool = True
+    # what propositional knowing measures: "entropy" (of a patch's lightness: how much it holds) or
+    # "self-information" (how rare its colours are in its own image); docs/decisions.md
+    propositional_measure: str = "entropy"
     perspectival: bool = True
     participatory: bool = True
     # What the participatory coupling learns to tell apart: "batch" (an image's queried content from the other
@@ -85,6 +89,9 @@ class RelevanceConfig:
     # Raw patch features as allocator inputs: off by default, since they let the allocator learn query-agnostic
     # corrections (docs/decisions.md).
     allocator_features: bool = False
+    # The three kinds of evidence as allocator inputs beside the field's relevance; without them the evidence
+    # reaches the allocator only through the field (an ablation: docs/decisions.md)
+    allocator_evidence: bool = True
     # Rank a patch by the allocation of its Gaussian neighbourhood (sigma, in patches) rather than its own, so that
     # the budget goes to whole objects; 0 ranks every patch alone. It pays where objects span several patches and
     # distractors look alike (the query task), and costs a little where digits are small (docs/decisions.md).
@@ -113,6 +120,9 @@ class RelevanceConfig:
                              f"got {self.neighbourhood!r}")
         if self.refined_regions < 0:
             raise ValueError(f"refined_regions must be >= 0, got {self.refined_regions}")
+        if self.propositional_measure not in PROPOSITIONAL_MEASURES:
+            raise ValueError(f"propositional_measure must be one of {PROPOSITIONAL_MEASURES}, "
+                             f"got {self.propositional_measure!r}")
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         unknown = sorted(set(self.rules) - set(SUBNETWORKS))
@@ -201,7 +211,8 @@ class RelevanceModule(nn.Module):
         temperature = config.rules["participatory"].get("temperature", 0.1)
         self.participatory = ParticipatoryKnowing(config.query_dim, feature_dim, temperature)
         self.field = RelevanceField(config.query_dim, config.budget, config.adaptive_balance)
-        self.allocator = Allocator(1 + 3 + (feature_dim if config.allocator_features else 0), config.allocator_hidden)
+        self.allocator = Allocator(1 + (3 if config.allocator_evidence else 0)
+                                   + (feature_dim if config.allocator_features else 0), config.allocator_hidden)
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(1, 3, 1, 1))
 
@@ -234,8 +245,12 @@ class RelevanceModule(nn.Module):
                  ) -> Tensor:
         cfg = self.config
         zeros = features.new_zeros(features.shape[:2])
-        propositional = (standardize_per_image(patch_entropy(texture.lab[:, :1], texture.samples_per_patch))
-                         if cfg.propositional else zeros)
+        if not cfg.propositional:
+            propositional = zeros
+        elif cfg.propositional_measure == "entropy":
+            propositional = standardize_per_image(patch_entropy(texture.lab[:, :1], texture.samples_per_patch))
+        else:
+            propositional = standardize_per_image(patch_self_information(texture.lab, texture.samples_per_patch))
         perspectival = standardize_per_image(self.perspectival(context)) if cfg.perspectival else zeros
         participatory = (
             standardize_per_image(self.participatory(context, query))
@@ -270,7 +285,8 @@ class RelevanceModule(nn.Module):
             relevance = self.relax_field(field_input)
         else:
             relevance = torch.sigmoid(evidence @ self.field.evidence_weight.detach())
-        allocator_input = Allocator.inputs(relevance, evidence, features if self.config.allocator_features else None)
+        allocator_input = Allocator.inputs(relevance, evidence if self.config.allocator_evidence else None,
+                                           features if self.config.allocator_features else None)
         patch_logits = self.allocator(allocator_input)
         width = self.config.neighbourhood
         logits = neighbourhood_support(patch_logits, positions[0], width) if width > 0 else patch_logits

@@ -10,6 +10,9 @@ single unit / "subspace":  dW = y^T (x - y W)            (Oja 1982; Oja's subspa
                            rank-th (Krotov & Hopfield 2019): the runner-up is pushed away, so
                            units spread over the data instead of collapsing onto one prototype.
 All averaged over the batch; y = W x (the bias, if any, is not used and not learned).
+modulated:                 each sample's update weighted by a third factor in [0, 1] (``ctx.target``, one per
+                           sample: e.g. how relevant a patch is), a neuromodulatory gate: the units learn the
+                           components of the gated samples (three-factor Hebbian learning).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class OjaConfig(RuleConfig):
     temperature: float = 1.0  # of the soft winner-take-all competition
     anti_hebbian_rank: int = 2  # rank-wta: which runner-up is pushed away
     anti_hebbian_strength: float = 0.4
+    modulated: bool = False  # weight each sample by ctx.target (a third factor), else every sample alike
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -49,15 +53,27 @@ class Oja(HebbianRule):
 
     def layer_update(self, layer: int, activity: Activity, ctx: RuleContext) -> tuple[Tensor, None]:
         weight, x = self.layers[layer].weight, activity.x
-        n = x.shape[0]
         y = x @ weight.T  # pure Wx: Oja's analysis assumes no bias
+        gate = self.gate(ctx, x)  # (N, 1) per-sample weights summing to one
         if self.config.form in ("soft-wta", "rank-wta"):
-            r = self.competition(y)
-            return (r.T @ x - (r * y).sum(0)[:, None] * weight) / n, None
-        correlation = y.T @ y
+            r = self.competition(y) * gate
+            return r.T @ x - (r * y).sum(0)[:, None] * weight, None
+        correlation = y.T @ (gate * y)
         if self.config.form == "sanger":
             correlation = torch.tril(correlation)
-        return (y.T @ x - correlation @ weight) / n, None
+        return (gate * y).T @ x - correlation @ weight, None
+
+    def gate(self, ctx: RuleContext, x: Tensor) -> Tensor:
+        """(N, 1) how much each sample counts: 1 / N each, or its third factor (normalised) when modulated."""
+        n = x.shape[0]
+        if not self.config.modulated:
+            return x.new_full((n, 1), 1 / n)
+        if ctx.target is None or ctx.target.numel() != n:
+            got = None if ctx.target is None else tuple(ctx.target.shape)
+            raise ValueError(f"a modulated hebbian-oja rule needs ctx.target with one factor per sample ({n}), "
+                             f"got {got}")
+        factor = ctx.target.reshape(n, 1).to(x.dtype)
+        return factor / factor.sum().clamp_min(1e-6)
 
     def competition(self, y: Tensor) -> Tensor:
         """How much each unit learns from each sample (N, units)."""
