@@ -12,6 +12,7 @@ BENCHMARKS = {
     "rules": "arrcoc.bench.rules_mnist",  # every learning rule on 5,000 real MNIST digits
     "alignment": "arrcoc.bench.alignment",  # energy-based rules vs. backprop as the nudge shrinks
     "throughput": "arrcoc.bench.throughput",  # token budgets vs. speed on timm ViTs
+    "ablate": "arrcoc.bench.ablate",  # variants of the relevance module paired against a base, on one canvas task
     "sweep": "arrcoc.commands.sweep",  # the relevance module under a grid of rule assignments (= arrcoc sweep)
     "vlm": "arrcoc.bench.vlm_prefill",  # LLaVA prefill time / memory vs. kept visual tokens
     "gpu": "arrcoc.bench.gpu",  # the one-shot GPU run: throughput, canvas timing and VLM prefill on CUDA

@@ -334,3 +334,33 @@ def test_ablation_budgets_must_be_fractions(tmp_path, extra):
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(ValueError, match="ablation_budgets"):
         canvas.load_bench(str(path), quick=False)
+
+
+def test_ablate_pairs_each_variant_with_the_base_on_the_same_seeds(checkpoints, tmp_path):
+    from arrcoc.bench import ablate
+    from arrcoc.metrics import paired_interval
+
+    config = {"seeds": [0], "budgets": [1.0, 0.25], "test_images": 12, "base": "configs/arrcoc.yaml",
+              "train": {"steps": {"cluttered": 2}, "batch_size": 6}, "baselines": [],
+              "tasks": {"cluttered": {"budget": 0.25, "relevance": {"target": "box"}}},
+              "hard_regime": {"task": "cluttered", "budget": 0.125}}
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    ablate.main(["--task", "cluttered", "--config", str(path), "--backbone", str(checkpoints[0]), "--seeds", "0", "1",
+                 "--budgets", "0.0625", "--variants", '{"field: frozen": {"rules.field": {"name": "frozen"}}}',
+                 "--base", '{"propositional": false}', "--workers", "1", "--out", str(out)])
+    results = json.loads((out / "ablate.json").read_text())
+    scores = results["scores"]
+    assert set(scores) == {"base", "field: frozen"}
+    assert set(scores["base"]) == {f"{split} {b}" for split in ("test", "shift") for b in ("0.25", "0.125", "0.0625")}
+    assert all(len(values) == 2 for values in scores["field: frozen"].values())
+    row = next(r for r in results["rows"] if r["variant"] == "field: frozen")
+    expected = paired_interval(scores["field: frozen"]["test 0.125"], scores["base"]["test 0.125"])
+    assert row["test 0.125"]["difference"] == pytest.approx(list(expected))
+    assert results["meta"]["base"] == {"propositional": False}
+    assert (out / "ablate.png").stat().st_size > 0 and "field: frozen" in (out / "ablate.md").read_text()
+    with pytest.raises(ValueError, match="at least two seeds"):
+        ablate.main(["--task", "cluttered", "--config", str(path), "--seeds", "0", "--variants", "{}"])
+    with pytest.raises(ValueError, match="not a task of"):
+        ablate.main(["--task", "query", "--config", str(path), "--variants", "{}"])

@@ -173,15 +173,21 @@ def place_code(centre: Tensor) -> Tensor:
     return torch.exp(-distance2 / (2 * (spacing / 2) ** 2)).flatten(1, 2)
 
 
+def soft_bins(values: Tensor, bins: int, width: float) -> Tensor:
+    """(..., H, W) values in about [0, 1] -> (..., bins, H, W): each value's Gaussian weight at ``bins`` evenly
+    spaced centres (``width`` in bin spacings; not normalised). Soft binning keeps histograms smooth in the pixels."""
+    centres = torch.linspace(0.0, 1.0, bins, device=values.device, dtype=values.dtype).view(bins, 1, 1)
+    return torch.square(values.unsqueeze(-3) - centres).mul_(-0.5 * ((bins - 1) / width) ** 2).exp_()
+
+
 def patch_entropy(lightness: Tensor, patch_size: tuple[int, int], bins: int = 8, width: float = 0.5) -> Tensor:
     """(B, 1, H, W) CIE lightness (channel 0 of :func:`rgb_to_lab`), ``patch_size`` in its pixels -> (B, N)
     information content of each patch: entropy (bits) of its soft lightness histogram.
 
     Propositional knowing needs no learning: a flat patch has ~0 bits, a patch of strokes, edges or
-    texture spreads its lightness over many bins. Soft (Gaussian) binning keeps it smooth in the pixels.
+    texture spreads its lightness over many bins.
     """
-    centres = torch.linspace(0.0, 1.0, bins, device=lightness.device, dtype=lightness.dtype).view(1, bins, 1, 1)
-    weights = torch.square(lightness - centres).mul_(-0.5 * ((bins - 1) / width) ** 2).exp_()  # (B, bins, H, W)
+    weights = soft_bins(lightness[:, 0], bins, width)  # (B, bins, H, W)
     histogram = F.avg_pool2d(weights, patch_size)  # the mean, not the sum: the normalisation below cancels it
     p = histogram / histogram.sum(1, keepdim=True).clamp_min(1e-12)
     return -(p * p.clamp_min(1e-12).log2()).sum(1).flatten(1)
@@ -196,8 +202,7 @@ def patch_self_information(lab: Tensor, patch_size: tuple[int, int], bins: int =
     little of scores high, however flat it is; texture that fills the image scores low, however varied.
     """
     scaled = torch.cat([lab[:, :1], (lab[:, 1:] + 1) / 2], 1)  # every channel to about [0, 1]
-    centres = torch.linspace(0.0, 1.0, bins, device=lab.device, dtype=lab.dtype).view(1, 1, bins, 1, 1)
-    weights = torch.square(scaled[:, :, None] - centres).mul_(-0.5 * ((bins - 1) / width) ** 2).exp_()
+    weights = soft_bins(scaled, bins, width)
     weights = weights / weights.sum(2, keepdim=True).clamp_min(1e-12)  # (B, 3, bins, H, W) per pixel
     image = weights.mean((-2, -1), keepdim=True)  # (B, 3, bins, 1, 1) the image's histograms
     surprise = -(weights * image.clamp_min(1e-12).log2()).sum((1, 2))  # (B, H, W)
