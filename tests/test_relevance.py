@@ -376,3 +376,19 @@ def test_the_neighbourhood_changes_the_ranking_not_what_the_rules_learn():
     assert all(torch.equal(a, b) for a, b in zip(alone_grads, pooled_grads))
     with pytest.raises(ValueError, match="neighbourhood must be a width in patches >= 0"):
         RelevanceConfig(neighbourhood=-1.0)
+
+
+def test_perspectival_gain_control_makes_each_unit_work_at_the_same_range_in_every_image():
+    from arrcoc.relevance.knowing import PerspectivalKnowing
+
+    torch.manual_seed(0)
+    context = torch.randn(2, 16, 8)
+    context = context - context.mean(1, keepdim=True)  # centre-surround: zero mean over each image's patches
+    context[1] *= 5.0  # a busy image: every feature varies five times more
+    plain, controlled = PerspectivalKnowing(8, 4), PerspectivalKnowing(8, 4, gain_control=True)
+    controlled.load_state_dict(plain.state_dict())
+    responses = controlled.responses(context)
+    torch.testing.assert_close(responses[1], controlled.responses(context[1:] / 5.0)[0])  # the image's scale cancels
+    assert not torch.allclose(plain.responses(context)[1], plain.responses(context[1:] / 5.0)[0])
+    drive = torch.atanh(responses.clamp(-1 + 1e-6, 1 - 1e-6))
+    torch.testing.assert_close(drive.std(1, correction=0), torch.ones(2, 4), atol=1e-3, rtol=0)

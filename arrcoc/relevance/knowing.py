@@ -22,15 +22,22 @@ def standardize_per_image(score: Tensor) -> Tensor:
 
 
 class PerspectivalKnowing(nn.Module):
-    def __init__(self, feature_dim: int, units: int):
+    def __init__(self, feature_dim: int, units: int, gain_control: bool = False):
         super().__init__()
+        self.gain_control = gain_control
         self.encoder = nn.Linear(feature_dim, units, bias=False)
         self.readout = nn.Linear(units, 1)
         nn.init.orthogonal_(self.encoder.weight)  # start as a random orthonormal projection, as Oja ends
 
     def responses(self, context: Tensor) -> Tensor:
-        """(B, N, units) responses to each patch's features relative to its image (centre-surround)."""
-        return torch.tanh(self.encoder(context))
+        """(B, N, units) responses to each patch's features relative to its image (centre-surround). With gain
+        control each unit's drive is divided by its spread over the image's patches before the tanh (divisive
+        normalisation): every unit then works in its graded range in every image, not saturated in busy ones and
+        silent in plain ones (the context has zero mean over the patches, and so has the drive)."""
+        drive = self.encoder(context)
+        if self.gain_control:
+            drive = drive / drive.std(1, keepdim=True, correction=0).clamp_min(1e-6)
+        return torch.tanh(drive)
 
     def forward(self, context: Tensor) -> Tensor:
         return self.readout(self.responses(context)).squeeze(-1)

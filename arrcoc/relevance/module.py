@@ -85,6 +85,8 @@ class RelevanceConfig:
     # sizes
     query_dim: int = 384
     perspectival_units: int = 16
+    # divide each perspectival unit's drive by its spread over the image (divisive normalisation; docs/decisions.md)
+    perspectival_gain_control: bool = False
     allocator_hidden: int = 32
     # Raw patch features as allocator inputs: off by default, since they let the allocator learn query-agnostic
     # corrections (docs/decisions.md).
@@ -207,7 +209,8 @@ class RelevanceModule(nn.Module):
         # cumulative average over every training batch (momentum None): an exponential average forgets its
         # initial variance of 1 too slowly for features that vary far less (docs/decisions.md)
         self.feature_norm = ShardedBatchNorm1d(feature_dim, affine=False, momentum=None)
-        self.perspectival = PerspectivalKnowing(feature_dim, config.perspectival_units)
+        self.perspectival = PerspectivalKnowing(feature_dim, config.perspectival_units,
+                                                config.perspectival_gain_control)
         temperature = config.rules["participatory"].get("temperature", 0.1)
         self.participatory = ParticipatoryKnowing(config.query_dim, feature_dim, temperature)
         self.field = RelevanceField(config.query_dim, config.budget, config.adaptive_balance)
