@@ -181,7 +181,10 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
                      f"{local['peak_mb']:.0f} MB vs {global_['peak_mb']:.0f} MB = {cost['memory_ratio']:.2f}x"
                      + learned))
         rows.append(("Local-rule training step time <= 0.5x the end-to-end allocator's", cost["time_ratio"] <= 0.5,
-                     f"{local['step_ms']:.0f} ms vs {global_['step_ms']:.0f} ms = {cost['time_ratio']:.2f}x{learned}"))
+                     f"{local['step_ms']:.0f} ms vs {global_['step_ms']:.0f} ms = {cost['time_ratio']:.2f}x{learned}"
+                     # step times of the same code have differed by ~0.1x between runs: near the limit, say so
+                     + ("; marginal: within 10% of the limit, inside the run-to-run spread"
+                        if 0.45 <= cost["time_ratio"] <= 0.55 else "")))
     a = results.get("adaptation")
     if a:
         fractions = [f for f in a.get("recovered_by_seed", [a["recovered_fraction"]]) if f is not None]
