@@ -211,6 +211,8 @@ def _allocation_share(a: dict[str, Any]) -> str:
             f"{a['full_tokens_shift']:.1f}%), so "
             + (f"{max(reachable, 0) / lost:.0%} of the loss is within reach of token allocation; the rest is the "
                "frozen backbone's." if reachable < lost else "all of the loss is within reach of token allocation.")
+            + f" A label-free teacher has only the full-token prediction to agree with: matching it on every image "
+            f"would give back {(a['full_tokens_shift'] - a['frozen']) / lost:.0%} of the loss."
             + f" On the shift the frozen module keeps "
             f"{cover['frozen']:.0f}% of the digit's patches, its label-free target ({a['adaptation']['target']}) "
             f"{cover['teacher']:.0f}%, and the module after adaptation {cover['adapted']:.0f}%.")
