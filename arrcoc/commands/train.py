@@ -9,13 +9,13 @@ On canvases the backbone is the committed canvas ViT (frozen). The task is the c
 among clutter) or the query one (a sentence, embedded by all-MiniLM-L6-v2, asks for one of several digits; the
 query goes to the relevance module with every image). With ``--images DIR`` (one sub-folder per class) the
 backbone is yours: a timm model name with a local weights file, or a transformers folder, each with its own
-preprocessing; photos have no boxes, so the target is the backbone's CLS attention, perturbation importance or
-sufficiency, and ``--query-file`` gives the queries (one sentence a line, taken in turn). Under ``torchrun``
-every process trains on its ``DistributedSampler`` shard of each global batch (``--batch-size`` is the global
-batch), the rules' ``.grad`` is all-reduced before each optimizer step (gloo on CPU, NCCL on GPUs) and rank 0
-alone writes checkpoints: ``config.json`` + weights after every epoch (``ARRCOC.from_pretrained``), resumable
-training checkpoints in ``training/``, and ``metrics.json`` (canvases: task and test accuracy at the budget and
-with every token; images: what rebuilds the backbone for ``arrcoc eval --images``).
+preprocessing; photos have no boxes, so the target is the backbone's CLS attention or perturbation importance,
+and ``--query-file`` gives the queries (one sentence a line, taken in turn). Under ``torchrun`` every process
+trains on its ``DistributedSampler`` shard of each global batch (``--batch-size`` is the global batch), the
+rules' ``.grad`` is all-reduced before each optimizer step (gloo on CPU, NCCL on GPUs) and rank 0 alone writes
+checkpoints: ``config.json`` + weights after every epoch (``ARRCOC.from_pretrained``), resumable training
+checkpoints in ``training/``, and ``metrics.json`` (canvases: task and test accuracy at the budget and with
+every token; images: what rebuilds the backbone for ``arrcoc eval --images``).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ EXAMPLES = """examples:
       --query-file queries.txt --target attention --out runs/photos      # your own images and backbone
   arrcoc train --images photos/train --backbone models/my-hf-vit --out runs/photos-hf   # a transformers folder
 """
-PHOTO_TARGETS = ("attention", "perturbation", "sufficiency")  # forward-only targets that need no boxes
+PHOTO_TARGETS = ("attention", "perturbation")  # forward-only targets that need no boxes
 
 
 @dataclass

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .attach import ARRCOC
 
 DEFAULT_ADAPTATION_LR = {"sgd": 0.05, "adam": 3e-3}  # per optimizer in arrcoc.optim.OPTIMIZERS
-ADAPTATION_TARGETS = ("perturbation", "sufficiency", "attention")
+ADAPTATION_TARGETS = ("perturbation", "attention")
 
 
 @dataclass
@@ -67,7 +67,7 @@ class AdaptationConfig:
 
     def __post_init__(self) -> None:
         if self.target not in ADAPTATION_TARGETS:
-            raise ValueError(f"adaptation target must be one of {ADAPTATION_TARGETS}, got {self.target!r}")
+            raise ValueError(f"adaptation target must be 'perturbation' or 'attention', got {self.target!r}")
         if self.optimizer not in DEFAULT_ADAPTATION_LR:
             raise ValueError(f"adaptation optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.lr is None:

@@ -36,7 +36,7 @@ from .adaptation import AdaptationConfig, AdaptReport, OnlineAdaptation
 from .checkpoint import read_checkpoint
 from .learning import LocalRuleLearner, QueryInput, check_finite
 from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
-from .targets import attention_target, box_target, perturbation_target, sufficiency_target
+from .targets import attention_target, box_target, perturbation_target
 
 
 @dataclass
@@ -210,8 +210,6 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         state = self.adapter.tokens(images) if state is None else state
         if kind == "attention":
             return attention_target(self.adapter, state)
-        if kind == "sufficiency":
-            return sufficiency_target(self.adapter, state, (grid.height, grid.width))
         return perturbation_target(self.adapter, state, (grid.height, grid.width))
 
     @torch.no_grad()

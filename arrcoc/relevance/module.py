@@ -49,7 +49,7 @@ DEFAULT_RULES: dict[str, dict[str, Any]] = {
     "field": {"name": "ep", "loss": "mse", "beta": 0.5, "nudge": "symmetric"},
     "allocator": {"name": "fa"},
 }
-TARGETS = ("attention", "perturbation", "sufficiency", "box", "reward")
+TARGETS = ("attention", "perturbation", "box", "reward")
 PROPOSITIONAL_MEASURES = ("entropy", "self-information")
 PARTICIPATORY_CONTRASTS = ("batch", "patches")
 
@@ -100,7 +100,7 @@ class RelevanceConfig:
     neighbourhood: float = 0.0
     relaxation: Relaxation = dataclasses.field(default_factory=field_relaxation)
     # learning
-    target: str = "attention"  # attention | perturbation | sufficiency | box | reward (see arrcoc.relevance.targets)
+    target: str = "attention"  # attention | perturbation | box | reward (see arrcoc.relevance.targets)
     rules: dict[str, Any] = dataclasses.field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_RULES.items()})
     optimizer: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "adam", "lr": 1e-3})
     # pixels: images given to the backbone are (rgb - mean) / std; the texture stack needs rgb in [0, 1]

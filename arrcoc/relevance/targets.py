@@ -4,10 +4,6 @@ attention      the frozen backbone's own CLS attention over the patches in its l
 perturbation   how much the backbone's prediction changes when a g x g group of patches is dropped
                (batched forward passes, no gradient): the KL divergence of the prediction from the
                full-token one, or 1 - cosine for a backbone that outputs embeddings.
-sufficiency    how well a w x w window of patches alone reproduces the full-token prediction
-               (exp(-change), windows at stride 1, batched): each patch scores its best window's. Where
-               perturbation asks what the prediction needs with everything else kept, this asks what a small
-               budget can read by itself.
 box            the fraction of each patch inside a ground-truth box, where a data set has boxes.
 Each is (B, N) in [0, 1] (divided by its per-image maximum). No gradient reaches the backbone.
 """
@@ -71,36 +67,6 @@ def perturbation_target(
         change[b_idx, g_idx] = prediction_change(full[b_idx], reduced, logits).to(change.dtype)
     per_patch = torch.zeros(batch, n, device=cell.device).scatter_(1, repeat(cell, "g k -> b (g k)", b=batch),
                                                                   repeat(change, "b g -> b (g k)", k=group * group))
-    return _per_image_max(per_patch)
-
-
-@torch.no_grad()
-def sufficiency_target(
-    adapter: BackboneAdapter, state: TokenSet, grid: tuple[int, int], window: int = 2, chunk: int = 2048,
-    logits: bool = True,
-) -> Tensor:
-    """Each patch = how closely its best ``window`` x ``window`` neighbourhood, kept alone, gives the
-    full-token prediction (all windows of all images batched)."""
-    height, width = grid
-    if not 1 <= window <= min(height, width):
-        raise ValueError(f"sufficiency window must be in 1..{min(height, width)} for a {height}x{width} patch "
-                         f"grid, got {window}")
-    batch, n = state.patch_index.shape
-    device = state.tokens.device
-    full = adapter.head(adapter.run_blocks(state))
-    patches = torch.arange(n, device=device).view(height, width)
-    windows = patches.unfold(0, window, 1).unfold(1, window, 1).reshape(-1, window * window)  # (G, w*w)
-    groups = windows.shape[0]
-    score = torch.empty(batch, groups, device=device)
-    images = torch.arange(batch, device=device).repeat_interleave(groups)
-    kept = torch.arange(groups, device=device).repeat(batch)
-    for start in range(0, batch * groups, chunk):
-        b_idx, g_idx = images[start:start + chunk], kept[start:start + chunk]
-        sub = TokenSet(state.tokens[b_idx], state.num_prefix, state.patch_index[b_idx])
-        alone = adapter.head(adapter.run_blocks(select(sub, windows[g_idx])))
-        score[b_idx, g_idx] = torch.exp(-prediction_change(full[b_idx], alone, logits)).to(score.dtype)
-    per_patch = torch.zeros(batch, n, device=device).scatter_reduce_(
-        1, repeat(windows, "g k -> b (g k)", b=batch), repeat(score, "b g -> b (g k)", k=window * window), "amax")
     return _per_image_max(per_patch)
 
 
