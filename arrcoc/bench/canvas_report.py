@@ -203,6 +203,7 @@ def _allocation_share(a: dict[str, Any]) -> str:
     """What of the loss under the shift any allocation could give back (up to the box oracle's accuracy on the
     shift), how much of the digit each selection keeps there, and how much adaptation gave back."""
     lost, reachable = a["test_accuracy"] - a["frozen"], a["oracle_shift"] - a["frozen"]
+    agreeable = a["full_tokens_shift"] - a["frozen"]  # what perfect agreement with all tokens would give back
     if lost <= 0:
         return f"The frozen module loses nothing to the shift ({a['test_accuracy']:.1f}% -> {a['frozen']:.1f}%)."
     cover = a["coverage"]
@@ -211,8 +212,9 @@ def _allocation_share(a: dict[str, Any]) -> str:
             f"{a['full_tokens_shift']:.1f}%), so "
             + (f"{max(reachable, 0) / lost:.0%} of the loss is within reach of token allocation; the rest is the "
                "frozen backbone's." if reachable < lost else "all of the loss is within reach of token allocation.")
-            + f" A label-free teacher has only the full-token prediction to agree with: matching it on every image "
-            f"would give back {(a['full_tokens_shift'] - a['frozen']) / lost:.0%} of the loss."
+            + " A label-free teacher has only the full-token prediction to agree with: matching it on every image "
+            + (f"would give back {max(agreeable, 0) / lost:.0%} of the loss." if agreeable < lost
+               else "would give back all of the loss.")
             + f" On the shift the frozen module keeps "
             f"{cover['frozen']:.0f}% of the digit's patches, its label-free target ({a['adaptation']['target']}) "
             f"{cover['teacher']:.0f}%, and the module after adaptation {cover['adapted']:.0f}%.")
