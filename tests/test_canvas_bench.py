@@ -37,7 +37,7 @@ def test_query_fusion_round_trip_and_query_shape_check(checkpoints):
 def test_benchmark_runs_every_method_and_writes_results_report_and_plots(checkpoints, tmp_path):
     backbone, fusion = checkpoints
     config = {
-        "seeds": [0], "budgets": [1.0, 0.25], "test_images": 12,
+        "seeds": [0, 1], "budgets": [1.0, 0.25], "test_images": 12,
         "train": {"steps": {"cluttered": 2, "query": 3}, "batch_size": 6},
         "baselines": ["random", "evit", "tome"], "base": "configs/arrcoc.yaml",
         "tasks": {"cluttered": {"budget": 0.25, "relevance": {"target": "box"}},
@@ -45,7 +45,8 @@ def test_benchmark_runs_every_method_and_writes_results_report_and_plots(checkpo
         "variants": {"field: frozen": {"rules.field": {"name": "frozen"}},
                      "no participatory": {"participatory": False, "tasks": ["query"]}},
         "throughput": {"batch": 4, "repeats": 3}, "training_cost": {"batch": 4, "steps": 1},
-        "adaptation": {"stream_images": 8, "held_out": 8, "batch": 4, "budget": 0.25, "target": "attention"},
+        "adaptation": {"stream_images": 8, "held_out": 8, "batch": 4, "budget": 0.25, "target": "attention",
+                       "seeds": 2},
         "hard_regime": {"task": "cluttered", "budget": 0.25},
     }
     path = tmp_path / "bench.yaml"
@@ -82,8 +83,12 @@ def test_benchmark_runs_every_method_and_writes_results_report_and_plots(checkpo
     assert set(adapted["coverage"]) == {"frozen", "teacher", "adapted"}
     assert all(0 <= c <= 100 for c in adapted["coverage"].values())
     assert set(adapted["held_out_accuracy"]) == {"frozen", "online", "tent"} and adapted["budget"] == 0.25
+    # the second seed's module adapts in a worker of its own, on the same stream
+    assert adapted["seeds"] == [0, 1] and len(adapted["by_seed"]) == len(adapted["recovered_by_seed"]) == 2
+    assert adapted["by_seed"][0]["held_out_accuracy"] == adapted["held_out_accuracy"]
     report = (out / "REPORT.md").read_text()
     assert "## Targets" in report and ("PASS" in report or "FAIL" in report)
+    assert "Over the 2 seeds' modules, on the unseen shift canvases" in report
     assert "## Accuracy at measured cost" in report and "paired difference to the default" in report
     assert "| variant | accuracy at 25% | paired difference | shift at 25% | paired difference |" in report
     for plot in ("canvas_accuracy.png", "canvas_pareto.png", "canvas_training_cost.png", "canvas_adaptation.png",

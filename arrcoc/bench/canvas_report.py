@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,7 @@ def _allocation_share(a: dict[str, Any]) -> str:
     if lost <= 0:
         return f"The frozen module loses nothing to the shift ({a['test_accuracy']:.1f}% -> {a['frozen']:.1f}%)."
     cover = a["coverage"]
+    where = f"{a['held_out']} unseen shift canvases" if "by_seed" in a else "the shift"  # earlier runs: the stream
     text = (f"Of the {lost:.1f} points lost, an allocation could give back at most {max(reachable, 0):.1f}: keeping "
             f"exactly the digit's patches (box oracle) reaches {a['oracle_shift']:.1f}% on the shift (all tokens "
             f"{a['full_tokens_shift']:.1f}%), so "
@@ -215,7 +217,7 @@ def _allocation_share(a: dict[str, Any]) -> str:
             + " A label-free teacher has only the full-token prediction to agree with: matching it on every image "
             + (f"would give back {max(agreeable, 0) / lost:.0%} of the loss." if agreeable < lost
                else "would give back all of the loss.")
-            + f" On the shift the frozen module keeps "
+            + f" On {where} the frozen module keeps "
             f"{cover['frozen']:.0f}% of the digit's patches, its label-free target ({a['adaptation']['target']}) "
             f"{cover['teacher']:.0f}%, and the module after adaptation {cover['adapted']:.0f}%.")
     if reachable <= 0:
@@ -569,6 +571,20 @@ def write_report(results: dict[str, Any], out: Path, report: Path) -> Path:
     return report
 
 
+def _held_out_over_seeds(adapted: dict[str, Any]) -> list[str]:
+    """Every seed's adapted module against its frozen self on the unseen shift canvases: a paired interval."""
+    runs = adapted.get("by_seed", [])
+    if len(runs) < 2:
+        return []
+    frozen, online, tent = ([run["held_out_accuracy"][key] for run in runs] for key in ("frozen", "online", "tent"))
+    (gain, half), (tent_gain, tent_half) = paired_interval(online, frozen), paired_interval(tent, frozen)
+    return ["", f"Over the {len(runs)} seeds' modules, on the unseen shift canvases: frozen "
+                f"{statistics.fmean(frozen):.1f}%, adapted {statistics.fmean(online):.1f}% (paired difference "
+                f"{gain:+.1f} ± {half:.1f} points; per seed "
+                + ", ".join(f"{b - a:+.1f}" for a, b in zip(frozen, online))
+                + f"), TENT {tent_gain:+.1f} ± {tent_half:.1f}."]
+
+
 def _adaptation_lines(adapted: dict[str, Any], link: str, files: dict[str, str]) -> list[str]:
     held_out = adapted["held_out_accuracy"]
     settings = adapted["adaptation"]
@@ -581,7 +597,7 @@ def _adaptation_lines(adapted: dict[str, Any], link: str, files: dict[str, str])
               f"{settings['target']} importance with {settings['optimizer']} (lr {settings['lr']:g}), guarded by its "
               f"rollback. Full tokens: {adapted['full_tokens_test']:.1f}% on test, "
               f"{adapted['full_tokens_shift']:.1f}% on the shift.",
-              "", _allocation_share(adapted), "",
+              "", _allocation_share(adapted), *_held_out_over_seeds(adapted), "",
               "| method | accuracy on the stream (%) | on unseen shift canvases after it (%) | cost per image (ms) |",
               "|---|---|---|---|",
               f"| ARR-COC before the shift (test split) | {adapted['test_accuracy']:.1f} | | |",
