@@ -522,10 +522,12 @@ def main(argv: list[str] | None = None) -> Path:
         adapted_seeds = bench["seeds"][:settings.pop("seeds", 1)]
         adapted = adaptation(models["cluttered"], test_images=bench["test_images"], **settings)  # alone: timed
         # the target is a mean over seeds: each seed's module adapts on the same stream, the others side by side
-        with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
-            others = list(tqdm(pool.map(_adaptation_worker, [bench] * len(adapted_seeds[1:]), adapted_seeds[1:],
-                                        [settings] * len(adapted_seeds[1:])),
-                               total=len(adapted_seeds) - 1, desc="adaptation, other seeds"))
+        others = []
+        if len(adapted_seeds) > 1:
+            with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
+                others = list(tqdm(pool.map(_adaptation_worker, [bench] * len(adapted_seeds[1:]), adapted_seeds[1:],
+                                            [settings] * len(adapted_seeds[1:])),
+                                   total=len(adapted_seeds) - 1, desc="adaptation, other seeds"))
         adapted["by_seed"] = [{key: run[key] for key in PER_SEED_ADAPTATION} for run in [adapted, *others]]
         adapted["recovered_by_seed"] = [run["recovered_fraction"] for run in adapted["by_seed"]]
         adapted["seeds"] = adapted_seeds
