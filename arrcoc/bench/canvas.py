@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import multiprocessing
 import statistics
 import tempfile
@@ -525,8 +526,8 @@ def main(argv: list[str] | None = None) -> Path:
         others = []
         if len(adapted_seeds) > 1:
             with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
-                others = list(tqdm(pool.map(_adaptation_worker, [bench] * len(adapted_seeds[1:]), adapted_seeds[1:],
-                                            [settings] * len(adapted_seeds[1:])),
+                others = list(tqdm(pool.map(functools.partial(_adaptation_worker, bench, settings=settings),
+                                            adapted_seeds[1:]),
                                    total=len(adapted_seeds) - 1, desc="adaptation, other seeds"))
         adapted["by_seed"] = [{key: run[key] for key in PER_SEED_ADAPTATION} for run in [adapted, *others]]
         adapted["recovered_by_seed"] = [run["recovered_fraction"] for run in adapted["by_seed"]]
