@@ -18,6 +18,7 @@ import argparse
 import multiprocessing
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -55,23 +56,24 @@ def columns(result: dict[str, Any]) -> dict[str, float]:
             for budget, value in result.get(key, {}).items()}
 
 
-def paired_table(scores: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
-    """Per variant and column: its mean accuracy and its paired difference to the base (mean, 95% half-width)."""
+def paired_table(scores: dict[str, dict[str, list[float]]], base: str = BASE) -> list[dict[str, Any]]:
+    """Per variant and column: its mean accuracy and its paired difference to ``base`` (mean, 95% half-width)."""
     rows = []
     for name, per_column in scores.items():
         row: dict[str, Any] = {"variant": name}
         for column, values in per_column.items():
             cell = {"accuracy": interval(values)}
-            if name != BASE:
-                cell["difference"] = paired_interval(values, scores[BASE][column])
+            if name != base:
+                cell["difference"] = paired_interval(values, scores[base][column])
             row[column] = cell
         rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], title: str = "Relevance-module variants",
+             figure: str = "ablate.png") -> str:
     names = [c for c in rows[0] if c != "variant"]
-    lines = [f"# Relevance-module variants on the {meta['task']} task", "",
+    lines = [f"# {title} on the {meta['task']} task", "",
              f"Command: `{meta['command']}` ({meta['wall_seconds'] / 60:.1f} min, code at commit {meta['commit']}). "
              f"Seeds {meta['seeds']}; base overrides {meta['base']}. Each cell: accuracy (mean ± 95% interval over the "
              "seeds) and, for a variant, its paired difference to the base.", "",
@@ -86,12 +88,12 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 text += f" ({diff:+.1f} ± {dhalf:.1f})"
             cells.append(text)
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + ["", "![paired differences](ablate.png)", ""])
+    return "\n".join(lines + ["", f"![paired differences]({figure})", ""])
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, base: str = BASE) -> None:
     plt = pyplot()
-    variants = [r for r in rows if r["variant"] != BASE]
+    variants = [r for r in rows if r["variant"] != base]
     names = [c for c in rows[0] if c != "variant"]
     fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * max(1, len(variants)) * len(names) ** 0.5))
     height = 0.8 / len(names)
@@ -104,9 +106,35 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.axvline(threshold, color="grey", lw=0.6, ls=":")
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(variants))], [r["variant"] for r in variants])
     ax.invert_yaxis()
-    ax.set_xlabel("accuracy difference to the base (points, paired 95% interval)")
+    ax.set_xlabel(f"accuracy difference to {base} (points, paired 95% interval)")
     ax.legend(fontsize=7)
     save_figure(fig, path)
+
+
+def run_variants(bench: dict[str, Any], task: str, variants: dict[str, dict[str, Any]], seeds: list[int],
+                 workers: int, backbone: Path = DEFAULT_CHECKPOINT, budgets: Sequence[float] = (),
+                 steps: int | None = None, test_images: int | None = None) -> dict[str, dict[str, list[float]]]:
+    """Train and score each variant (name -> dotted overrides of ``task``'s relevance config in ``bench``, a loaded
+    benchmark config, changed here) on every seed as the canvas benchmark's ARR-COC ablations are; returns name ->
+    column ("test 0.25", "shift 0.0625", ...) -> one accuracy per seed, in seed order (the pairs line up)."""
+    entry = dict(bench["tasks"][task])
+    entry["ablation_budgets"] = list(dict.fromkeys([*entry.get("ablation_budgets", []), *budgets]))
+    bench["tasks"] = {task: entry}
+    if steps is not None:
+        bench["train"]["steps"][task] = steps
+    if test_images is not None:
+        bench["test_images"] = test_images
+    with tempfile.TemporaryDirectory(prefix="arrcoc-ablate-") as scratch:  # run_job saves only the benchmark's model
+        bench.update(backbone=str(backbone), model_dir=scratch, scratch_dir=scratch)
+        jobs = [{"kind": "arrcoc", "task": task, "seed": seed, "bench": bench, "method": name, "overrides": overrides,
+                 "learning": "local", "all_budgets": False} for name, overrides in variants.items() for seed in seeds]
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(tqdm(pool.map(run_job, jobs), total=len(jobs), desc="variants x seeds", unit="job"))
+    scores: dict[str, dict[str, list[float]]] = {}
+    for job, result in zip(jobs, results):
+        for column, value in columns(result).items():
+            scores.setdefault(job["method"], {}).setdefault(column, []).append(value)
+    return scores
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -133,26 +161,9 @@ def main(argv: list[str] | None = None) -> Path:
         raise ValueError(f"--seeds needs at least two seeds for a paired interval, got {args.seeds}")
     if not all(0 < b < 1 for b in args.budgets):
         raise ValueError(f"--budgets must be token fractions in (0, 1), got {args.budgets}")
-    task = dict(bench["tasks"][args.task])
-    task["ablation_budgets"] = list(dict.fromkeys([*task.get("ablation_budgets", []), *args.budgets]))
-    bench["tasks"] = {args.task: task}
-    if args.steps is not None:
-        bench["train"]["steps"][args.task] = args.steps
-    if args.test_images is not None:
-        bench["test_images"] = args.test_images
-    scratch = tempfile.TemporaryDirectory(prefix="arrcoc-ablate-")  # run_job saves only the benchmark's own model
-    bench.update(backbone=str(args.backbone), model_dir=scratch.name, scratch_dir=scratch.name)
-    jobs = [{"kind": "arrcoc", "task": args.task, "seed": seed, "bench": bench, "method": name,
-             "overrides": {**base, **overrides}, "learning": "local", "all_budgets": False}
-            for name, overrides in {BASE: {}, **variants}.items() for seed in args.seeds]
     start = time.perf_counter()
-    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        results = list(tqdm(pool.map(run_job, jobs), total=len(jobs), desc="variants x seeds", unit="job"))
-    scratch.cleanup()
-    scores: dict[str, dict[str, list[float]]] = {}
-    for job, result in zip(jobs, results):  # jobs are in seed order within each variant: the pairs line up
-        for column, value in columns(result).items():
-            scores.setdefault(job["method"], {}).setdefault(column, []).append(value)
+    scores = run_variants(bench, args.task, {BASE: base, **{name: {**base, **o} for name, o in variants.items()}},
+                          args.seeds, args.workers, args.backbone, args.budgets, args.steps, args.test_images)
     rows = paired_table(scores)
     meta = run_metadata(command_line("arrcoc.bench.ablate", argv), None, task=args.task, seeds=args.seeds,
                         base=base, variants=variants, steps=bench["train"]["steps"][args.task],
