@@ -385,8 +385,7 @@ def test_sweep_on_a_canvas_task_pairs_every_combination_with_the_first(checkpoin
     main(["sweep", "--config", str(path), "--workers", "1", "--out", str(tmp_path / "out")])
     results = json.loads((tmp_path / "out" / "sweep_cluttered.json").read_text())
     assert [row["variant"] for row in results["rows"]] == [
-        "base", "neighbourhood: 0, propositional: False", "neighbourhood: 1.5, propositional: True",
-        "neighbourhood: 1.5, propositional: False"]
+        "base", "propositional: False", "neighbourhood: 1.5", "neighbourhood: 1.5, propositional: False"]
     assert results["meta"]["base"] == {"neighbourhood": 0, "propositional": True}
     assert all(len(values) == 2 for per_column in results["scores"].values() for values in per_column.values())
     assert all("difference" in row["test 0.25"] for row in results["rows"][1:])

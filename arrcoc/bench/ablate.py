@@ -95,7 +95,8 @@ def plot(rows: list[dict[str, Any]], path: Path, base: str = BASE) -> None:
     plt = pyplot()
     variants = [r for r in rows if r["variant"] != base]
     names = [c for c in rows[0] if c != "variant"]
-    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * max(1, len(variants)) * len(names) ** 0.5))
+    label_width = 0.07 * max((len(r["variant"]) for r in variants), default=0)  # inches, at the tick labels' size
+    fig, ax = plt.subplots(figsize=(6 + label_width, 0.5 + 0.45 * max(1, len(variants)) * len(names) ** 0.5))
     height = 0.8 / len(names)
     for k, column in enumerate(names):
         ys = [i + k * height for i in range(len(variants))]

@@ -119,6 +119,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     return save_results(out, "sweep", {"meta": meta, "grid": grid, "rows": rows}, write_report(rows, grid, meta, out))
 
 
+def changes(cell: dict[str, Any], base: dict[str, Any]) -> str:
+    """A combination's name: the keys where it differs from the base, e.g. 'neighbourhood: 0, field: False'."""
+    return ", ".join(f"{k}: {label(v)}" for k, v in cell.items() if v != base[k])
+
+
 def canvas_sweep(sweep: dict[str, Any], grid: dict[str, list], quick: bool, workers: int, out: Path,
                  command: str) -> Path:
     """The grid on a canvas task: each combination trained on every seed, paired with the first combination;
@@ -133,7 +138,7 @@ def canvas_sweep(sweep: dict[str, Any], grid: dict[str, list], quick: bool, work
         raise ValueError(f"a canvas sweep pairs over seeds: give at least two, got {seeds}")
     steps, test_images = (20, 100) if quick else (sweep.get("steps"), None)
     cells = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    names = [ablate.BASE, *(", ".join(f"{k}: {label(v)}" for k, v in cell.items()) for cell in cells[1:])]
+    names = [ablate.BASE, *(changes(cell, cells[0]) for cell in cells[1:])]
     start = time.perf_counter()
     backbone = Path(sweep.get("backbone", DEFAULT_CHECKPOINT))
     scores = ablate.run_variants(copy.deepcopy(bench), task, dict(zip(names, cells)), seeds, workers, backbone,
