@@ -371,25 +371,29 @@ def test_ablate_pairs_each_variant_with_the_base_on_the_same_seeds(checkpoints, 
         ablate.main(["--task", "query", "--config", str(path), "--variants", "{}"])
 
 
-def test_sweep_on_a_canvas_task_pairs_every_combination_with_the_first(checkpoints, tmp_path):
+def test_ablate_grid_pairs_every_combination_with_the_first(checkpoints, tmp_path):
+    from arrcoc.bench import ablate
     from arrcoc.cli import main
 
     bench = {"seeds": [0], "budgets": [1.0, 0.25], "test_images": 12, "base": "configs/arrcoc.yaml",
              "train": {"steps": {"cluttered": 2}, "batch_size": 6}, "baselines": [],
              "tasks": {"cluttered": {"budget": 0.25, "relevance": {"target": "box"}}}}
-    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(bench))
-    sweep = {"task": "cluttered", "benchmark": str(tmp_path / "bench.yaml"), "backbone": str(checkpoints[0]),
-             "seeds": [0, 1], "steps": 2, "grid": {"neighbourhood": [0, 1.5], "propositional": [True, False]}}
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(sweep))
-    main(["sweep", "--config", str(path), "--workers", "1", "--out", str(tmp_path / "out")])
-    results = json.loads((tmp_path / "out" / "sweep_cluttered.json").read_text())
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(bench))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"neighbourhood": [0, 1.5], "propositional": [True, False]}))
+    out = tmp_path / "out"
+    ablate.main(["--task", "cluttered", "--config", str(path), "--backbone", str(checkpoints[0]), "--seeds", "0", "1",
+                 "--grid", str(grid), "--workers", "1", "--out", str(out)])
+    results = json.loads((out / "ablate.json").read_text())
     assert [row["variant"] for row in results["rows"]] == [
         "base", "propositional: False", "neighbourhood: 1.5", "neighbourhood: 1.5, propositional: False"]
     assert results["meta"]["base"] == {"neighbourhood": 0, "propositional": True}
+    assert results["meta"]["variants"]["neighbourhood: 1.5"] == {"neighbourhood": 1.5, "propositional": True}
     assert all(len(values) == 2 for per_column in results["scores"].values() for values in per_column.values())
-    assert all("difference" in row["test 0.25"] for row in results["rows"][1:])
-    assert (tmp_path / "out" / "sweep_cluttered.png").stat().st_size > 0
-    path.write_text(yaml.safe_dump({**sweep, "base": "configs/arrcoc.yaml"}))
+    with pytest.raises(ValueError, match="non-empty lists"):
+        ablate.main(["--task", "cluttered", "--config", str(path), "--grid", '{"neighbourhood": 0}'])
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("task: query\ngrid: {neighbourhood: [0, 1.5]}\n")
     with pytest.raises(SystemExit):
-        main(["sweep", "--config", str(path), "--out", str(tmp_path / "out")])
+        main(["sweep", "--config", str(sweep)])

@@ -2,9 +2,11 @@
 
     arrcoc bench ablate --task cluttered --variants '{"field: frozen": {"rules.field": {"name": "frozen"}}}'
     arrcoc bench ablate --task query --base '{"allocator_evidence": false}' --variants variants.yaml --budgets 0.03125
+    arrcoc bench ablate --task query --grid configs/switches.yaml --out benchmarks/results/switches_query
 
 The base (the task's relevance config in the benchmark config, plus ``--base``'s dotted overrides) and every variant
-(``--variants``: name -> dotted overrides on top of the base, as JSON or a YAML file) are trained and scored as
+(``--variants``: name -> dotted overrides on top of the base, as JSON or a YAML file; or ``--grid``: dotted key ->
+values, every combination a variant and the first the base) are trained and scored as
 ``arrcoc bench canvas`` trains and scores its ARR-COC ablations (the same job, steps and test canvases per seed): at
 the task's budget, the hard regime's where it is this task, the task's ``ablation_budgets`` and ``--budgets``, and
 on the shift split where the task has one. Writes ``ablate.json``, ``ablate.md`` (each variant's paired difference
@@ -15,6 +17,7 @@ measurement; this is how a redesign is tried first (docs/decisions.md names the 
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing
 import tempfile
 import time
@@ -48,6 +51,15 @@ def overrides_arg(text: str, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{what} must be a mapping (JSON, YAML or a YAML file), got {text!r}")
     return data
+
+
+def grid_variants(grid: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Every combination of a grid's values: the first (each key's first value, the base) and the others by name,
+    each named by where it differs from the first (e.g. "neighbourhood: 0, propositional: False")."""
+    if not (grid and all(isinstance(values, list) and values for values in grid.values())):
+        raise ValueError(f"--grid must map dotted config keys to non-empty lists of values, got {grid!r}")
+    first, *others = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    return first, {", ".join(f"{k}: {v}" for k, v in cell.items() if v != first[k]): cell for cell in others}
 
 
 def columns(result: dict[str, Any]) -> dict[str, float]:
@@ -141,7 +153,10 @@ def run_variants(bench: dict[str, Any], task: str, variants: dict[str, dict[str,
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", required=True, help="a task of the benchmark config (cluttered | query)")
-    parser.add_argument("--variants", required=True, help="name -> dotted overrides: JSON / YAML text or a file")
+    designs = parser.add_mutually_exclusive_group(required=True)
+    designs.add_argument("--variants", help="name -> dotted overrides: JSON / YAML text or a file")
+    designs.add_argument("--grid", help="dotted key -> list of values: every combination is a variant, paired with "
+                                        "the first (the base); JSON / YAML text or a file")
     parser.add_argument("--base", default="{}", help="dotted overrides every run gets (the design under test)")
     parser.add_argument("--config", default="configs/canvas_bench.yaml")
     parser.add_argument("--backbone", type=Path, default=DEFAULT_CHECKPOINT, help="canvas ViT checkpoint")
@@ -155,7 +170,12 @@ def main(argv: list[str] | None = None) -> Path:
     bench = load_bench(args.config, quick=False)
     if args.task not in bench["tasks"]:
         raise ValueError(f"--task {args.task!r} is not a task of {args.config}: {list(bench['tasks'])}")
-    base, variants = overrides_arg(args.base, "--base"), overrides_arg(args.variants, "--variants")
+    base = overrides_arg(args.base, "--base")
+    if args.grid is not None:
+        first, variants = grid_variants(overrides_arg(args.grid, "--grid"))
+        base = {**base, **first}
+    else:
+        variants = overrides_arg(args.variants, "--variants")
     if BASE in variants or not all(isinstance(v, dict) for v in variants.values()):
         raise ValueError(f"--variants must map names (not {BASE!r}) to mappings of dotted overrides, got {variants!r}")
     if len(args.seeds) < 2:

@@ -1,21 +1,16 @@
 """Rule-ablation sweep: train the relevance module under every combination of a grid of config
 changes (a rule per sub-network, ways of knowing on/off, ...) and write one comparison table.
 
-    arrcoc sweep --config configs/sweep.yaml [--quick]          # a toy task, in this process
-    arrcoc sweep --config configs/sweep_canvas.yaml [--quick]   # a canvas task, paired over seeds
+    arrcoc sweep --config configs/sweep.yaml [--quick]
 
-The sweep file names a task and a grid of dotted keys, e.g. ``rules.field: [{name: ep}, {name: frozen}]`` or
-``participatory: [true, false]``. On a toy task (``toy-single``, ``toy-query``) every combination overrides a base
-relevance config (``base``); on a canvas task (``cluttered``, ``query``) it overrides that task's relevance config
-in the canvas benchmark config (``benchmark``), is trained and scored as the benchmark's ARR-COC ablations are, and is
-paired with the grid's first combination over the seeds (``arrcoc.bench.ablate``). Writes ``sweep.json`` and
-``sweep.md`` (with a PNG) to the output folder.
+The sweep file names a task, a base relevance config and a grid of dotted keys, e.g.
+``rules.field: [{name: ep}, {name: frozen}]`` or ``participatory: [true, false]``. Writes
+``sweep.json`` and ``sweep.md`` (with a PNG of the accuracies) to the output folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import statistics
 import time
@@ -26,12 +21,9 @@ import torch
 from tqdm import tqdm
 
 import arrcoc
-from arrcoc.bench import ablate
-from arrcoc.bench.canvas import load_bench
 from arrcoc.config import config_file, load_yaml_mapping
 from arrcoc.data.tasks import TASKS as CANVAS_TASKS
 from arrcoc.data.toy_patches import TOY_TASKS
-from arrcoc.models.canvas_vit import DEFAULT_CHECKPOINT
 from arrcoc.models.toy_vit import toy_vit
 from arrcoc.relevance import ARRCOC, RelevanceConfig
 from arrcoc.reporting import output_dir, pyplot, run_metadata, save_figure, save_results
@@ -66,7 +58,7 @@ EXAMPLES = """examples:
   arrcoc sweep --config configs/sweep.yaml                     # the committed grid, 3 seeds
   arrcoc sweep --config configs/sweep.yaml --quick --out runs/sweep   # 20 steps, one seed (smoke run)
   arrcoc bench sweep --quick                                   # the same command under `arrcoc bench`
-  arrcoc sweep --config configs/sweep_canvas.yaml              # the new switches on the canvas query task
+  arrcoc bench ablate --task query --grid configs/switches.yaml    # a grid on a canvas task, paired over seeds
 """
 
 
@@ -74,32 +66,22 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=config_file, default="configs/sweep.yaml", help="sweep file (YAML)")
-    parser.add_argument("--quick", action="store_true",
-                        help="20 steps, one seed (two on a canvas task): a smoke run, not a result")
+    parser.add_argument("--quick", action="store_true", help="20 steps, one seed: a smoke run, not a result")
     parser.add_argument("--out", help="output folder (default: benchmarks/results, or runs/quick with --quick)")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes for a canvas task (one thread each)")
     args = parser.parse_args(argv)
     try:
-        sweep = load_yaml_mapping(args.config, known=("task", "base", "benchmark", "backbone", "grid", "steps",
-                                                                      "seeds"),
-                                  what="sweep")
+        sweep = load_yaml_mapping(args.config, known=("task", "base", "grid", "steps", "seeds"), what="sweep")
     except (KeyError, ValueError) as error:
         parser.error(str(error).strip('"'))
-    task, grid = sweep.get("task"), sweep.get("grid")
-    if task not in TOY_TASKS and task not in CANVAS_TASKS:
-        parser.error(f"{args.config}: unknown task {task!r}; toy tasks: {sorted(TOY_TASKS)}, canvas tasks: "
-                     f"{sorted(CANVAS_TASKS)}")
-    if not (isinstance(grid, dict) and grid and all(isinstance(v, list) and v for v in grid.values())):
-        parser.error(f"{args.config}: grid must map dotted config keys to non-empty lists of values, got {grid!r}")
-    out = output_dir(args.out, args.quick)
-    if task in CANVAS_TASKS:
-        if "base" in sweep:
-            parser.error(f"{args.config}: a canvas task's base is its relevance config in the benchmark config "
-                         f"({sweep.get('benchmark', 'configs/canvas_bench.yaml')}); 'base' is for toy tasks")
-        command = f"arrcoc sweep --config {args.config}" + (" --quick" if args.quick else "")
-        return canvas_sweep(sweep, grid, args.quick, args.workers, out, command)
+    if sweep.get("task") in CANVAS_TASKS:
+        parser.error(f"{args.config}: the canvas tasks are swept under the canvas benchmark, paired over seeds: "
+                     f"arrcoc bench ablate --task {sweep['task']} --grid FILE (e.g. configs/switches.yaml)")
+    if sweep.get("task") not in TOY_TASKS:
+        parser.error(f"{args.config}: unknown task {sweep.get('task')!r}; tasks: {sorted(TOY_TASKS)}")
     base = sweep.get("base")
+    grid: dict[str, list] = sweep["grid"]
     steps, seeds = (20, [0]) if args.quick else (sweep.get("steps", 200), sweep.get("seeds", [0, 1, 2]))
+    out = output_dir(args.out, args.quick)
 
     cells = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     rows = []
@@ -117,40 +99,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     meta = run_metadata("arrcoc sweep" + (" --quick" if args.quick else ""), args.quick, task=sweep["task"],
                         steps=steps, seeds=seeds, wall_seconds=time.perf_counter() - start)
     return save_results(out, "sweep", {"meta": meta, "grid": grid, "rows": rows}, write_report(rows, grid, meta, out))
-
-
-def changes(cell: dict[str, Any], base: dict[str, Any]) -> str:
-    """A combination's name: the keys where it differs from the base, e.g. 'neighbourhood: 0, field: False'."""
-    return ", ".join(f"{k}: {label(v)}" for k, v in cell.items() if v != base[k])
-
-
-def canvas_sweep(sweep: dict[str, Any], grid: dict[str, list], quick: bool, workers: int, out: Path,
-                 command: str) -> Path:
-    """The grid on a canvas task: each combination trained on every seed, paired with the first combination;
-    writes ``sweep_<task>.json``, ``.md`` and ``.png``. ``quick``: 20 steps, two seeds, 100 test canvases (a smoke
-    run, not a result)."""
-    task, path = sweep["task"], config_file(sweep.get("benchmark", "configs/canvas_bench.yaml"))
-    bench = load_bench(str(path), quick=False)
-    if task not in bench["tasks"]:
-        raise ValueError(f"task {task!r} is not a task of {path}: {list(bench['tasks'])}")
-    seeds = [0, 1] if quick else sweep.get("seeds", [0, 1, 2, 3])
-    if len(seeds) < 2:
-        raise ValueError(f"a canvas sweep pairs over seeds: give at least two, got {seeds}")
-    steps, test_images = (20, 100) if quick else (sweep.get("steps"), None)
-    cells = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    names = [ablate.BASE, *(changes(cell, cells[0]) for cell in cells[1:])]
-    start = time.perf_counter()
-    backbone = Path(sweep.get("backbone", DEFAULT_CHECKPOINT))
-    scores = ablate.run_variants(copy.deepcopy(bench), task, dict(zip(names, cells)), seeds, workers, backbone,
-                                 steps=steps, test_images=test_images)
-    rows = ablate.paired_table(scores)
-    meta = run_metadata(command, quick, task=task, seeds=seeds,
-                        base=cells[0], steps=steps or bench["train"]["steps"][task],
-                        test_images=test_images or bench["test_images"], wall_seconds=time.perf_counter() - start)
-    name = f"sweep_{task}"
-    ablate.plot(rows, out / f"{name}.png")
-    report = ablate.markdown(rows, meta, title="Switch sweep", figure=f"{name}.png")
-    return save_results(out, name, {"meta": meta, "grid": grid, "rows": rows, "scores": scores}, report)
 
 
 def write_report(rows: list[dict], grid: dict, meta: dict, out: Path) -> str:
