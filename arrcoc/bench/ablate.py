@@ -68,24 +68,23 @@ def columns(result: dict[str, Any]) -> dict[str, float]:
             for budget, value in result.get(key, {}).items()}
 
 
-def paired_table(scores: dict[str, dict[str, list[float]]], base: str = BASE) -> list[dict[str, Any]]:
-    """Per variant and column: its mean accuracy and its paired difference to ``base`` (mean, 95% half-width)."""
+def paired_table(scores: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
+    """Per variant and column: its mean accuracy and its paired difference to the base (mean, 95% half-width)."""
     rows = []
     for name, per_column in scores.items():
         row: dict[str, Any] = {"variant": name}
         for column, values in per_column.items():
             cell = {"accuracy": interval(values)}
-            if name != base:
-                cell["difference"] = paired_interval(values, scores[base][column])
+            if name != BASE:
+                cell["difference"] = paired_interval(values, scores[BASE][column])
             row[column] = cell
         rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], title: str = "Relevance-module variants",
-             figure: str = "ablate.png") -> str:
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     names = [c for c in rows[0] if c != "variant"]
-    lines = [f"# {title} on the {meta['task']} task", "",
+    lines = [f"# Relevance-module variants on the {meta['task']} task", "",
              f"Command: `{meta['command']}` ({meta['wall_seconds'] / 60:.1f} min, code at commit {meta['commit']}). "
              f"Seeds {meta['seeds']}; base overrides {meta['base']}. Each cell: accuracy (mean ± 95% interval over the "
              "seeds) and, for a variant, its paired difference to the base.", "",
@@ -100,12 +99,12 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], title: str = "Rel
                 text += f" ({diff:+.1f} ± {dhalf:.1f})"
             cells.append(text)
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + ["", f"![paired differences]({figure})", ""])
+    return "\n".join(lines + ["", "![paired differences](ablate.png)", ""])
 
 
-def plot(rows: list[dict[str, Any]], path: Path, base: str = BASE) -> None:
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt = pyplot()
-    variants = [r for r in rows if r["variant"] != base]
+    variants = [r for r in rows if r["variant"] != BASE]
     names = [c for c in rows[0] if c != "variant"]
     label_width = 0.07 * max((len(r["variant"]) for r in variants), default=0)  # inches, at the tick labels' size
     fig, ax = plt.subplots(figsize=(6 + label_width, 0.5 + 0.45 * max(1, len(variants)) * len(names) ** 0.5))
@@ -119,7 +118,7 @@ def plot(rows: list[dict[str, Any]], path: Path, base: str = BASE) -> None:
         ax.axvline(threshold, color="grey", lw=0.6, ls=":")
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(variants))], [r["variant"] for r in variants])
     ax.invert_yaxis()
-    ax.set_xlabel(f"accuracy difference to {base} (points, paired 95% interval)")
+    ax.set_xlabel("accuracy difference to the base (points, paired 95% interval)")
     ax.legend(fontsize=7)
     save_figure(fig, path)
 
