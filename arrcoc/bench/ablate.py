@@ -21,7 +21,6 @@ import itertools
 import multiprocessing
 import tempfile
 import time
-from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -123,32 +122,6 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
-def run_variants(bench: dict[str, Any], task: str, variants: dict[str, dict[str, Any]], seeds: list[int],
-                 workers: int, backbone: Path = DEFAULT_CHECKPOINT, budgets: Sequence[float] = (),
-                 steps: int | None = None, test_images: int | None = None) -> dict[str, dict[str, list[float]]]:
-    """Train and score each variant (name -> dotted overrides of ``task``'s relevance config in ``bench``, a loaded
-    benchmark config, changed here) on every seed as the canvas benchmark's ARR-COC ablations are; returns name ->
-    column ("test 0.25", "shift 0.0625", ...) -> one accuracy per seed, in seed order (the pairs line up)."""
-    entry = dict(bench["tasks"][task])
-    entry["ablation_budgets"] = list(dict.fromkeys([*entry.get("ablation_budgets", []), *budgets]))
-    bench["tasks"] = {task: entry}
-    if steps is not None:
-        bench["train"]["steps"][task] = steps
-    if test_images is not None:
-        bench["test_images"] = test_images
-    with tempfile.TemporaryDirectory(prefix="arrcoc-ablate-") as scratch:  # run_job saves only the benchmark's model
-        bench.update(backbone=str(backbone), model_dir=scratch, scratch_dir=scratch)
-        jobs = [{"kind": "arrcoc", "task": task, "seed": seed, "bench": bench, "method": name, "overrides": overrides,
-                 "learning": "local", "all_budgets": False} for name, overrides in variants.items() for seed in seeds]
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(tqdm(pool.map(run_job, jobs), total=len(jobs), desc="variants x seeds", unit="job"))
-    scores: dict[str, dict[str, list[float]]] = {}
-    for job, result in zip(jobs, results):
-        for column, value in columns(result).items():
-            scores.setdefault(job["method"], {}).setdefault(column, []).append(value)
-    return scores
-
-
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", required=True, help="a task of the benchmark config (cluttered | query)")
@@ -181,9 +154,25 @@ def main(argv: list[str] | None = None) -> Path:
         raise ValueError(f"--seeds needs at least two seeds for a paired interval, got {args.seeds}")
     if not all(0 < b < 1 for b in args.budgets):
         raise ValueError(f"--budgets must be token fractions in (0, 1), got {args.budgets}")
+    task = dict(bench["tasks"][args.task])
+    task["ablation_budgets"] = list(dict.fromkeys([*task.get("ablation_budgets", []), *args.budgets]))
+    bench["tasks"] = {args.task: task}
+    if args.steps is not None:
+        bench["train"]["steps"][args.task] = args.steps
+    if args.test_images is not None:
+        bench["test_images"] = args.test_images
     start = time.perf_counter()
-    scores = run_variants(bench, args.task, {BASE: base, **{name: {**base, **o} for name, o in variants.items()}},
-                          args.seeds, args.workers, args.backbone, args.budgets, args.steps, args.test_images)
+    with tempfile.TemporaryDirectory(prefix="arrcoc-ablate-") as scratch:  # run_job saves only the benchmark's model
+        bench.update(backbone=str(args.backbone), model_dir=scratch, scratch_dir=scratch)
+        jobs = [{"kind": "arrcoc", "task": args.task, "seed": seed, "bench": bench, "method": name,
+                 "overrides": {**base, **overrides}, "learning": "local", "all_budgets": False}
+                for name, overrides in {BASE: {}, **variants}.items() for seed in args.seeds]
+        with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(tqdm(pool.map(run_job, jobs), total=len(jobs), desc="variants x seeds", unit="job"))
+    scores: dict[str, dict[str, list[float]]] = {}
+    for job, result in zip(jobs, results):  # jobs are in seed order within each variant: the pairs line up
+        for column, value in columns(result).items():
+            scores.setdefault(job["method"], {}).setdefault(column, []).append(value)
     rows = paired_table(scores)
     meta = run_metadata(command_line("arrcoc.bench.ablate", argv), None, task=args.task, seeds=args.seeds,
                         base=base, variants=variants, steps=bench["train"]["steps"][args.task],
