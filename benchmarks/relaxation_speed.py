@@ -30,12 +30,12 @@ sys.path.insert(0, str(REPO))
 
 import arrcoc  # noqa: E402
 import arrcoc.relevance.module as module_py  # noqa: E402
-from arrcoc.rules.energy import relax  # noqa: E402
+from arrcoc.rules.relaxation import relax  # noqa: E402
 
 
 def load_revision(rev: str) -> tuple[types.ModuleType, types.ModuleType]:
-    """energy.py and field.py as of git revision ``rev`` (or from the folder ``rev``, for a copy without .git), as
-    modules whose imports resolve against the working tree's."""
+    """energy.py (today's rules/relaxation.py) and field.py as of git revision ``rev`` (or from the folder ``rev``,
+    for a copy without .git), as modules whose imports resolve against the working tree's."""
     loaded = []
     for path, name in (("arrcoc/rules/energy.py", "before_energy"), ("arrcoc/relevance/field.py", "before_field")):
         if Path(rev).is_dir():
@@ -57,8 +57,8 @@ def before_relax(energy_py: types.ModuleType, field_py: types.ModuleType):
         def energy(self, states, x):
             return field_py.RelevanceField.energy(self.module, states[0], x)
 
-    def run(model, x, **settings):
-        return energy_py.relax(BeforeFieldEnergy(model.module), x, **settings)
+    def run(model, x, how):
+        return energy_py.relax(BeforeFieldEnergy(model.module), x, **how.settings())
 
     return run
 
@@ -119,17 +119,17 @@ def captured_field_input(model, images: torch.Tensor) -> torch.Tensor:
 
 def compare(label: str, model, images: torch.Tensor, old_relax, rounds: int, device: torch.device) -> None:
     field = model.relevance.field.as_energy()
-    settings = model.relevance.config.relaxation.settings()
+    how = model.relevance.config.relaxation
     x = captured_field_input(model, images)
     every_step = functools.partial(relax, check_every=1)  # the checks' default on the CPU, 8 on an accelerator
     every_8 = functools.partial(relax, check_every=8)
     for name, run in (("before", old_relax), ("after, checks every step", every_step), ("after, every 8", every_8)):
         with counting_syncs() as counts:
-            _, report = run(field, x, **settings)
+            _, report = run(field, x, how=how)
         print(f"{label} {name}: {report.steps} steps, converged {report.converged}, "
               f"{counts['syncs']} host syncs per relax")
-    relax_ms = interleaved({"before": lambda: old_relax(field, x, **settings),
-                            "after": lambda: relax(field, x, **settings)}, rounds, device)
+    relax_ms = interleaved({"before": lambda: old_relax(field, x, how=how),
+                            "after": lambda: relax(field, x, how=how)}, rounds, device)
 
     def relevance_map_with(run):
         def call():

@@ -29,7 +29,7 @@ from arrcoc.models.toy_vit import toy_vit
 from arrcoc.relevance import ARRCOC, AdaptationConfig, RelevanceConfig
 from arrcoc.relevance.trainer import Batch, Trainer, TrainerConfig
 from arrcoc.rules import build_rule
-from arrcoc.rules.energy import Energy, relax
+from arrcoc.rules.relaxation import Energy, Relaxation, relax
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
 
@@ -246,6 +246,12 @@ CASES: list[Case] = [
     Case(ATTACH, "config that is a list", lambda e: arrcoc.attach(toy_vit(), config=[0.25]), TypeError,
          ("RelevanceConfig or a dict", "got list")),
     Case(ATTACH, "config key typo 'budgett'", lambda e: e.model(budgett=0.5), KeyError, ("known keys", "'budgett'")),
+    Case(ATTACH, "an ablation switch at the top level ('field')", lambda e: e.model(field=False), KeyError,
+         ("ablation switches now", "ablate.field")),
+    Case(ATTACH, "a removed probe ('propositional_measure')",
+         lambda e: e.model(propositional_measure="self-information"), KeyError, ("were removed", "docs/decisions.md")),
+    Case(ATTACH, "ablate switch typo 'feild'", lambda e: e.model(ablate={"feild": False}), KeyError,
+         ("unknown ablate switch", "'feild'")),
     Case(ATTACH, "rule for an unknown sub-network 'feild'", lambda e: e.model(rules={"feild": {"name": "ep"}}),
          KeyError, ("sub-networks: ['allocator'", "['feild']")),
     Case(ATTACH, "unknown rule name 'eq-prop'", lambda e: e.model(rules={"field": {"name": "eq-prop"}}), KeyError,
@@ -317,7 +323,7 @@ CASES: list[Case] = [
     Case("ARRCOC.from_pretrained(dir, model)", "schema version 99",
          lambda e: (e.config_json()[0].write_text(json.dumps({**e.config_json()[1], "schema_version": 99})),
                     ARRCOC.from_pretrained(e.dir / "ckpt", toy_vit())), ValueError,
-         ("schema version 99", "expected 1")),
+         ("schema version 99", "expected 2")),
     Case("ARRCOC.from_pretrained(dir, model)", "the weights file deleted",
          lambda e: (e.weights().unlink(), ARRCOC.from_pretrained(e.dir / "ckpt", toy_vit())), FileNotFoundError,
          ("named in", "is missing")),
@@ -363,10 +369,9 @@ CASES: list[Case] = [
          lambda e: build_rule(5, nn.Linear(2, 2)), ValueError, ("a name or a mapping with a 'name' key", "got 5")),
     Case("arrcoc.rules.build_rule(config, subnet)", "a Linear rule on a module without Linear layers",
          lambda e: build_rule("hebbian-oja", nn.Tanh()), TypeError, ("trains nn.Linear layers", "has none")),
-    Case("arrcoc.rules.energy.relax(model, x, ...)", "steps 0",
-         lambda e: relax(_Quadratic(nn.Linear(1, 1)), torch.zeros(1, 2), steps=0), ValueError,
-         ("steps > 0", "got 0")),
-    Case("arrcoc.rules.energy.relax(model, x, ...)", "a target without a nudge (beta 0)",
+    Case("arrcoc.rules.relaxation.Relaxation(...)", "steps 0",
+         lambda e: Relaxation(steps=0), ValueError, ("steps > 0", "got steps=0")),
+    Case("arrcoc.rules.relaxation.relax(model, x, ...)", "a target without a nudge (beta 0)",
          lambda e: relax(_Quadratic(nn.Linear(1, 1)), torch.zeros(1, 2), target=torch.zeros(1, 2)), ValueError,
          ("needs beta != 0", "target given")),
     # ---- your own images and backbone (arrcoc train / eval --images DIR --backbone NAME_OR_DIR) ----------------

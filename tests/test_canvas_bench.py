@@ -43,7 +43,7 @@ def test_benchmark_runs_every_method_and_writes_results_report_and_plots(checkpo
         "tasks": {"cluttered": {"budget": 0.25, "relevance": {"target": "box"}},
                   "query": {"budget": 0.25, "relevance": {"target": "box"}}},
         "variants": {"field: frozen": {"rules.field": {"name": "frozen"}},
-                     "no participatory": {"participatory": False, "tasks": ["query"]}},
+                     "no participatory": {"ablate.participatory": False, "tasks": ["query"]}},
         "throughput": {"batch": 4, "repeats": 3}, "training_cost": {"batch": 4, "steps": 1},
         "adaptation": {"stream_images": 8, "held_out": 8, "batch": 4, "budget": 0.25, "target": "attention",
                        "seeds": 2},

@@ -9,7 +9,7 @@ from arrcoc.data.toy_vlm import BOS, IMAGE, toy_prompts, toy_vlm
 from arrcoc.models.toy_vit import toy_vit
 from arrcoc.relevance import AdaptReport
 from arrcoc.relevance.field import RelevanceField, grid_positions
-from arrcoc.rules.energy import relax
+from arrcoc.rules.relaxation import Relaxation, relax
 
 
 def batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +136,8 @@ def test_relax_descends_by_autograd_in_inference_mode_too():
     results = []
     for idiom in (torch.no_grad, torch.inference_mode):
         with idiom():  # a nudged phase, its input and target made in that mode
-            states, report = relax(field.as_energy(), x.clone(), 0.5, target.clone(), steps=50)
+            states, report = relax(field.as_energy(), x.clone(), 0.5, target.clone(),
+                                   how=Relaxation(steps=50, step_size=0.2, momentum=0.0, tol=1e-5, backtracks=0))
         results.append((states[0], report.steps))
     (a, steps), (b, same_steps) = results
     assert steps > 1 and steps == same_steps and torch.equal(a, b) and not b.is_inference()

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from arrcoc.rules import RuleContext, build_rule
-from arrcoc.rules.energy import HopfieldEnergy, PredictionErrorEnergy, RelaxationDiverged, relax
 from arrcoc.rules.equilibrium_propagation import EquilibriumPropagation
+from arrcoc.rules.layered_energy import HopfieldEnergy, PredictionErrorEnergy
+from arrcoc.rules.relaxation import Relaxation, RelaxationDiverged, relax
 
 
 def make_mlp(sizes=(6, 8, 8, 3), activation=nn.Tanh, dtype=torch.float64) -> nn.Sequential:
@@ -49,6 +50,10 @@ def relative_error(update, exact) -> float:
 
 
 # --- relaxation -------------------------------------------------------------------------------
+def plain_descent(**settings) -> Relaxation:
+    """Gradient descent without momentum, undone steps or the gradient-only free phase, unless ``settings`` say."""
+    return Relaxation(**{"momentum": 0.0, "backtracks": 0, "gradient_only": False, **settings})
+
 
 
 def test_relax_converges_batched_and_descends():
@@ -58,16 +63,16 @@ def test_relax_converges_batched_and_descends():
             p.mul_(0.5)
     model = HopfieldEnergy(mlp)
     x, _ = batch(8)
-    states, report = relax(model, x, steps=2000, tol=1e-9, step_size=0.5)
+    states, report = relax(model, x, how=plain_descent(steps=2000, tol=1e-9, step_size=0.5))
     assert report.converged and report.residual < 1e-9 and report.steps > 0
     assert all(b <= a + 1e-12 for a, b in zip(report.energy_trace, report.energy_trace[1:]))
     # batched: each sample relaxed alone reaches the same state as in the batch
     for i in (0, 5):
-        alone, _ = relax(model, x[i : i + 1], steps=2000, tol=1e-9, step_size=0.5)
+        alone, _ = relax(model, x[i : i + 1], how=plain_descent(steps=2000, tol=1e-9, step_size=0.5))
         for s_batch, s_alone in zip(states, alone):
             torch.testing.assert_close(s_batch[i : i + 1], s_alone, atol=1e-8, rtol=0)
     # momentum (with restarts) reaches the same fixed point
-    fast, fast_report = relax(model, x, steps=2000, tol=1e-9, step_size=0.5, momentum=0.9)
+    fast, fast_report = relax(model, x, how=plain_descent(steps=2000, tol=1e-9, step_size=0.5, momentum=0.9))
     assert fast_report.converged
     for s_plain, s_fast in zip(states, fast):
         torch.testing.assert_close(s_plain, s_fast, atol=1e-8, rtol=0)
@@ -76,7 +81,7 @@ def test_relax_converges_batched_and_descends():
 def test_prediction_error_free_equilibrium_is_the_forward_pass():
     mlp = make_mlp()
     x, _ = batch()
-    states, report = relax(PredictionErrorEnergy(mlp), x, steps=10, tol=1e-12)
+    states, report = relax(PredictionErrorEnergy(mlp), x, how=plain_descent(steps=10, tol=1e-12))
     assert report.steps == 0 and report.converged
     torch.testing.assert_close(states[-1], mlp(x).detach())
 
@@ -103,7 +108,9 @@ def test_invalid_relaxation_arguments():
     with pytest.raises(ValueError, match="beta"):
         relax(model, x, beta=0.0, target=target)
     with pytest.raises(ValueError, match="steps"):
-        relax(model, x, steps=0)
+        relax(model, x, how=Relaxation(steps=0))
+    with pytest.raises(ValueError, match="check_every"):
+        relax(model, x, check_every=0)
     with pytest.raises(ValueError, match="beta"):
         relax(model, x, beta=0.1)  # a nudge without a target
     with pytest.raises(ValueError, match="beta"):
@@ -166,7 +173,7 @@ def test_ep_on_the_hopfield_energy_follows_the_gradient_at_its_fixed_point():
     update = rule_update(rule, mlp, RuleContext(x, t))
 
     model = rule.energy
-    free, _ = relax(model, x, steps=5000, tol=1e-12, step_size=0.5)
+    free, _ = relax(model, x, how=plain_descent(steps=5000, tol=1e-12, step_size=0.5))
     sizes = [s.numel() for s in free]
 
     def unflatten(v):

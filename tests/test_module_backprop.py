@@ -9,9 +9,9 @@ from arrcoc.baselines import module_backprop_step
 from arrcoc.data.toy_patches import query_patch_task, single_patch_task
 from arrcoc.models.toy_vit import toy_vit
 from arrcoc.relevance.field import RelevanceField, grid_positions
-from arrcoc.rules.energy import relax, relax_differentiably
+from arrcoc.rules.relaxation import Relaxation, relax, relax_differentiably
 
-TIGHT = {"steps": 5000, "step_size": 0.3, "momentum": 0.5, "tol": 1e-13}
+TIGHT = Relaxation(steps=5000, step_size=0.3, momentum=0.5, tol=1e-13, backtracks=0, gradient_only=False)
 
 
 def test_implicit_gradient_of_the_field_equilibrium_equals_finite_differences():
@@ -26,7 +26,7 @@ def test_implicit_gradient_of_the_field_equilibrium_equals_finite_differences():
 
     def loss(relaxation):
         x = RelevanceField.pack(evidence, grid_positions(3, 3).double(), query)
-        (r,), report = relaxation(field.as_energy(), x, **TIGHT)
+        (r,), report = relaxation(field.as_energy(), x, how=TIGHT)
         assert report.converged
         return (weights * torch.sigmoid(r)).sum()
 
@@ -52,8 +52,8 @@ def test_differentiable_relaxation_returns_the_same_equilibrium():
     field = RelevanceField(query_dim=4, budget=0.25).double()
     x = RelevanceField.pack(torch.randn(3, 16, 3, dtype=torch.float64), grid_positions(4, 4).double(),
                             torch.randn(3, 4, dtype=torch.float64))
-    (plain,), _ = relax(field.as_energy(), x, **TIGHT)
-    (attached,), _ = relax_differentiably(field.as_energy(), x, **TIGHT)
+    (plain,), _ = relax(field.as_energy(), x, how=TIGHT)
+    (attached,), _ = relax_differentiably(field.as_energy(), x, how=TIGHT)
     assert attached.requires_grad and torch.equal(plain, attached.detach())
 
 

@@ -10,9 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from arrcoc.relevance.field import FieldEnergy, RelevanceField, grid_positions
-from arrcoc.rules.energy import RelaxationDiverged, relax
+from arrcoc.rules.relaxation import Relaxation, RelaxationDiverged, relax
 
-SETTINGS = {"steps": 60, "step_size": 0.3, "momentum": 0.5, "tol": 1e-4}  # the field's (field_relaxation)
+SETTINGS = {"steps": 60, "step_size": 0.3, "momentum": 0.5, "tol": 1e-4}
+
+
+def plain(**settings) -> Relaxation:
+    """A monitored relaxation without undone steps unless ``settings`` say (the tests' starting point)."""
+    return Relaxation(**{"step_size": 0.2, "momentum": 0.0, "tol": 1e-5, "backtracks": 0, "gradient_only": False,
+                         **settings})
 
 
 def random_field(budget: float = 0.25, batch: int = 4, query: bool = True) -> tuple[RelevanceField, torch.Tensor]:
@@ -61,7 +67,8 @@ def test_relaxing_with_the_analytic_gradient_is_relaxing_with_autograd(nudge):
     same path."""
     field, x = random_field()
     target = torch.rand(x.shape[0], x.shape[1], dtype=torch.float64) if nudge else None
-    runs = [relax(model, x, nudge or 0.0, target, **SETTINGS) for model in (field.as_energy(), AutogradField(field))]
+    runs = [relax(model, x, nudge or 0.0, target, how=plain(**SETTINGS)) for model in (field.as_energy(),
+                                                                                 AutogradField(field))]
     (analytic, fast), (autograd, slow) = runs
     assert fast.converged and fast.steps == slow.steps > 5
     torch.testing.assert_close(analytic[0], autograd[0], rtol=0, atol=1e-12)
@@ -90,17 +97,19 @@ def relax_counting_syncs(monkeypatch, *args, **kwargs):
 def test_checking_every_few_steps_changes_nothing_but_the_syncs(monkeypatch, momentum):
     field, x = random_field(batch=6)
     settings = {**SETTINGS, "momentum": momentum}
-    ((states, report), syncs) = relax_counting_syncs(monkeypatch, field.as_energy(), x, check_every=1, **settings)
+    ((states, report), syncs) = relax_counting_syncs(monkeypatch, field.as_energy(), x, check_every=1,
+                                                     how=plain(**settings))
     assert report.converged and report.steps > 8 and syncs == report.steps + 1  # one read per check, none else
     for every in (3, 8, 100):
         ((sparse, sparse_report), sparse_syncs) = relax_counting_syncs(monkeypatch, field.as_energy(), x,
-                                                                       check_every=every, **settings)
+                                                                       check_every=every, how=plain(**settings))
         assert torch.equal(sparse[0], states[0])  # converged states stand still until the check
         assert (sparse_report.steps, sparse_report.energy, sparse_report.residual, sparse_report.energy_trace) == (
             report.steps, report.energy, report.residual, report.energy_trace)
         assert sparse_syncs == min(math.ceil((report.steps + 1) / every), math.ceil((settings["steps"] + 1) / every))
     # the step budget ends a relaxation between checks too
-    (_, capped), _ = relax_counting_syncs(monkeypatch, field.as_energy(), x, check_every=8, **{**settings, "steps": 5})
+    (_, capped), _ = relax_counting_syncs(monkeypatch, field.as_energy(), x, check_every=8,
+                                          how=plain(**{**settings, "steps": 5}))
     assert capped.steps == 5 and not capped.converged and len(capped.energy_trace) == 6
 
 
@@ -111,7 +120,7 @@ def test_a_divergence_is_raised_where_it_happened_however_rarely_checked():
     raised = []
     for every in (1, 8):
         with pytest.raises(RelaxationDiverged) as info:
-            relax(field.as_energy(), x, steps=60, step_size=50.0, check_every=every)
+            relax(field.as_energy(), x, how=plain(steps=60, step_size=50.0), check_every=every)
         raised.append((info.value.step, info.value.energy_trace))
     assert raised[0] == raised[1] and raised[0][0] >= 1 and len(raised[0][1]) == raised[0][0] + 1
     with pytest.raises(ValueError, match="check_every"):
@@ -122,7 +131,7 @@ def test_a_nan_in_the_input_is_raised_at_the_first_step():
     field, x = random_field()
     x[1, 3, 0] = math.nan  # one patch's evidence
     with pytest.raises(RelaxationDiverged, match="non-finite") as info:
-        relax(field.as_energy(), x, check_every=8, **SETTINGS)
+        relax(field.as_energy(), x, check_every=8, how=plain(**SETTINGS))
     assert info.value.step == 0
 
 
@@ -149,8 +158,8 @@ def test_a_step_that_raises_the_energy_is_undone_at_half_the_step(momentum):
     field, x = random_field()
     with torch.no_grad():
         field.coherence.fill_(1.5)
-    reference, _ = relax(field.as_energy(), x, steps=2000, step_size=0.05, tol=1e-9)
-    runs = [relax(field.as_energy(), x, steps=200, step_size=2.0, momentum=momentum, tol=1e-9, backtracks=6,
+    reference, _ = relax(field.as_energy(), x, how=plain(steps=2000, step_size=0.05, tol=1e-9))
+    runs = [relax(field.as_energy(), x, how=plain(steps=200, step_size=2.0, momentum=momentum, tol=1e-9, backtracks=6),
                   check_every=every) for every in (1, 3, 8)]
     (states, report) = runs[0]
     assert report.converged and report.halvings >= 1
@@ -163,28 +172,27 @@ def test_a_step_that_raises_the_energy_is_undone_at_half_the_step(momentum):
             report.steps, report.energy, report.residual, report.halvings, trace)
     for backtracks in (0, report.halvings - 1):
         with pytest.raises(RelaxationDiverged, match="energy rose"):
-            relax(field.as_energy(), x, steps=200, step_size=2.0, momentum=momentum, tol=1e-9, backtracks=backtracks)
+            relax(field.as_energy(), x, how=plain(steps=200, step_size=2.0, momentum=momentum, tol=1e-9,
+                                                  backtracks=backtracks))
 
 
 def test_the_last_step_undone_returns_the_states_before_it():
     field, x = random_field()
     with torch.no_grad():
         field.coherence.fill_(1.5)
-    _, report = relax(field.as_energy(), x, steps=200, step_size=2.0, tol=1e-9, backtracks=6)
+    _, report = relax(field.as_energy(), x, how=plain(steps=200, step_size=2.0, tol=1e-9, backtracks=6))
     undone = next(step for step, (a, b) in enumerate(zip(report.energy_trace, report.energy_trace[1:]), 1) if b > a)
     for every in (1, 8):
-        states, capped = relax(field.as_energy(), x, steps=undone, step_size=2.0, tol=1e-9, backtracks=6,
+        states, capped = relax(field.as_energy(), x, how=plain(steps=undone, step_size=2.0, tol=1e-9, backtracks=6),
                                check_every=every)
         before = (field.as_energy().init_states(x) if undone == 1 else
-                  relax(field.as_energy(), x, steps=undone - 1, step_size=2.0, tol=1e-9, backtracks=6)[0])
+                  relax(field.as_energy(), x, how=plain(steps=undone - 1, step_size=2.0, tol=1e-9, backtracks=6))[0])
         assert capped.halvings == 1 and capped.energy == capped.energy_trace[-2]
         assert torch.equal(states[0], before[0])
 
 
 @pytest.mark.parametrize("backtracks", [-1, 1.5, True])
 def test_backtracks_must_be_a_count(backtracks):
-    from arrcoc.rules.energy import Relaxation
-
     with pytest.raises(ValueError, match="backtracks"):
         Relaxation(backtracks=backtracks)
 
@@ -213,9 +221,9 @@ class CountingField(FieldEnergy):
 @pytest.mark.parametrize("check_every", [1, 8])
 def test_a_gradient_only_relaxation_reaches_the_same_equilibrium_without_the_energy_per_step(check_every):
     field, x = random_field(batch=6)
-    monitored, monitored_report = relax(field.as_energy(), x, **SETTINGS)
+    monitored, monitored_report = relax(field.as_energy(), x, how=plain(**SETTINGS))
     counting = CountingField(field)
-    states, report = relax(counting, x, gradient_only=True, check_every=check_every, **SETTINGS)
+    states, report = relax(counting, x, how=plain(**SETTINGS, gradient_only=True), check_every=check_every)
     assert report.converged and report.residual < SETTINGS["tol"] and report.steps > 5 and report.gradient_only
     assert counting.energies == 1  # once, for the report: none per step
     assert report.energy_trace == [report.energy]
@@ -232,22 +240,22 @@ def test_a_gradient_only_relaxation_that_cannot_converge_starts_over_watching_th
     with torch.no_grad():
         field.coherence.fill_(1.5)
     settings = {"steps": 200, "step_size": 2.0, "momentum": 0.3, "tol": 1e-9, "backtracks": 6}
-    monitored, monitored_report = relax(field.as_energy(), x, **settings)
-    states, report = relax(field.as_energy(), x, gradient_only=True, **settings)
+    monitored, monitored_report = relax(field.as_energy(), x, how=plain(**settings))
+    states, report = relax(field.as_energy(), x, how=plain(**settings, gradient_only=True))
     assert monitored_report.converged and monitored_report.halvings >= 1
     assert torch.equal(states[0], monitored[0]) and report == monitored_report and not report.gradient_only
     # and a diverging one still raises, as the monitored relaxation does
     with pytest.raises(RelaxationDiverged, match="energy rose"):
-        relax(field.as_energy(), x, gradient_only=True, **{**settings, "backtracks": 0})
+        relax(field.as_energy(), x, how=plain(**{**settings, "backtracks": 0}, gradient_only=True))
 
 
 def test_nudged_phases_and_autograd_energies_always_watch_the_energy():
     field, x = random_field()
     target = torch.rand(x.shape[0], x.shape[1], dtype=torch.float64)
     for model, beta, nudge in ((field.as_energy(), 0.5, target), (AutogradField(field), 0.0, None)):
-        plain, plain_report = relax(model, x, beta, nudge, **SETTINGS)
-        states, report = relax(model, x, beta, nudge, gradient_only=True, **SETTINGS)
-        assert torch.equal(states[0], plain[0]) and report == plain_report and len(report.energy_trace) > 2
+        watched, watched_report = relax(model, x, beta, nudge, how=plain(**SETTINGS))
+        states, report = relax(model, x, beta, nudge, how=plain(**SETTINGS, gradient_only=True))
+        assert torch.equal(states[0], watched[0]) and report == watched_report and len(report.energy_trace) > 2
 
 
 def test_an_energy_rule_relaxes_with_all_of_its_relaxation_settings(monkeypatch):
@@ -265,12 +273,11 @@ def test_an_energy_rule_relaxes_with_all_of_its_relaxation_settings(monkeypatch)
     rule = EquilibriumPropagation(field, config)
     free = rule.free_phase(x)
     assert free[0].shape == x.shape[:2]
-    assert seen[0]["backtracks"] == 3 and seen[0]["gradient_only"] is True and seen[0]["tol"] == 1e-4
+    how = seen[0]["how"]
+    assert how.backtracks == 3 and how.gradient_only is True and how.tol == 1e-4
 
 
 @pytest.mark.parametrize("gradient_only", [1, "yes", None])
 def test_gradient_only_must_be_a_boolean(gradient_only):
-    from arrcoc.rules.energy import Relaxation
-
     with pytest.raises(ValueError, match="gradient_only"):
         Relaxation(gradient_only=gradient_only)

@@ -7,6 +7,7 @@ import timm
 import torch
 
 import arrcoc
+from arrcoc.config import find_config
 from arrcoc.data.toy_patches import (
     GRID,
     WHITE,
@@ -17,8 +18,8 @@ from arrcoc.data.toy_patches import (
     word_queries,
 )
 from arrcoc.models.toy_vit import toy_vit
-from arrcoc.relevance import ARRCOC, RelevanceConfig
-from arrcoc.rules.energy import RelaxationDiverged, relax
+from arrcoc.relevance import ARRCOC, Ablations, RelevanceConfig
+from arrcoc.rules.relaxation import Relaxation, RelaxationDiverged, relax
 
 
 def test_budget_one_is_the_identity():
@@ -88,7 +89,7 @@ def test_field_relaxation_converges_on_random_evidence():
         field.coherence.fill_(0.3), field.competition.fill_(1.0)
     evidence = torch.randn(16, GRID * GRID, 3)
     x = field.pack(evidence, torch.rand(1, GRID * GRID, 2) * GRID, torch.randn(16, 384))
-    _, report = relax(field.as_energy(), x, steps=200, step_size=0.3, momentum=0.5, tol=1e-5)
+    _, report = relax(field.as_energy(), x, how=Relaxation(steps=200, step_size=0.3, momentum=0.5, tol=1e-5))
     assert report.converged and report.residual < 1e-5
 
 
@@ -112,18 +113,29 @@ def test_the_query_decides_between_two_candidate_patches():
 
 
 def test_the_field_alone_carries_the_evidence_to_the_allocator_when_asked():
-    """``allocator_evidence: false``: the allocator sees only the field's relevance, so the query reaches the
+    """``ablate.allocator_evidence: false``: the allocator sees only the field's relevance, so the query reaches the
     ranking only through the field's equilibrium."""
-    wrapped = arrcoc.attach(toy_vit(), budget=0.25, config={"allocator_evidence": False})
+    wrapped = arrcoc.attach(toy_vit(), budget=0.25, config={"ablate": {"allocator_evidence": False}})
     batch = query_patch_task(4, torch.Generator().manual_seed(0))
     assert wrapped.relevance_pass(batch.images, batch.query)[0].allocator_input.shape == (4, 16, 1)
-    assert train_on(query_patch_task, 200, allocator_evidence=False) >= 0.90
+    assert train_on(query_patch_task, 200, ablate={"allocator_evidence": False}) >= 0.90
 
 
-def test_self_information_as_propositional_knowing_finds_the_informative_patch():
-    assert train_on(single_patch_task, 150, propositional_measure="self-information") >= 0.95
-    with pytest.raises(ValueError, match="propositional_measure must be one of"):
-        RelevanceConfig(propositional_measure="surprise")
+def test_ablation_switches_live_under_ablate_and_old_keys_say_where_they_went():
+    config = RelevanceConfig.from_dict({"ablate": {"field": False, "texture": False}})
+    assert config.ablate == Ablations(field=False, texture=False)
+    assert RelevanceConfig.from_yaml(find_config("configs/arrcoc.yaml"), {"ablate.perspectival": False}).ablate \
+        == Ablations(perspectival=False)
+    with pytest.raises(KeyError, match=r"ablation switches now.*ablate\.field"):
+        RelevanceConfig.from_dict({"field": False})
+    with pytest.raises(KeyError, match="were removed.*propositional_measure: 'entropy'"):
+        RelevanceConfig.from_dict({"propositional_measure": "self-information"})
+    with pytest.raises(KeyError, match="unknown ablate switch"):
+        RelevanceConfig.from_dict({"ablate": {"feild": False}})
+    with pytest.raises(ValueError, match="true or false"):
+        Ablations(field="no")
+    with pytest.raises(ValueError, match="needs patch features"):
+        Ablations(backbone_tokens=False, texture=False)
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -139,6 +151,28 @@ def test_save_and_load_round_trip(tmp_path):
     assert not loaded.training and not wrapped.training
     assert torch.equal(loaded(images), wrapped(images))
     assert torch.equal(loaded.rules["allocator"].feedback_0, wrapped.rules["allocator"].feedback_0)
+
+
+def test_a_checkpoint_of_schema_1_loads_with_its_switches_under_ablate(tmp_path):
+    """Before the ablation switches moved under ``ablate`` they sat at the config's top level (schema 1): such a
+    checkpoint loads as it was trained; one trained with a probe removed since is refused, saying why."""
+    import json
+
+    model = toy_vit()
+    wrapped = arrcoc.attach(model, budget=0.5, config={"ablate": {"perspectival": False}})
+    wrapped.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    flat = {**{k: v for k, v in meta["config"].items() if k != "ablate"}, **meta["config"]["ablate"],
+            "propositional_measure": "entropy", "allocator_features": False}
+    (tmp_path / "config.json").write_text(json.dumps({**meta, "schema_version": 1, "config": flat}))
+    loaded = ARRCOC.from_pretrained(tmp_path, model)
+    assert loaded.config == wrapped.config
+    images = torch.rand(2, 3, 32, 32)
+    assert torch.equal(loaded(images), wrapped(images))
+    flat["propositional_measure"] = "self-information"
+    (tmp_path / "config.json").write_text(json.dumps({**meta, "schema_version": 1, "config": flat}))
+    with pytest.raises(ValueError, match="probe since removed"):
+        ARRCOC.from_pretrained(tmp_path, model)
 
 
 def test_loading_into_a_different_backbone_fails_clearly(tmp_path):
@@ -201,9 +235,10 @@ def test_a_diverging_field_is_reported_and_changes_nothing():
 
 
 def test_default_yaml_config_is_the_default_config():
-    from arrcoc.config import find_config
-
-    assert RelevanceConfig.from_yaml(find_config("configs/arrcoc.yaml")) == RelevanceConfig()
+    """configs/arrcoc.yaml shows the defaults; their one home is the dataclasses (the relaxation's included)."""
+    config = RelevanceConfig.from_yaml(find_config("configs/arrcoc.yaml"))
+    assert config == RelevanceConfig()
+    assert config.relaxation == Relaxation() and config.ablate == Ablations()
 
 
 def test_yaml_with_a_python_tag_is_refused(tmp_path):

@@ -14,7 +14,7 @@ Backward, the gradient of the expected selection is estimated from the same draw
 the mean over draws subtracted as a control variate). The loss is the cross-entropy of the backbone's output
 against the labels; the module's gradient norm is clipped (``max_grad_norm``; without it the participatory
 coupling's first gradient, ~3e7 through its per-image standardisation, stalls Adam and the query is never used).
-The relevance field is differentiated through its equilibrium (:func:`~arrcoc.rules.energy.relax_differentiably`),
+The relevance field is differentiated through its equilibrium (:func:`~arrcoc.rules.relaxation.relax_differentiably`),
 so every sub-network of the module, the field included, learns from the task loss.
 
 Why not DynamicViT's own relaxation (a Gumbel-sigmoid keep mask m as the attention key bias log(m), plus a

@@ -4,7 +4,7 @@ The same relevance module, target, optimizer and schedule as :meth:`~arrcoc.rele
 every sub-network is trained by autograd on one loss instead of by its own local rule: the binary cross-entropy
 of the allocator's per-patch logits against the relevance target (the loss whose gradient the allocator's local
 rule is given). Its gradient flows end to end inside the module: allocator -> relevance field, differentiated
-through its equilibrium (:func:`~arrcoc.rules.energy.relax_differentiably`) -> the three ways of knowing ->
+through its equilibrium (:func:`~arrcoc.rules.relaxation.relax_differentiably`) -> the three ways of knowing ->
 perspectival readout and encoder, participatory coupling. The backbone's features enter detached: unlike the
 DynamicViT-style baseline (:mod:`.global_backprop`), no gradient flows through the backbone. What the local
 rules lose (or gain) against this reference is what their locality costs.

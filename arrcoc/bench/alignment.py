@@ -24,7 +24,7 @@ from tqdm import tqdm
 from arrcoc.config import config_file, parse_with_config
 from arrcoc.reporting import command_line, device_label, output_dir, pyplot, run_metadata, save_figure, save_results
 from arrcoc.rules import RuleContext, build_rule
-from arrcoc.rules.energy import mlp_layers
+from arrcoc.rules.layered_energy import mlp_layers
 
 BETAS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
 PC_STEPS = [5, 10, 20, 50, 100, 200, 500]

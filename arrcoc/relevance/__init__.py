@@ -3,11 +3,12 @@
 from .adaptation import AdaptationConfig, AdaptReport, OnlineAdaptation
 from .attach import ARRCOC, RelevanceMaps, attach
 from .field import RelevanceField
-from .module import DEFAULT_RULES, SUBNETWORKS, RelevanceConfig, RelevanceModule, RelevanceOutput
+from .module import DEFAULT_RULES, SUBNETWORKS, Ablations, RelevanceConfig, RelevanceModule, RelevanceOutput
 from .vlm import VLMARRCOC, VLMAllocation, VLMConfig, attach_vlm
 
 __all__ = [
     "ARRCOC",
+    "Ablations",
     "AdaptReport",
     "AdaptationConfig",
     "DEFAULT_RULES",

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from arrcoc.optim import optimizer_class
 from arrcoc.rules import NonFiniteUpdate
-from arrcoc.rules.energy import RelaxationDiverged
+from arrcoc.rules.relaxation import RelaxationDiverged
 
 from .learning import QueryInput
 

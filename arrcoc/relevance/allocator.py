@@ -1,5 +1,5 @@
-"""The allocation network: a small per-patch MLP from equilibrium relevance (and evidence and patch
-features) to budget logits. Trained by feedback alignment by default (DFA as an option): its error
+"""The allocation network: a small per-patch MLP from equilibrium relevance (and the evidence) to budget
+logits. Trained by feedback alignment by default (DFA as an option): its error
 reaches the hidden layer through a fixed random matrix, never through W^T.
 
 It refines the field rather than relearning relevance: logits = logit(relevance) + MLP(inputs), so an
@@ -31,10 +31,9 @@ class Allocator(nn.Module):
         nn.init.zeros_(self.net[-1].weight), nn.init.zeros_(self.net[-1].bias)  # start on the field
 
     @staticmethod
-    def inputs(relevance: Tensor, evidence: Tensor | None, features: Tensor | None) -> Tensor:
-        """(B, N, in): what the allocator sees of each patch."""
-        parts = [relevance[..., None]] + [p for p in (evidence, features) if p is not None]
-        return torch.cat(parts, -1)
+    def inputs(relevance: Tensor, evidence: Tensor | None) -> Tensor:
+        """(B, N, in): what the allocator sees of each patch: its relevance, and the evidence unless ablated."""
+        return relevance[..., None] if evidence is None else torch.cat([relevance[..., None], evidence], -1)
 
     def forward(self, inputs: Tensor) -> Tensor:
         relevance = inputs[..., 0].clamp(1e-4, 1 - 1e-4)

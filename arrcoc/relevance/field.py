@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from arrcoc.rules.energy import Energy
+from arrcoc.rules.relaxation import Energy
 
 EVIDENCE = 3  # propositional, perspectival, participatory
 POSITION = 2
@@ -117,7 +117,7 @@ class RelevanceField(nn.Module):
 
 
 class FieldEnergy(Energy):
-    """The field as an :class:`~arrcoc.rules.energy.Energy`: one state, r (B, N)."""
+    """The field as an :class:`~arrcoc.rules.relaxation.Energy`: one state, r (B, N)."""
 
     def __init__(self, field: RelevanceField):
         super().__init__(field)

@@ -161,18 +161,18 @@ class LocalRuleLearner:
         """What each sub-network's rule sees in one step (only the sub-networks in use)."""
         cfg, relevance = self.config, self.relevance
         contexts: dict[str, RuleContext] = {}
-        if cfg.perspectival:
+        if cfg.ablate.perspectival:
             modulated = cfg.rules["perspectival_encoder"].get("modulated", False)
             contexts["perspectival_encoder"] = RuleContext(out.context, target=target if modulated else None)
             responses = relevance.perspectival.responses(out.context)
             contexts["perspectival_readout"] = RuleContext(responses, target=target[..., None])
-        if cfg.participatory and out.query is not None:
+        if cfg.ablate.participatory and out.query is not None:
             if cfg.participatory_contrast == "patches":
                 positive = relevance.participatory.clamped_output(out.context, out.query, target)
             else:  # the key the query should retrieve against the batch's other queries
                 positive = ParticipatoryKnowing.queried_content(out.context, target)
             contexts["participatory"] = RuleContext(out.query, target=positive)
-        if cfg.field:
+        if cfg.ablate.field:
             contexts["field"] = RuleContext(out.field_input, target=target)
         # d(binary cross-entropy)/d(logit) of the whole allocator output (its MLP plus the field's logit), per patch
         error = (torch.sigmoid(out.patch_logits) - target) / target.shape[0]

@@ -25,12 +25,12 @@ from arrcoc.backbones.tokens import DROPPED_MODES
 from arrcoc.budget import Budget, check_budget
 from arrcoc.config import apply_override, load_yaml_mapping
 from arrcoc.rules.distributed import ShardedBatchNorm1d
-from arrcoc.rules.energy import Relaxation, relax, relax_differentiably
+from arrcoc.rules.relaxation import Relaxation, relax, relax_differentiably
 
 from .allocator import Allocator, neighbourhood_support
 from .field import RelevanceField, grid_positions
 from .knowing import ParticipatoryKnowing, PerspectivalKnowing, standardize_per_image
-from .texture import NUM_FEATURES, TextureImage, patch_entropy, patch_self_information, texture_features, texture_image
+from .texture import NUM_FEATURES, TextureImage, patch_entropy, texture_features, texture_image
 
 # Sub-networks and the rules that suit them (any of them may also be `frozen`; those with a target
 # may be `backprop`, i.e. autograd inside that sub-network only).
@@ -50,13 +50,57 @@ DEFAULT_RULES: dict[str, dict[str, Any]] = {
     "allocator": {"name": "fa"},
 }
 TARGETS = ("attention", "perturbation", "box", "reward")
-PROPOSITIONAL_MEASURES = ("entropy", "self-information")
 PARTICIPATORY_CONTRASTS = ("batch", "patches")
 
 
-def field_relaxation() -> Relaxation:
-    """How the field relaxes, at inference and in every phase of its rule, by default."""
-    return Relaxation(steps=60, step_size=0.5, momentum=0.3, tol=1e-4, backtracks=4, gradient_only=True)
+@dataclass
+class Ablations:
+    """Switches that exist only to take a piece of the design out and measure what it gave (``ablate:`` in YAML,
+    ``config.ablate.field``); the design has every piece on."""
+
+    backbone_tokens: bool = True  # the backbone's patch embeddings among the patch features
+    texture: bool = True  # the texture stack among the patch features
+    propositional: bool = True  # the three ways of knowing, each in the evidence (off: zeros)
+    perspectival: bool = True
+    participatory: bool = True
+    field: bool = True  # off: relevance is the sigmoid of the evidence at the field's initial weights
+    adaptive_balance: bool = True  # off: the field weighs the evidence alike for every query
+    allocator_evidence: bool = True  # off: the evidence reaches the allocator only through the field
+
+    def __post_init__(self) -> None:
+        odd = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if not isinstance(getattr(self, f.name), bool)}
+        if odd:
+            raise ValueError(f"ablate switches are true or false, got {odd}")
+        if not (self.backbone_tokens or self.texture):
+            raise ValueError("the relevance module needs patch features: keep ablate.backbone_tokens or "
+                             "ablate.texture on")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Ablations:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise KeyError(f"unknown ablate switch(es) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+# keys of the flat config before the ablation switches moved under `ablate` (checkpoint schema 1), and the probes
+# that were removed: docs/decisions.md has their numbers
+MOVED_TO_ABLATE = tuple(f.name for f in dataclasses.fields(Ablations))
+REMOVED = {"propositional_measure": "entropy", "allocator_features": False}  # key: the value the design kept
+
+
+def nest_ablation_switches(config: dict[str, Any]) -> dict[str, Any]:
+    """A relevance config written before the ablation switches moved under ``ablate`` (checkpoint schema 1) in
+    today's form; a removed probe is refused unless it is at the value the design kept."""
+    used = {key: config[key] for key in REMOVED if key in config and config[key] != REMOVED[key]}
+    if used:
+        raise ValueError(f"this checkpoint was trained with {used}, a probe since removed (docs/decisions.md has its "
+                         "numbers): retrain it with today's config")
+    ablate = {key: config[key] for key in MOVED_TO_ABLATE if key in config}
+    rest = {key: value for key, value in config.items() if key not in MOVED_TO_ABLATE and key not in REMOVED}
+    return {**rest, "ablate": ablate}
 
 
 @dataclass
@@ -67,38 +111,21 @@ class RelevanceConfig:
     # (16, from a 2x view); the `refined_regions` best regions are refined, the total stays within budget
     tiers: bool = False
     refined_regions: int = 0
-    # switches for ablations
-    backbone_tokens: bool = True
-    texture: bool = True
-    propositional: bool = True
-    # what propositional knowing measures: "entropy" (of a patch's lightness: how much it holds) or
-    # "self-information" (how rare its colours are in its own image); docs/decisions.md
-    propositional_measure: str = "entropy"
-    perspectival: bool = True
-    participatory: bool = True
     # What the participatory coupling learns to tell apart: "batch" (an image's queried content from the other
     # images' queries: InfoNCE with batch negatives, rule infonce-hebbian) or "patches" (the queried patches from
     # the other patches of the same image: softmax over the patches; rule contrastive-hebbian or backprop with mse)
     participatory_contrast: str = "batch"
-    field: bool = True
-    adaptive_balance: bool = True
     # sizes
     query_dim: int = 384
     perspectival_units: int = 16
     # divide each perspectival unit's drive by its spread over the image (divisive normalisation; docs/decisions.md)
     perspectival_gain_control: bool = False
     allocator_hidden: int = 32
-    # Raw patch features as allocator inputs: off by default, since they let the allocator learn query-agnostic
-    # corrections (docs/decisions.md).
-    allocator_features: bool = False
-    # The three kinds of evidence as allocator inputs beside the field's relevance; without them the evidence
-    # reaches the allocator only through the field (an ablation: docs/decisions.md)
-    allocator_evidence: bool = True
     # Rank a patch by the allocation of its Gaussian neighbourhood (sigma, in patches) rather than its own, so that
     # the budget goes to whole objects; 0 ranks every patch alone. It pays where objects span several patches and
     # distractors look alike (the query task), and costs a little where digits are small (docs/decisions.md).
     neighbourhood: float = 0.0
-    relaxation: Relaxation = dataclasses.field(default_factory=field_relaxation)
+    relaxation: Relaxation = dataclasses.field(default_factory=Relaxation)  # the field's, inference and training
     # learning
     target: str = "attention"  # attention | perturbation | box | reward (see arrcoc.relevance.targets)
     rules: dict[str, Any] = dataclasses.field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_RULES.items()})
@@ -106,14 +133,13 @@ class RelevanceConfig:
     # pixels: images given to the backbone are (rgb - mean) / std; the texture stack needs rgb in [0, 1]
     pixel_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     pixel_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    ablate: Ablations = dataclasses.field(default_factory=Ablations)  # switches for ablations only
 
     def __post_init__(self) -> None:
         if isinstance(self.relaxation, dict):
-            known = {f.name for f in dataclasses.fields(Relaxation)}
-            unknown = sorted(set(self.relaxation) - known)
-            if unknown:
-                raise KeyError(f"unknown relaxation key(s) {unknown}; known keys: {sorted(known)}")
-            self.relaxation = Relaxation(**self.relaxation)
+            self.relaxation = Relaxation.from_dict(self.relaxation)
+        if isinstance(self.ablate, dict):
+            self.ablate = Ablations.from_dict(self.ablate)
         check_budget(self.budget)
         if self.dropped not in DROPPED_MODES:
             raise ValueError(f"dropped must be one of {DROPPED_MODES}, got {self.dropped!r}")
@@ -122,9 +148,6 @@ class RelevanceConfig:
                              f"got {self.neighbourhood!r}")
         if self.refined_regions < 0:
             raise ValueError(f"refined_regions must be >= 0, got {self.refined_regions}")
-        if self.propositional_measure not in PROPOSITIONAL_MEASURES:
-            raise ValueError(f"propositional_measure must be one of {PROPOSITIONAL_MEASURES}, "
-                             f"got {self.propositional_measure!r}")
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         unknown = sorted(set(self.rules) - set(SUBNETWORKS))
@@ -147,11 +170,18 @@ class RelevanceConfig:
             if not (isinstance(values, list | tuple) and len(values) == 3):
                 raise ValueError(f"{name} must be 3 numbers (one per RGB channel), got {values!r}")
             setattr(self, name, tuple(float(v) for v in values))
-        if not (self.backbone_tokens or self.texture):
-            raise ValueError("the relevance module needs patch features: enable backbone_tokens or texture")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RelevanceConfig:
+        moved = sorted(set(data) & set(MOVED_TO_ABLATE))
+        if moved:
+            raise KeyError(f"relevance config key(s) {moved} are ablation switches now: write them under ablate "
+                           f"(YAML `ablate: {{{moved[0]}: false}}`, override `ablate.{moved[0]}`)")
+        removed = sorted(set(data) & set(REMOVED))
+        if removed:
+            kept = ", ".join(f"{key}: {REMOVED[key]!r}" for key in removed)
+            raise KeyError(f"relevance config key(s) {removed} were removed, probes that earned nothing "
+                           f"(docs/decisions.md); the design keeps {kept}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -204,7 +234,8 @@ class RelevanceModule(nn.Module):
     def __init__(self, config: RelevanceConfig, token_dim: int, patch_size: tuple[int, int]):
         super().__init__()
         self.config, self.patch_size = config, patch_size
-        feature_dim = (token_dim if config.backbone_tokens else 0) + (NUM_FEATURES if config.texture else 0)
+        ablate = config.ablate
+        feature_dim = (token_dim if ablate.backbone_tokens else 0) + (NUM_FEATURES if ablate.texture else 0)
         # statistics of the whole batch, also when it is sharded over processes (torchrun). Inference uses the
         # cumulative average over every training batch (momentum None): an exponential average forgets its
         # initial variance of 1 too slowly for features that vary far less (docs/decisions.md)
@@ -213,9 +244,8 @@ class RelevanceModule(nn.Module):
                                                 config.perspectival_gain_control)
         temperature = config.rules["participatory"].get("temperature", 0.1)
         self.participatory = ParticipatoryKnowing(config.query_dim, feature_dim, temperature)
-        self.field = RelevanceField(config.query_dim, config.budget, config.adaptive_balance)
-        self.allocator = Allocator(1 + (3 if config.allocator_evidence else 0)
-                                   + (feature_dim if config.allocator_features else 0), config.allocator_hidden)
+        self.field = RelevanceField(config.query_dim, config.budget, ablate.adaptive_balance)
+        self.allocator = Allocator(1 + (3 if ablate.allocator_evidence else 0), config.allocator_hidden)
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(1, 3, 1, 1))
 
@@ -232,13 +262,13 @@ class RelevanceModule(nn.Module):
         """(B, N, F) standardised features, and the images at texture resolution (RGB and CIE-Lab) when the
         texture stack or propositional knowing needs them (converted once: the conversion is a large share of
         the cost)."""
-        dtype = self.pixel_std.dtype  # the module's own (float32 unless it was converted)
+        dtype, ablate = self.pixel_std.dtype, self.config.ablate  # the module's own (float32 unless converted)
         texture = (texture_image(images.to(dtype), self.patch_size, self.pixel_mean, self.pixel_std)
-                   if self.config.texture or self.config.propositional else None)
+                   if ablate.texture or ablate.propositional else None)
         parts = []
-        if self.config.backbone_tokens:
+        if ablate.backbone_tokens:
             parts.append(patch_tokens.to(dtype))
-        if self.config.texture:
+        if ablate.texture:
             parts.append(texture_features(texture))
         raw = torch.cat(parts, -1)
         b, n, f = raw.shape
@@ -246,18 +276,14 @@ class RelevanceModule(nn.Module):
 
     def evidence(self, texture: TextureImage | None, features: Tensor, context: Tensor, query: Tensor | None
                  ) -> Tensor:
-        cfg = self.config
+        ablate = self.config.ablate
         zeros = features.new_zeros(features.shape[:2])
-        if not cfg.propositional:
-            propositional = zeros
-        elif cfg.propositional_measure == "entropy":
-            propositional = standardize_per_image(patch_entropy(texture.lab[:, :1], texture.samples_per_patch))
-        else:
-            propositional = standardize_per_image(patch_self_information(texture.lab, texture.samples_per_patch))
-        perspectival = standardize_per_image(self.perspectival(context)) if cfg.perspectival else zeros
+        propositional = (standardize_per_image(patch_entropy(texture.lab[:, :1], texture.samples_per_patch))
+                         if ablate.propositional else zeros)
+        perspectival = standardize_per_image(self.perspectival(context)) if ablate.perspectival else zeros
         participatory = (
             standardize_per_image(self.participatory(context, query))
-            if cfg.participatory and query is not None
+            if ablate.participatory and query is not None
             else zeros
         )
         return torch.stack([propositional, perspectival, participatory], -1)
@@ -265,7 +291,7 @@ class RelevanceModule(nn.Module):
     def relax_field(self, field_input: Tensor) -> Tensor:
         # under autograd (the backprop references) the relevance is differentiated through its equilibrium
         relaxed = relax_differentiably if torch.is_grad_enabled() else relax
-        states, _ = relaxed(self.field.as_energy(), field_input, **self.config.relaxation.settings())
+        states, _ = relaxed(self.field.as_energy(), field_input, how=self.config.relaxation)
         return torch.sigmoid(states[0])
 
     def forward(self, images: Tensor, patch_tokens: Tensor, grid: tuple[int, int], query: Tensor | None = None
@@ -284,12 +310,11 @@ class RelevanceModule(nn.Module):
         evidence = self.evidence(texture, features, context, query)
         positions = grid_positions(*grid, device=images.device)
         field_input = RelevanceField.pack(evidence, positions, query)
-        if self.config.field:
+        if self.config.ablate.field:
             relevance = self.relax_field(field_input)
         else:
             relevance = torch.sigmoid(evidence @ self.field.evidence_weight.detach())
-        allocator_input = Allocator.inputs(relevance, evidence if self.config.allocator_evidence else None,
-                                           features if self.config.allocator_features else None)
+        allocator_input = Allocator.inputs(relevance, evidence if self.config.ablate.allocator_evidence else None)
         patch_logits = self.allocator(allocator_input)
         width = self.config.neighbourhood
         logits = neighbourhood_support(patch_logits, positions[0], width) if width > 0 else patch_logits

@@ -191,19 +191,3 @@ def patch_entropy(lightness: Tensor, patch_size: tuple[int, int], bins: int = 8,
     histogram = F.avg_pool2d(weights, patch_size)  # the mean, not the sum: the normalisation below cancels it
     p = histogram / histogram.sum(1, keepdim=True).clamp_min(1e-12)
     return -(p * p.clamp_min(1e-12).log2()).sum(1).flatten(1)
-
-
-def patch_self_information(lab: Tensor, patch_size: tuple[int, int], bins: int = 8, width: float = 0.5) -> Tensor:
-    """(B, 3, H, W) CIE-Lab (:func:`rgb_to_lab`), ``patch_size`` in its pixels -> (B, N) how surprising each patch
-    is in its own image: the mean self-information (bits) of its pixels under the image's soft histogram of each
-    Lab channel, the channels taken as independent (attention as information maximisation, Bruce & Tsotsos 2009).
-
-    Unlike a patch's entropy this is relative to the image: a patch of a colour or lightness the image has
-    little of scores high, however flat it is; texture that fills the image scores low, however varied.
-    """
-    scaled = torch.cat([lab[:, :1], (lab[:, 1:] + 1) / 2], 1)  # every channel to about [0, 1]
-    weights = soft_bins(scaled, bins, width)
-    weights = weights / weights.sum(2, keepdim=True).clamp_min(1e-12)  # (B, 3, bins, H, W) per pixel
-    image = weights.mean((-2, -1), keepdim=True)  # (B, 3, bins, 1, 1) the image's histograms
-    surprise = -(weights * image.clamp_min(1e-12).log2()).sum((1, 2))  # (B, H, W)
-    return F.avg_pool2d(surprise[:, None], patch_size).flatten(1)

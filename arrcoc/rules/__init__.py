@@ -6,7 +6,7 @@ Knows nothing of ViTs or ARR-COC: every rule works on any ``nn.Module`` it can t
 from . import (  # noqa: F401  (importing a rule module registers it)
     backprop,
     bcm,
-    chl,
+    chl_energy,
     contrastive_hebbian,
     direct_feedback_alignment,
     equilibrium_propagation,

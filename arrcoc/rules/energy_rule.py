@@ -14,12 +14,23 @@ import torch
 from torch import Tensor, nn
 
 from .base import LearningRule, RuleConfig, RuleContext
-from .energy import ENERGIES, Cost, Energy, Relaxation, RelaxationReport, relax
+from .layered_energy import ENERGIES
+from .relaxation import Cost, Energy, Relaxation, RelaxationReport, relax
 
 
 @dataclass
 class RelaxationConfig(Relaxation, RuleConfig):
-    """A rule's settings plus how it relaxes its states (:class:`~arrcoc.rules.energy.Relaxation`)."""
+    """A rule's settings plus how it relaxes its states (:class:`~arrcoc.rules.relaxation.Relaxation`). The
+    layered MLP energies are stiffer than the relevance field :class:`Relaxation`'s defaults are set for: more
+    and smaller steps with heavy momentum, every step's energy watched, no step undone (an energy the rule relaxes
+    that defines its own settings, the relevance field, gets those: ``arrcoc.relevance``)."""
+
+    steps: int = 500
+    step_size: float = 0.1
+    momentum: float = 0.9
+    tol: float = 1e-5
+    backtracks: int = 0
+    gradient_only: bool = False
 
 
 @dataclass
@@ -64,10 +75,9 @@ class EnergyRule(LearningRule):
         model: Energy | None = None,
         tol_scale: float = 1.0,
     ) -> list[Tensor]:
-        cfg = self.config
-        settings = {**cfg.settings(), "tol": cfg.tol * tol_scale}
-        states, report = relax(self.energy if model is None else model, x, beta, target, cost=cost, states=start,
-                               **settings)
+        how = Relaxation(**{**self.config.settings(), "tol": self.config.tol * tol_scale})
+        states, report = relax(self.energy if model is None else model, x, beta, target, how=how, cost=cost,
+                               states=start)
         self.last_reports[phase] = report
         return states
 

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from .base import RuleContext, register_rule
 from .distributed import max_over_shards
-from .energy import LayeredEnergy, PredictionErrorEnergy
 from .energy_rule import EnergyRule, RelaxationConfig
+from .layered_energy import LayeredEnergy, PredictionErrorEnergy
 
 VARIANTS = ("strict", "fixed-prediction")
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .base import LearningRule, RuleConfig, RuleContext, register_rule
 from .distributed import shard_rows, sum_over_shards
-from .energy import mlp_layers
+from .layered_energy import mlp_layers
 
 
 @dataclass

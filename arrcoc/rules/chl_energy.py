@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from .base import RuleContext, register_rule
-from .energy import OutputClamped
 from .energy_rule import EnergyRule, EnergyRuleConfig
+from .layered_energy import OutputClamped
 
 
 @dataclass
