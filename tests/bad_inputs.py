@@ -27,9 +27,9 @@ from arrcoc.data.image_folder import read_image_folder
 from arrcoc.models.pretrained import load_backbone
 from arrcoc.models.toy_vit import toy_vit
 from arrcoc.relevance import ARRCOC, AdaptationConfig, RelevanceConfig
-from arrcoc.relevance.trainer import Batch, Trainer, TrainerConfig
 from arrcoc.rules import build_rule
 from arrcoc.rules.relaxation import Energy, Relaxation, relax
+from arrcoc.training import Batch, Trainer, TrainerConfig
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
 

@@ -17,7 +17,7 @@ import torch
 
 import arrcoc
 from arrcoc.models.toy_vit import toy_vit
-from arrcoc.relevance.trainer import Trainer, TrainerConfig, distributed_loader
+from arrcoc.training import Trainer, TrainerConfig, distributed_loader
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 import torchrun_worker as worker  # noqa: E402

@@ -12,9 +12,9 @@ import torch
 import arrcoc
 from arrcoc.data.toy_patches import query_patch_task
 from arrcoc.models.toy_vit import toy_vit
-from arrcoc.relevance.trainer import Batch, Trainer, TrainerConfig
 from arrcoc.rules import NonFiniteUpdate
 from arrcoc.rules.relaxation import RelaxationDiverged
+from arrcoc.training import Batch, Trainer, TrainerConfig
 
 # every piece of state a step reads: Adam moments, BCM thresholds, the reward baseline, feature statistics,
 # and the global RNG (random-sign EP draws the sign of its nudge from it)

@@ -102,3 +102,32 @@ def test_training_runs_the_backprop_reference_with_the_local_rules_optimizer_and
     model, _ = train_arrcoc(toy_vit(), config, data, steps=3, batch_size=8, seed=0, learning="backprop")
     assert model.optimizer.param_groups[0]["lr"] == 0  # the cosine schedule ran to its end
     assert model.optimizer.state  # the module's own optimizer took the steps
+
+
+@pytest.mark.parametrize("learning", ["local", "backprop", "global"])
+def test_the_trainer_makes_the_steps_of_each_way_of_learning(learning):
+    """One loop for every way the module learns: its steps equal the wrapper's and the baselines' own (same
+    seed, same batches), the gradient clipped as each clips it."""
+    from arrcoc.baselines import GlobalBackpropConfig, global_backprop_step
+    from arrcoc.training import Batch, Trainer, TrainerConfig
+
+    data = [single_patch_task(8, torch.Generator().manual_seed(i)) for i in range(2)]
+    batches = [Batch(b.images, boxes=b.boxes, labels=b.answer % 10) for b in data]
+    config = arrcoc.RelevanceConfig(target="box", budget=0.25)
+    torch.manual_seed(0)
+    trained = arrcoc.attach(toy_vit(), config=config)
+    Trainer(trained, TrainerConfig(learning=learning, max_grad_norm=1.0, schedule="constant", progress=False)
+            ).fit(batches)
+    torch.manual_seed(0)
+    stepped = arrcoc.attach(toy_vit(), config=config)
+    for b in batches:
+        if learning == "local":
+            stepped.learn(b.images, boxes=b.boxes, max_grad_norm=1.0)
+        elif learning == "backprop":
+            module_backprop_step(stepped, b.images, boxes=b.boxes, max_grad_norm=1.0)
+        else:
+            global_backprop_step(stepped, b.images, b.labels, config=GlobalBackpropConfig(max_grad_norm=1.0))
+    for name, value in stepped.relevance.state_dict().items():
+        assert torch.equal(trained.relevance.state_dict()[name], value), name
+    with pytest.raises(ValueError, match="learning must be one of"):
+        TrainerConfig(learning="hebbian")

@@ -249,7 +249,7 @@ def test_yaml_with_a_python_tag_is_refused(tmp_path):
 
 
 def test_trainer_runs_epochs_with_a_schedule_and_checkpoints(tmp_path):
-    from arrcoc.relevance.trainer import Batch, Trainer, TrainerConfig
+    from arrcoc.training import Batch, Trainer, TrainerConfig
 
     wrapped = arrcoc.attach(toy_vit(), budget=0.25, config={"target": "box"})
     g = torch.Generator().manual_seed(0)

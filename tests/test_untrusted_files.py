@@ -14,7 +14,7 @@ import arrcoc
 from arrcoc.models.canvas_vit import CanvasViTConfig, load_canvas_vit
 from arrcoc.models.toy_vit import toy_vit
 from arrcoc.relevance import RelevanceConfig
-from arrcoc.relevance.trainer import Batch, Trainer, TrainerConfig
+from arrcoc.training import Batch, Trainer, TrainerConfig
 
 PACKAGE = Path(arrcoc.__file__).parent
 

@@ -6,8 +6,8 @@ These are *policies*; the mechanics they share with ARR-COC (keeping, fusing, me
 :mod:`arrcoc.backbones`.
 """
 
-from .global_backprop import GlobalBackpropConfig, global_backprop_step
-from .module_backprop import module_backprop_step
+from .global_backprop import GlobalBackpropConfig, global_backprop_grads, global_backprop_step
+from .module_backprop import module_backprop_grads, module_backprop_step
 from .oracle import oracle_predict
 from .tent import Tent
 from .token_reduction import (
@@ -38,8 +38,10 @@ __all__ = [
     "ats_scores",
     "cls_attention_scores",
     "equal_compute_baseline",
+    "global_backprop_grads",
     "global_backprop_step",
     "make_baseline",
+    "module_backprop_grads",
     "module_backprop_step",
     "oracle_predict",
     "random_scores",

@@ -34,7 +34,7 @@ from torch import Tensor
 from arrcoc.backbones import TokenSet, top_k
 from arrcoc.budget import num_kept
 from arrcoc.relevance.attach import ARRCOC
-from arrcoc.relevance.learning import QueryInput
+from arrcoc.relevance.wrapper import QueryInput
 
 from .module_backprop import training_pass
 
@@ -87,10 +87,12 @@ def perturbed_top_k(scores: Tensor, k: int, sigma: float, samples: int) -> Tenso
     return PerturbedTopK.apply(scores, k, sigma, samples)
 
 
-def global_backprop_step(model: ARRCOC, images: Tensor, labels: Tensor, query: QueryInput = None,
-                         config: GlobalBackpropConfig | None = None) -> dict[str, float]:
-    """One step of the DynamicViT-style baseline: the cross-entropy of the backbone's output on the module's
-    perturbed top K, differentiated through the frozen backbone, applied by the module's optimizer.
+def global_backprop_grads(model: ARRCOC, images: Tensor, labels: Tensor, query: QueryInput = None,
+                          config: GlobalBackpropConfig | None = None) -> dict[str, float]:
+    """Fill the relevance module's .grad (cleared first) with the gradient of the cross-entropy of the backbone's
+    output on the module's perturbed top K, differentiated through the frozen backbone; no weight changes (an
+    optimizer applies it: :func:`global_backprop_step`, or :class:`~arrcoc.training.Trainer` with
+    ``learning="global"``).
 
     Returns:
         ``loss``: the cross-entropy, mean over the images.
@@ -104,5 +106,14 @@ def global_backprop_step(model: ARRCOC, images: Tensor, labels: Tensor, query: Q
     loss = F.cross_entropy(model.adapter.head(model.adapter.run_blocks(chosen)), labels)
     model.relevance.zero_grad(set_to_none=True)
     loss.backward()
-    model.step_optimizer(max_grad_norm=cfg.max_grad_norm)
     return {"loss": loss.item()}
+
+
+def global_backprop_step(model: ARRCOC, images: Tensor, labels: Tensor, query: QueryInput = None,
+                         config: GlobalBackpropConfig | None = None) -> dict[str, float]:
+    """One step of the DynamicViT-style baseline (:func:`global_backprop_grads`), applied by the module's optimizer
+    with the gradient norm clipped to ``config.max_grad_norm``."""
+    cfg = config or GlobalBackpropConfig()
+    metrics = global_backprop_grads(model, images, labels, query, cfg)
+    model.step_optimizer(max_grad_norm=cfg.max_grad_norm)
+    return metrics

@@ -17,8 +17,8 @@ from torch import Tensor
 
 from arrcoc.backbones import TokenSet
 from arrcoc.relevance.attach import ARRCOC
-from arrcoc.relevance.learning import QueryInput
 from arrcoc.relevance.module import RelevanceOutput
+from arrcoc.relevance.wrapper import QueryInput
 
 
 def training_pass(model: ARRCOC, images: Tensor, query: QueryInput) -> tuple[RelevanceOutput, TokenSet]:
@@ -33,17 +33,18 @@ def training_pass(model: ARRCOC, images: Tensor, query: QueryInput) -> tuple[Rel
     return out, state
 
 
-def module_backprop_step(model: ARRCOC, images: Tensor, query: QueryInput = None, boxes: Tensor | None = None,
-                         labels: Tensor | None = None, max_grad_norm: float | None = None) -> dict[str, float]:
-    """One autograd step of the whole relevance module towards its configured target, applied by its optimizer.
+def module_backprop_grads(model: ARRCOC, images: Tensor, query: QueryInput = None, boxes: Tensor | None = None,
+                          labels: Tensor | None = None) -> dict[str, float]:
+    """Fill the relevance module's .grad (cleared first) with the autograd gradient of the whole module towards its
+    configured target; no weight changes (an optimizer applies it: :func:`module_backprop_step`, or
+    :class:`~arrcoc.training.Trainer` with ``learning="backprop"``).
 
     Args:
-        model: the attached model (its rules are not used; its optimizer is).
+        model: the attached model (its rules are not used).
         images: (B, C, H, W) as the backbone takes them.
         query: (B, query_dim) embeddings, strings, or None.
         boxes: (B, 4) pixel boxes (target 'box').
         labels: (B,) class indices (target 'reward').
-        max_grad_norm: clip the module's gradient norm to this, if given (as ``learn`` does).
 
     Returns:
         ``loss``: the binary cross-entropy, summed over the patches, mean over the images.
@@ -54,5 +55,13 @@ def module_backprop_step(model: ARRCOC, images: Tensor, query: QueryInput = None
     loss = F.binary_cross_entropy_with_logits(out.patch_logits, target, reduction="sum") / target.shape[0]
     model.relevance.zero_grad(set_to_none=True)
     loss.backward()
-    model.step_optimizer(max_grad_norm=max_grad_norm)
     return {"loss": loss.item()}
+
+
+def module_backprop_step(model: ARRCOC, images: Tensor, query: QueryInput = None, boxes: Tensor | None = None,
+                         labels: Tensor | None = None, max_grad_norm: float | None = None) -> dict[str, float]:
+    """One autograd step of the whole relevance module towards its configured target (:func:`module_backprop_grads`),
+    applied by its optimizer, the gradient norm clipped to ``max_grad_norm`` if given (as ``learn`` does)."""
+    metrics = module_backprop_grads(model, images, query, boxes, labels)
+    model.step_optimizer(max_grad_norm=max_grad_norm)
+    return metrics

@@ -1,7 +1,7 @@
 """Probe designs of the relevance module on one canvas task: variants paired against a base, before the benchmark.
 
     arrcoc bench ablate --task cluttered --variants '{"field: frozen": {"rules.field": {"name": "frozen"}}}'
-    arrcoc bench ablate --task query --base '{"ablate.allocator_evidence": false}' --variants variants.yaml --budgets 0.03125
+    arrcoc bench ablate --task query --base '{"ablate.allocator_evidence": false}' --variants v.yaml --budgets 0.03125
     arrcoc bench ablate --task query --grid configs/switches.yaml --out benchmarks/results/switches_query
 
 The base (the task's relevance config in the benchmark config, plus ``--base``'s dotted overrides) and every variant

@@ -34,8 +34,8 @@ from arrcoc.data.canvas import SHIFT_CANVAS, canvas_sources, cluttered_split, ma
 from arrcoc.metrics import resident_bytes
 from arrcoc.models.canvas_vit import DEFAULT_CHECKPOINT, load_canvas_vit
 from arrcoc.relevance import ARRCOC, AdaptationConfig
-from arrcoc.relevance.trainer import Batch, Trainer, TrainerConfig
 from arrcoc.reporting import command_line, output_dir, pyplot, run_metadata, save_figure, save_results
+from arrcoc.training import Batch, Trainer, TrainerConfig
 
 STREAMS = ("noise", "adversarial")
 # digit fragments over bright photographs; the target digit is drawn 1-1.5 px wide, i.e. absent

@@ -1,4 +1,5 @@
-"""Train the relevance module with local rules, on a canvas task or on your own images, on one or many processes.
+"""Train the relevance module with local rules, on a canvas task or on your own images, on one or many processes
+(``--learning backprop`` or ``global``: the references the local rules are compared with).
 
     arrcoc train --out runs/train                              # one process
     torchrun --standalone --nproc_per_node 4 -m arrcoc.commands.train --out runs/train   # 4 processes / GPUs
@@ -49,8 +50,8 @@ from arrcoc.models.canvas_vit import DEFAULT_CHECKPOINT, load_canvas_vit
 from arrcoc.models.pretrained import Backbone, load_backbone
 from arrcoc.relevance import RelevanceConfig
 from arrcoc.relevance.module import TARGETS
-from arrcoc.relevance.trainer import Batch, Trainer, TrainerConfig, distributed_loader, world
 from arrcoc.storage import save_json_atomic
+from arrcoc.training import LEARNING, Batch, Trainer, TrainerConfig, distributed_loader, world
 
 from .common import add_image_folder_options, refuse_folder_options
 
@@ -176,6 +177,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add_image_folder_options(parser, "train on", "the committed canvas ViT")
     parser.add_argument("--batch-size", type=int, default=64, help="global batch, split over the processes")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--learning", choices=LEARNING, default="local",
+                        help="local: each sub-network's own rule (the design); backprop: autograd inside the module "
+                             "(the all-backprop reference); global: through the frozen backbone (DynamicViT-style)")
+    parser.add_argument("--max-grad-norm", type=float, help="clip the module's gradient norm to this in every step")
     parser.add_argument("--checkpoint-every", type=int, default=20, help="steps between training checkpoints")
     parser.add_argument("--resume", action="store_true", help="continue from the newest training checkpoint")
     parser.add_argument("--seed", type=int, default=0)
@@ -212,8 +217,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
         return Batch(batch["images"], query=batch.get("queries"), labels=batch["labels"], boxes=batch.get("boxes"))
 
     loader = distributed_loader(dataset, args.batch_size // world_size, collate, seed=args.seed)
-    trainer = Trainer(model, TrainerConfig(epochs=args.epochs, checkpoint_dir=str(args.out),
-                                           checkpoint_every=args.checkpoint_every, progress=rank == 0))
+    trainer = Trainer(model, TrainerConfig(epochs=args.epochs, learning=args.learning, max_grad_norm=args.max_grad_norm,
+                                           checkpoint_dir=str(args.out), checkpoint_every=args.checkpoint_every,
+                                           progress=rank == 0))
     start = time.perf_counter()
     history = trainer.fit(loader, resume=args.resume)
     if rank == 0:

@@ -21,7 +21,7 @@ from arrcoc.optim import optimizer_class
 from arrcoc.rules import NonFiniteUpdate
 from arrcoc.rules.relaxation import RelaxationDiverged
 
-from .learning import QueryInput
+from .wrapper import QueryInput
 
 if TYPE_CHECKING:
     from .attach import ARRCOC

@@ -34,9 +34,9 @@ from arrcoc.rules.distributed import batch_mean
 
 from .adaptation import AdaptationConfig, AdaptReport, OnlineAdaptation
 from .checkpoint import read_checkpoint
-from .learning import LocalRuleLearner, QueryInput, check_finite
 from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
 from .targets import attention_target, box_target, perturbation_target
+from .wrapper import QueryInput, RelevanceWrapper, check_finite
 
 
 @dataclass
@@ -51,7 +51,7 @@ class RelevanceMaps:
     kept: Tensor
 
 
-class ARRCOC(LocalRuleLearner, nn.Module):
+class ARRCOC(RelevanceWrapper, nn.Module):
     """A frozen ViT that runs on the patch tokens its relevance module allocates, per image and query.
 
     Build it with :func:`attach`. The backbone is frozen and only ever run forward: no gradient reaches it.
@@ -341,7 +341,7 @@ class ARRCOC(LocalRuleLearner, nn.Module):
         fork.relevance.load_state_dict(self.relevance.state_dict())
         return fork
 
-    # ---- checkpoints (save_pretrained: LocalRuleLearner) ------------------------------------------
+    # ---- checkpoints (save_pretrained: RelevanceWrapper) ------------------------------------------
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, model: nn.Module, **kwargs: Any) -> ARRCOC:
         meta, tensors = read_checkpoint(directory)

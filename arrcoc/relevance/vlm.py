@@ -31,9 +31,9 @@ from arrcoc.backbones.vlm import IGNORE_INDEX, EncodedPrompt, TokenGrid, VLMAdap
 from arrcoc.budget import Budget, num_kept
 
 from .checkpoint import read_checkpoint
-from .learning import LocalRuleLearner, QueryInput
 from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
 from .targets import box_target, prediction_change
+from .wrapper import QueryInput, RelevanceWrapper
 
 __all__ = ["VLMARRCOC", "VLMAllocation", "VLMConfig", "attach_vlm"]
 
@@ -86,7 +86,7 @@ class _GridBatch:
     out: RelevanceOutput
 
 
-class VLMARRCOC(LocalRuleLearner, nn.Module):
+class VLMARRCOC(RelevanceWrapper, nn.Module):
     def __init__(self, model: nn.Module, config: VLMConfig | None = None,
                  text_encoder: Callable[[list[str]], Tensor] | None = None):
         super().__init__()
@@ -104,7 +104,7 @@ class VLMARRCOC(LocalRuleLearner, nn.Module):
         self._build_rules()
         self.eval()
 
-    # ---- checkpoints (save_pretrained: LocalRuleLearner) ------------------------------------------
+    # ---- checkpoints (save_pretrained: RelevanceWrapper) ------------------------------------------
     def checkpoint_config(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self.vlm_config), "relevance": self.config.to_dict()}
 

@@ -26,7 +26,7 @@ import arrcoc  # noqa: E402
 import arrcoc.relevance.checkpoint as checkpoint_module  # noqa: E402
 import arrcoc.relevance.training_state as training_state  # noqa: E402
 from arrcoc.models.toy_vit import toy_vit  # noqa: E402
-from arrcoc.relevance.trainer import Trainer, TrainerConfig  # noqa: E402
+from arrcoc.training import Trainer, TrainerConfig  # noqa: E402
 
 PAUSE_AT = -1  # the event the child stops at (-1: never)
 EVENTS: list[str] = []

@@ -20,10 +20,10 @@ from torch.utils.data import TensorDataset
 import arrcoc
 from arrcoc.data.toy_patches import query_patch_task
 from arrcoc.models.toy_vit import toy_vit
-from arrcoc.relevance.trainer import Batch, Trainer, TrainerConfig, distributed_loader
 from arrcoc.rules import NonFiniteUpdate, RuleContext, available_rules, build_rule
 from arrcoc.rules.distributed import all_reduce_grads, sharded_batch
 from arrcoc.rules.relaxation import RelaxationDiverged
+from arrcoc.training import Batch, Trainer, TrainerConfig, distributed_loader
 
 # The relevance module under rule assignments that cover every batch-coupled piece: batch-norm statistics
 # (all), in-batch negatives (infonce-hebbian), the batch-mean reward baseline (reward), BCM's threshold,

@@ -1,8 +1,9 @@
-"""What every ARR-COC wrapper shares: one local rule per relevance sub-network, one optimizer, one step.
+"""What every ARR-COC wrapper shares (``ARRCOC`` for ViTs, ``VLMARRCOC`` for vision-language models): the relevance
+module's local rules and their optimizer, the budget, query encoding and checkpoints.
 
-A wrapper (``ARRCOC`` for ViTs, ``VLMARRCOC`` for vision-language models) owns ``config``
-(:class:`RelevanceConfig`) and ``relevance`` (:class:`RelevanceModule`); this mixin builds the rules and
-the optimizer from the config and applies one step of every rule to a pass of the module.
+A wrapper owns ``config`` (:class:`RelevanceConfig`) and ``relevance`` (:class:`RelevanceModule`); this mixin builds
+one rule per sub-network and the optimizer from the config, applies one step of every rule to a pass of the module,
+and reads and writes the module's checkpoints.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def check_finite(name: str, values: Tensor) -> None:
         raise ValueError(f"{name} must be finite, got {nan} NaN and {int((~finite).sum()) - nan} infinite values")
 
 
-class LocalRuleLearner:
+class RelevanceWrapper:
     config: RelevanceConfig
     relevance: RelevanceModule
     rules: nn.ModuleDict
