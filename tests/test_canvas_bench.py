@@ -438,6 +438,16 @@ def test_a_config_missing_a_required_key_or_its_quick_section_is_refused(tmp_pat
         canvas.load_bench(str(path), quick=True)
 
 
+def test_the_config_names_every_target_threshold_at_its_default():
+    """The defaults live in TargetThresholds; the committed config writes each one out, with what it means."""
+    import dataclasses
+
+    written = yaml.safe_load(open("configs/canvas_bench.yaml"))["targets"]
+    assert set(written) == {f.name for f in dataclasses.fields(canvas_settings.TargetThresholds)}
+    for quick in (False, True):
+        assert canvas.load_bench("configs/canvas_bench.yaml", quick=quick).targets == canvas_settings.TargetThresholds()
+
+
 def test_the_settings_pickle_and_record_what_the_file_says():
     """Jobs go to spawned worker processes; canvas.json's meta keeps the form it always had (a task's keys only
     where the file sets them)."""
@@ -449,3 +459,16 @@ def test_the_settings_pickle_and_record_what_the_file_says():
     meta = bench.meta()
     assert meta["tasks"] == written["tasks"] and meta["hard_regime"] == written["hard_regime"]
     assert meta["train"] == written["train"] and meta["seeds"] == written["seeds"]
+
+
+def test_a_report_judges_by_the_thresholds_its_run_recorded():
+    cost = {"local": {"peak_mb": 25.0, "step_ms": 40.0}, "global": {"peak_mb": 100.0, "step_ms": 100.0},
+            "memory_ratio": 0.25, "time_ratio": 0.4}
+    results = {"accuracy": {"cluttered": {}}, "training_cost": cost,
+               "meta": {"tasks": {"cluttered": {"budget": 0.25}}, "budgets": [1.0, 0.25]}}
+    before = {name: passed for name, passed, _ in targets(results)}  # a file from before runs recorded them
+    assert before["Local-rule training peak memory <= 0.3x the end-to-end allocator's"] is True
+    stricter = {**results, "meta": {**results["meta"], "targets": {"memory_ratio": 0.2}}}
+    after = {name: passed for name, passed, _ in targets(stricter)}
+    assert after["Local-rule training peak memory <= 0.2x the end-to-end allocator's"] is False
+    assert after["Local-rule training step time <= 0.5x the end-to-end allocator's"] is True

@@ -15,6 +15,8 @@ import numpy as np
 from arrcoc.metrics import interval, paired_interval
 from arrcoc.reporting import pyplot, read_json, save_figure, verdict
 
+from .canvas_settings import TargetThresholds
+
 TASK_TITLES = {"cluttered": "Cluttered canvases (vision only)", "query": "Query canvases (vision-language)"}
 DYNAMIC_VIT = "DynamicViT-style (global backprop)"
 ALL_BACKPROP = "ARR-COC all-backprop"  # the identical module, every sub-network trained by autograd
@@ -22,8 +24,7 @@ MAIN_METHODS = ("full", "random", "grid", "evit", "ats", "tome", DYNAMIC_VIT, AL
 HARD_BASELINES = ("evit", "ats", "tome", "random", "grid")  # each judged on all its schedules (equal_speed)
 EARLY = tuple(f"{m} (early)" for m in ("evit", "ats", "tome"))  # the progressive baselines' fastest schedules
 COST_METHODS = MAIN_METHODS[1:6] + EARLY + MAIN_METHODS[6:] + ("box oracle",)  # the accuracy-at-cost table's rows
-MODULE_SHARE = 0.15  # the relevance module's cost as a share of a full canvas-ViT forward (speed issue)
-TIE = 0.5  # points: a ">=" target passes on a tie only if the paired interval's lower end is within this
+NOT_MEASURED = "not in this run, or fewer than 2 seeds"
 
 
 def _cell(values: list[float] | None) -> str:
@@ -57,9 +58,9 @@ def _versus_default(variant: list[float] | None, default: list[float] | None) ->
     return _paired(variant, default[:len(variant)] if variant and default else None)
 
 
-def _at_least(diff: tuple[float, float] | None) -> bool | None:
-    """A ">=" target on a paired difference: a tie passes only if the interval's lower end is >= -0.5."""
-    return None if diff is None else diff[0] - diff[1] >= -TIE
+def _at_least(diff: tuple[float, float] | None, tie: float) -> bool | None:
+    """A ">=" target on a paired difference: a tie passes only if the interval's lower end is >= -``tie``."""
+    return None if diff is None else diff[0] - diff[1] >= -tie
 
 
 def _diff(d: tuple[float, float]) -> str:
@@ -112,92 +113,129 @@ def equal_speed(results: dict[str, Any], task: str, method: str, speed: float) -
 
 
 def targets(results: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
-    """Targets v2: (target, pass/fail/None = not measured, the numbers behind it). Comparisons of two methods
-    are paired over seeds; a missing method or budget is reported as not measured."""
-    table, meta = results["accuracy"], results["meta"]
-    tasks = meta["tasks"]
-    rows: list[tuple[str, bool | None, str]] = []
-    missing = "not in this run, or fewer than 2 seeds"
+    """Targets v2: (target, pass/fail/None = not measured, the numbers behind it), judged by the run's thresholds
+    (the defaults for results written before runs recorded them). Comparisons of two methods are paired over
+    seeds; a missing method or budget is reported as not measured."""
+    limits = TargetThresholds.of_run(results["meta"])
+    hard = _hard_regime(results["meta"])
+    return [*_query_target(results, limits), *_hard_regime_targets(results, hard, limits),
+            *_backprop_targets(results, hard, limits), *_training_cost_targets(results, limits),
+            *_adaptation_target(results, limits)]
 
-    if "query" in tasks:
-        q = tasks["query"]["budget"]
-        arr, oracle = (_seeds(table, "query", m, q) for m in ("ARR-COC", "box oracle"))
-        d = _paired(arr, [0.95 * y for y in oracle] if oracle else None)
-        rows.append((f"Query task at {q:.1%}: ARR-COC >= 95% of the box oracle", _at_least(d),
-                     missing if d is None else f"{_cell(arr)} vs 0.95 x {_cell(oracle)}: paired {_diff(d)}"))
 
+def _hard_regime(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's hard regime; None where it has none, or lacks its task or budget."""
     hard = meta.get("hard_regime")
-    if hard and (hard["task"] not in tasks or hard["budget"] not in meta["budgets"]):
-        hard = None
-    if not hard:
-        rows.append(("Hard regime: at equal measured speed-up, ARR-COC >= the best baseline + 3 points, and within 2 "
-                     "points of the box oracle", None, "no hard regime in this run"))
-    else:
-        task, budget = hard["task"], hard["budget"]
-        arr, oracle, full, rand = (_seeds(table, task, m, b) for m, b in
-                                   (("ARR-COC", budget), ("box oracle", budget), ("full", 1.0), ("random", budget)))
-        speed = speeds(results).get("ARR-COC", {}).get(budget)
-        regime = None if not (full and oracle and rand) else (
-            _mean(full) - _mean(rand) >= 15 and _mean(full) - _mean(oracle) <= 2)
-        rows.append((f"Hard regime ({task}, {budget:.2%}): random-K >= 15 points below all tokens, box oracle within "
-                     "2 (the regime itself)", regime, missing if regime is None else
-                     f"all tokens {_cell(full)}, random-K {_cell(rand)}, box oracle {_cell(oracle)}"))
-        best = None
-        if arr and speed is not None:
-            curves = {m: equal_speed(results, task, m, speed) for m in HARD_BASELINES}
-            curves = {m: c for m, c in curves.items() if c is not None}
-            if curves:
-                name = max(curves, key=lambda m: _mean(curves[m][0]))
-                best = (name, *curves[name])
-        if best is None or len(arr) < 2:
-            rows.append((f"Hard regime: at equal measured speed-up, ARR-COC >= the best of "
-                         f"{' / '.join(HARD_BASELINES)} + 3 points", None, missing))
-        else:
-            name, values, beyond = best
-            d = paired_interval(arr, values)
-            rows.append((f"Hard regime: at equal measured speed-up, ARR-COC >= the best of "
-                         f"{' / '.join(HARD_BASELINES)} + 3 points (paired interval above 0)",
-                         d[0] >= 3 and d[0] - d[1] > 0,
-                         f"ARR-COC {_cell(arr)} at {speed:.2f}x; best there: {name} {_cell(values)}"
-                         + (" (at its cheapest: it cannot get that fast)" if beyond else " (interpolated)")
-                         + f"; paired {_diff(d)}"))
-        d = _paired(arr, oracle, -2)
-        rows.append((f"Hard regime: ARR-COC within 2 points of the box oracle at {budget:.2%}", _at_least(d),
-                     missing if d is None else f"{_cell(arr)} vs {_cell(oracle)} - 2: paired {_diff(d)}"))
+    if hard and (hard["task"] not in meta["tasks"] or hard["budget"] not in meta["budgets"]):
+        return None
+    return hard or None
 
+
+def _query_target(results: dict[str, Any], limits: TargetThresholds) -> list[tuple[str, bool | None, str]]:
+    tasks = results["meta"]["tasks"]
+    if "query" not in tasks:
+        return []
+    q, share = tasks["query"]["budget"], limits.query_of_oracle
+    arr, oracle = (_seeds(results["accuracy"], "query", m, q) for m in ("ARR-COC", "box oracle"))
+    d = _paired(arr, [share * y for y in oracle] if oracle else None)
+    return [(f"Query task at {q:.1%}: ARR-COC >= {share:.0%} of the box oracle", _at_least(d, limits.tie),
+             NOT_MEASURED if d is None else f"{_cell(arr)} vs {share:g} x {_cell(oracle)}: paired {_diff(d)}")]
+
+
+def _hard_regime_targets(results: dict[str, Any], hard: dict[str, Any] | None,
+                         limits: TargetThresholds) -> list[tuple[str, bool | None, str]]:
+    """Where allocation decides: whether the regime is one, ARR-COC against the best baseline at equal measured
+    speed-up, and against the box oracle."""
+    margin, gap = limits.hard_margin, limits.hard_oracle_gap
+    if not hard:
+        return [(f"Hard regime: at equal measured speed-up, ARR-COC >= the best baseline + {margin:g} points, and "
+                 f"within {gap:g} points of the box oracle", None, "no hard regime in this run")]
+    task, budget = hard["task"], hard["budget"]
+    arr, oracle, full, rand = (_seeds(results["accuracy"], task, m, b) for m, b in
+                               (("ARR-COC", budget), ("box oracle", budget), ("full", 1.0), ("random", budget)))
+    drop, within = limits.regime_random_drop, limits.regime_oracle_gap
+    regime = None if not (full and oracle and rand) else (
+        _mean(full) - _mean(rand) >= drop and _mean(full) - _mean(oracle) <= within)
+    d = _paired(arr, oracle, -gap)
+    return [(f"Hard regime ({task}, {budget:.2%}): random-K >= {drop:g} points below all tokens, box oracle within "
+             f"{within:g} (the regime itself)", regime, NOT_MEASURED if regime is None else
+             f"all tokens {_cell(full)}, random-K {_cell(rand)}, box oracle {_cell(oracle)}"),
+            _at_equal_speed(results, task, budget, arr, margin),
+            (f"Hard regime: ARR-COC within {gap:g} points of the box oracle at {budget:.2%}", _at_least(d, limits.tie),
+             NOT_MEASURED if d is None else f"{_cell(arr)} vs {_cell(oracle)} - {gap:g}: paired {_diff(d)}")]
+
+
+def _at_equal_speed(results: dict[str, Any], task: str, budget: float, arr: list[float] | None,
+                    margin: float) -> tuple[str, bool | None, str]:
+    """ARR-COC against the best of ``HARD_BASELINES``, each read off its accuracy-speed frontier at ARR-COC's
+    measured speed-up (:func:`equal_speed`)."""
+    speed = speeds(results).get("ARR-COC", {}).get(budget)
+    best = None
+    if arr and speed is not None:
+        curves = {m: equal_speed(results, task, m, speed) for m in HARD_BASELINES}
+        curves = {m: c for m, c in curves.items() if c is not None}
+        if curves:
+            name = max(curves, key=lambda m: _mean(curves[m][0]))
+            best = (name, *curves[name])
+    target = (f"Hard regime: at equal measured speed-up, ARR-COC >= the best of {' / '.join(HARD_BASELINES)} + "
+              f"{margin:g} points")
+    if best is None or len(arr) < 2:
+        return target, None, NOT_MEASURED
+    name, values, beyond = best
+    d = paired_interval(arr, values)
+    return (target + " (paired interval above 0)", d[0] >= margin and d[0] - d[1] > 0,
+            f"ARR-COC {_cell(arr)} at {speed:.2f}x; best there: {name} {_cell(values)}"
+            + (" (at its cheapest: it cannot get that fast)" if beyond else " (interpolated)") + f"; paired {_diff(d)}")
+
+
+def _backprop_targets(results: dict[str, Any], hard: dict[str, Any] | None,
+                      limits: TargetThresholds) -> list[tuple[str, bool | None, str]]:
+    """Per task: local-rule ARR-COC against the identical module trained by backprop."""
+    tasks, gap, rows = results["meta"]["tasks"], limits.backprop_gap, []
     for task in tasks:
         # judged where allocation decides: at its own budget the hard regime's task saturates (every method ties)
         budget = hard["budget"] if hard and hard["task"] == task else tasks[task]["budget"]
-        arr, allbp = _seeds(table, task, "ARR-COC", budget), _seeds(table, task, ALL_BACKPROP, budget)
-        d = _paired(arr, allbp, -2)
-        rows.append((f"{task} at {100 * budget:g}%: local-rule ARR-COC >= all-backprop ARR-COC - 2 points",
-                     _at_least(d), missing if d is None else f"{_cell(arr)} vs {_cell(allbp)} - 2: paired {_diff(d)}"))
-    cost = results.get("training_cost")
-    if cost:
-        local, global_ = cost["local"], cost["global"]
-        # a cost comparison is only as strong as the allocator it compares with: show whether it learned
-        reached = {task: _seeds(table, task, DYNAMIC_VIT, tasks[task]["budget"]) for task in tasks}
-        learned = "; its accuracy: " + ", ".join(f"{task} {_cell(acc)}" for task, acc in reached.items() if acc)
-        rows.append(("Local-rule training peak memory <= 0.3x the end-to-end allocator's", cost["memory_ratio"] <= 0.3,
-                     f"{local['peak_mb']:.0f} MB vs {global_['peak_mb']:.0f} MB = {cost['memory_ratio']:.2f}x"
-                     + learned))
-        rows.append(("Local-rule training step time <= 0.5x the end-to-end allocator's", cost["time_ratio"] <= 0.5,
-                     f"{local['step_ms']:.0f} ms vs {global_['step_ms']:.0f} ms = {cost['time_ratio']:.2f}x{learned}"
-                     # step times of the same code have differed by ~0.1x between runs: near the limit, say so
-                     + ("; marginal: within 10% of the limit, inside the run-to-run spread"
-                        if 0.45 <= cost["time_ratio"] <= 0.55 else "")))
-    a = results.get("adaptation")
-    if a:
-        fractions = [f for f in a.get("recovered_by_seed", [a["recovered_fraction"]]) if f is not None]
-        mean, half = interval(fractions) if fractions else (None, None)
-        enough = len(fractions) >= 3
-        rows.append(("Online adaptation recovers >= 50% of the accuracy lost to the shift, without labels (mean over "
-                     ">= 3 seeds)", None if not enough else mean >= 0.5,
-                     (f"{len(fractions)} seed(s): " + ", ".join(f"{f:.0%}" for f in fractions)
-                      + ("" if mean is None else f"; mean {mean:.0%} ± {half:.0%}")
-                      + f". Cost per image: adapting {a['online_ms']:.1f} ms, frozen {a['frozen_ms']:.1f} ms "
-                        f"({a['online_ms'] / a['frozen_ms']:.0f}x)")))
+        arr, allbp = (_seeds(results["accuracy"], task, m, budget) for m in ("ARR-COC", ALL_BACKPROP))
+        d = _paired(arr, allbp, -gap)
+        rows.append((f"{task} at {100 * budget:g}%: local-rule ARR-COC >= all-backprop ARR-COC - {gap:g} points",
+                     _at_least(d, limits.tie),
+                     NOT_MEASURED if d is None else f"{_cell(arr)} vs {_cell(allbp)} - {gap:g}: paired {_diff(d)}"))
     return rows
+
+
+def _training_cost_targets(results: dict[str, Any], limits: TargetThresholds) -> list[tuple[str, bool | None, str]]:
+    cost, tasks = results.get("training_cost"), results["meta"]["tasks"]
+    if not cost:
+        return []
+    local, global_ = cost["local"], cost["global"]
+    # a cost comparison is only as strong as the allocator it compares with: show whether it learned
+    reached = {task: _seeds(results["accuracy"], task, DYNAMIC_VIT, tasks[task]["budget"]) for task in tasks}
+    learned = "; its accuracy: " + ", ".join(f"{task} {_cell(acc)}" for task, acc in reached.items() if acc)
+    memory, step_time, spread = limits.memory_ratio, limits.time_ratio, limits.time_ratio_spread
+    return [(f"Local-rule training peak memory <= {memory:g}x the end-to-end allocator's",
+             cost["memory_ratio"] <= memory,
+             f"{local['peak_mb']:.0f} MB vs {global_['peak_mb']:.0f} MB = {cost['memory_ratio']:.2f}x" + learned),
+            (f"Local-rule training step time <= {step_time:g}x the end-to-end allocator's",
+             cost["time_ratio"] <= step_time,
+             f"{local['step_ms']:.0f} ms vs {global_['step_ms']:.0f} ms = {cost['time_ratio']:.2f}x{learned}"
+             # step times of the same code have differed by ~0.1x between runs: near the limit, say so
+             + (f"; marginal: within {spread / step_time:.0%} of the limit, inside the run-to-run spread"
+                if step_time - spread <= cost["time_ratio"] <= step_time + spread else ""))]
+
+
+def _adaptation_target(results: dict[str, Any], limits: TargetThresholds) -> list[tuple[str, bool | None, str]]:
+    a = results.get("adaptation")
+    if not a:
+        return []
+    fractions = [f for f in a.get("recovered_by_seed", [a["recovered_fraction"]]) if f is not None]
+    mean, half = interval(fractions) if fractions else (None, None)
+    share, seeds = limits.adaptation_recovery, limits.adaptation_seeds
+    return [(f"Online adaptation recovers >= {share:.0%} of the accuracy lost to the shift, without labels (mean "
+             f"over >= {seeds} seeds)", None if len(fractions) < seeds else mean >= share,
+             (f"{len(fractions)} seed(s): " + ", ".join(f"{f:.0%}" for f in fractions)
+              + ("" if mean is None else f"; mean {mean:.0%} ± {half:.0%}")
+              + f". Cost per image: adapting {a['online_ms']:.1f} ms, frozen {a['frozen_ms']:.1f} ms "
+                f"({a['online_ms'] / a['frozen_ms']:.0f}x)"))]
 
 
 def _allocation_share(a: dict[str, Any]) -> str:
@@ -385,8 +423,10 @@ def _adaptation_plot(adapted: dict[str, Any], out: Path) -> str:
     return save_figure(fig, out / "canvas_adaptation.png", dpi=110).name
 
 
-def speed_lines(speed: dict[str, Any], budgets: list[float]) -> list[str]:
-    """Markdown of one canvas throughput measurement (``canvas.throughput``): speed-up per method and budget."""
+def speed_lines(speed: dict[str, Any], budgets: list[float], module_share: float | None = None) -> list[str]:
+    """Markdown of one canvas throughput measurement (``canvas.throughput``): speed-up per method and budget;
+    ``module_share``: the relevance module's target share of a full forward (``None``: the default target's)."""
+    module_share = TargetThresholds().module_share if module_share is None else module_share
     where = f"{speed['threads']} threads" if speed.get("device", "cpu") == "cpu" else speed["device"]
     lines = [f"Batch {speed['batch']}, {where}, {speed['repeats']} interleaved repeats, medians; "
              f"full forward {speed['full_ms']:.{0 if speed['full_ms'] >= 10 else 2}f} ms. Speed-up = full time / "
@@ -403,7 +443,7 @@ def speed_lines(speed: dict[str, Any], budgets: list[float]) -> list[str]:
         lines.append(f"| {method} | " + " | ".join(speedups) + " |")
     share = speed.get("module_share")
     shares = "" if not share else " It costs " + ", ".join(
-        f"{v:.1%} of a full forward at batch {b}" for b, v in share.items()) + f" (target <= {MODULE_SHARE:.0%})."
+        f"{v:.1%} of a full forward at batch {b}" for b, v in share.items()) + f" (target <= {module_share:.0%})."
     # runs before module_share was measured timed the module together with the backbone's token embedding
     alone = ("on the embedded tokens every method computes" if share else
              "timed together with the backbone's token embedding, which every method computes")
@@ -439,6 +479,7 @@ def write_report(results: dict[str, Any], out: Path, report: Path) -> Path:
     table, meta = results["accuracy"], results["meta"]
     budgets = [1.0] + [b for b in meta["budgets"] if b < 1]  # every table shows the full-token column
     backbone = meta.get("backbone_meta") or {}
+    module_share = TargetThresholds.of_run(meta).module_share
     lines = [
         "# ARR-COC offline benchmark" + (" — QUICK MODE (a smoke run: 1 seed, short training; not a result)"
                                          if meta["mode"] == "quick" else ""),
@@ -542,7 +583,7 @@ def write_report(results: dict[str, Any], out: Path, report: Path) -> Path:
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
             lines.append("")
         lines += [f"![accuracy vs measured speed-up]({link}/{files['pareto']})", "",
-                  "## Throughput (cluttered canvases)", "", *speed_lines(results["throughput"], budgets)]
+                  "## Throughput (cluttered canvases)", "", *speed_lines(results["throughput"], budgets, module_share)]
     gpu = read_json(out / "gpu_canvas.json")
     if gpu:
         lines += ["## Throughput on a GPU", "",
@@ -550,7 +591,7 @@ def write_report(results: dict[str, Any], out: Path, report: Path) -> Path:
                   f"{gpu['meta'].get('commit') or 'unknown'}); GPU throughput of the timm ViTs and the VLM prefill "
                   f"are in [{link}/gpu.md]({link}/gpu.md).", ""]
         for speed in gpu["runs"]:
-            lines += [f"**{speed['dtype']}**", "", *speed_lines(speed, budgets)]
+            lines += [f"**{speed['dtype']}**", "", *speed_lines(speed, budgets, module_share)]
     cost = results.get("training_cost")
     lines += [] if not cost else ["## Training cost: local rules vs. global backprop", "",
               f"One step on a batch of {cost['batch']} cluttered canvases, each in a fresh process; peak memory = "
