@@ -270,10 +270,29 @@ METHOD_COLORS = {"ARR-COC": "C3", DYNAMIC_VIT: "C0", ALL_BACKPROP: "C9", "random
 
 
 def _plots(results: dict[str, Any], out: Path) -> dict[str, str]:
+    """Every plot of the report, drawn into ``out``: which -> its file name."""
+    table = results["accuracy"]
+    files = {"curves": _accuracy_plot(results, out)}
+    if any(m.startswith("ARR-COC /") for entries in table.values() for m in entries):
+        files["ablations"] = _ablation_plot(results, out)
+    if results.get("throughput"):
+        files["pareto"] = _pareto_plot(results, out)
+    cost = results.get("training_cost")
+    if cost:
+        files["cost"] = _cost_plot(cost, out)
+    adapted = results.get("adaptation")
+    if adapted:
+        files["adaptation"] = _adaptation_plot(adapted, out)
+    if "query" in table:
+        files["heatmaps"] = "canvas_heatmaps.png"
+    return files
+
+
+def _accuracy_plot(results: dict[str, Any], out: Path) -> str:
+    """Accuracy vs. budget, one panel per task, one line per main method."""
     plt = pyplot()
     table, meta = results["accuracy"], results["meta"]
     budgets = [b for b in meta["budgets"] if b < 1]
-    files = {}
     fig, axes = plt.subplots(1, len(table), figsize=(6 * len(table), 4.2), squeeze=False)
     axes = axes[0]
     for ax, task in zip(axes, table):
@@ -303,23 +322,9 @@ def _plots(results: dict[str, Any], out: Path) -> dict[str, str]:
     handles, labels = axes[-1].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=6, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))  # room for the legend below both panels
-    files["curves"] = "canvas_accuracy.png"
-    fig.savefig(out / files["curves"], dpi=110)
+    fig.savefig(out / "canvas_accuracy.png", dpi=110)
     plt.close(fig)
-
-    if any(m.startswith("ARR-COC /") for entries in table.values() for m in entries):
-        files["ablations"] = _ablation_plot(results, out)
-    if results.get("throughput"):
-        files["pareto"] = _pareto_plot(results, out)
-    cost = results.get("training_cost")
-    if cost:
-        files["cost"] = _cost_plot(cost, out)
-    adapted = results.get("adaptation")
-    if adapted:
-        files["adaptation"] = _adaptation_plot(adapted, out)
-    if "query" in table:
-        files["heatmaps"] = "canvas_heatmaps.png"
-    return files
+    return "canvas_accuracy.png"
 
 
 def ablation_budgets(settings: dict[str, Any], task: str) -> list[float]:
@@ -474,13 +479,35 @@ def _earlier_run(meta: dict[str, Any]) -> list[str]:
 
 
 def write_report(results: dict[str, Any], out: Path, report: Path) -> Path:
+    """``REPORT.md`` of a run's ``results`` at ``report``, its plots drawn into ``out``: one function per section."""
     files = _plots(results, out)
     link = os.path.relpath(out, report.parent)
     table, meta = results["accuracy"], results["meta"]
     budgets = [1.0] + [b for b in meta["budgets"] if b < 1]  # every table shows the full-token column
-    backbone = meta.get("backbone_meta") or {}
     module_share = TargetThresholds.of_run(meta).module_share
-    lines = [
+    lines = [*_header(meta), *_targets_section(results, link, files)]
+    for task in table:
+        lines += [*_task_section(table, meta, task, budgets), *_ablations_section(table, meta, task), ""]
+    if "ablations" in files:
+        lines += [f"![paired differences of the ablations]({link}/{files['ablations']})", ""]
+    if results.get("throughput"):
+        lines += [*_accuracy_at_cost_section(results, budgets, link, files), "## Throughput (cluttered canvases)", "",
+                  *speed_lines(results["throughput"], budgets, module_share)]
+    lines += _gpu_section(out, link, budgets, module_share)
+    if results.get("training_cost"):
+        lines += _training_cost_section(results["training_cost"], link, files)
+    if results.get("adaptation"):
+        lines += _adaptation_lines(results["adaptation"], link, files)
+    if "heatmaps" in files:
+        lines += ["## What ARR-COC keeps", "", f"![heatmaps]({link}/{files['heatmaps']})", ""]
+    report.write_text("\n".join(lines))
+    return report
+
+
+def _header(meta: dict[str, Any]) -> list[str]:
+    """The title, the command and settings of the run (and of any run it kept tasks from), and the backbone."""
+    backbone = meta.get("backbone_meta") or {}
+    return [
         "# ARR-COC offline benchmark" + (" — QUICK MODE (a smoke run: 1 seed, short training; not a result)"
                                          if meta["mode"] == "quick" else ""),
         "",
@@ -500,116 +527,129 @@ def write_report(results: dict[str, Any], out: Path, report: Path) -> Path:
         f"{100 * backbone.get('test_accuracy_random_keep', {}).get('1.0', float('nan')):.1f}% "
         "(its own evaluation, 2,000 cluttered test canvases). Frozen throughout.",
         "",
-        "## Targets",
-        "",
-        "| target | result | numbers |",
-        "|---|---|---|",
     ]
-    for name, passed, numbers in targets(results):
-        lines.append(f"| {name} | {verdict(passed)} | {numbers} |")
-    lines += ["", f"![accuracy vs budget]({link}/{files['curves']})", ""]
+
+
+def _targets_section(results: dict[str, Any], link: str, files: dict[str, str]) -> list[str]:
+    lines = ["## Targets", "", "| target | result | numbers |", "|---|---|---|"]
+    lines += [f"| {name} | {verdict(passed)} | {numbers} |" for name, passed, numbers in targets(results)]
+    return lines + ["", f"![accuracy vs budget]({link}/{files['curves']})", ""]
+
+
+def _task_section(table: dict[str, Any], meta: dict[str, Any], task: str, budgets: list[float]) -> list[str]:
+    """A task's accuracy of every method (its ablations aside) at every budget, and what ARR-COC's selection
+    covers."""
+    lines = [f"## {TASK_TITLES[task]}", "",
+             "| method | " + " | ".join(f"{100 * b:g}%" for b in budgets) + " | mean tokens / block |",
+             "|---|" + "---|" * (len(budgets) + 1)]
+    for method, entry in table[task].items():
+        if method.startswith("ARR-COC /"):
+            continue
+        cells = [_cell(entry["accuracy"].get(str(b))) for b in budgets]
+        tokens = ", ".join(f"{entry['mean_tokens'][str(b)]:.1f}" for b in budgets if str(b) in entry["mean_tokens"])
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {tokens} |")
+    arr = table[task].get("ARR-COC", {})
+    extra = [f"{k.replace('_', ' ')} {_cell(arr[k])}%" for k in ("box_coverage", "query_overlap") if arr.get(k)]
+    if extra:
+        lines += ["", f"ARR-COC at {meta['tasks'][task]['budget']:.1%}: " + "; ".join(extra)
+                  + " (box coverage: share of the target digit's patches kept, capped at K; query overlap: "
+                    "share of the kept patches that are also kept without the query)."]
+    return lines
+
+
+def _ablations_section(table: dict[str, Any], meta: dict[str, Any], task: str) -> list[str]:
+    """A task's ARR-COC ablations: each one's accuracy and paired difference to the default at every budget it was
+    scored at, on the test canvases and on the shift split where it was scored there."""
+    variants = _variants(table, task)
+    if not variants:
+        return []
+    arr = table[task].get("ARR-COC", {})
+    scored = _ablation_budgets(meta, task, variants)
+    shifted = [b for b in scored if b in arr.get("shift_accuracy", {})]
+    # (key, budget, column title): on the task's test canvases, then on its shift split where it was scored
+    columns = ([("accuracy", b, f"accuracy at {100 * float(b):g}%") for b in scored]
+               + [("shift_accuracy", b, f"shift at {100 * float(b):g}%") for b in shifted])
+    at = " and ".join(f"{100 * float(b):g}%" for b in scored)
+    hard = meta.get("hard_regime") or {}
+    hard_budget = str(hard["budget"]) if hard.get("task") == task else None
+    default = "; ".join(_cell(arr.get(key, {}).get(b)) for key, b, _ in columns)
+    lines = ["", f"**ARR-COC ablations at {at}** (default: {default}); the paired difference to the default "
+             "over the seeds, with its 95% interval, is what each piece contributes"
+             + (f" ({100 * float(hard_budget):g}% is the hard regime, where allocation decides)"
+                if hard_budget in scored[1:] else "")
+             + (" and on the shift split (3x the clutter, larger digits: the online-adaptation section's "
+                "shift), unseen in training" if shifted else ""), "",
+             "| variant | " + " | ".join(f"{title} | paired difference" for _, _, title in columns)
+             + " | box coverage (%) | step (ms) |",
+             "|---|" + "---|---|" * len(columns) + "---|---|"]
+    for method, entry in variants.items():
+        cells = []
+        for key, budget, _ in columns:
+            d = _versus_default(entry.get(key, {}).get(budget), arr.get(key, {}).get(budget))
+            cells += [_cell(entry.get(key, {}).get(budget)), "–" if d is None else _diff(d)]
+        runs = len(entry["accuracy"].get(scored[0]) or [])
+        all_runs = len(arr.get("accuracy", {}).get(scored[0]) or [])
+        seeds = f" ({runs} of {all_runs} seeds)" if runs < all_runs else ""
+        lines.append(f"| {method.removeprefix('ARR-COC / ')}{seeds} | " + " | ".join(cells)
+                     + f" | {_cell(entry.get('box_coverage'))} | {_cell(entry.get('step_ms'))} |")
+    return lines
+
+
+def _accuracy_at_cost_section(results: dict[str, Any], budgets: list[float], link: str,
+                              files: dict[str, str]) -> list[str]:
+    """Every method's accuracy at its measured speed-up, per task, and the plot of the two."""
+    table, measured = results["accuracy"], speeds(results)
+    lines = ["## Accuracy at measured cost", "",
+             "Every method's speed-up over the full model, measured in one run on cluttered canvases with its own "
+             "scoring included (ARR-COC's relevance module, which its references share; EViT / ATS's full-token "
+             "blocks before their first reduction; ToMe's matching), against its accuracy; in brackets the mean "
+             "tokens per block where a method reduces progressively. A progressive method cannot get cheaper "
+             "than its schedule at the smallest budget allows; its early schedule (\"(early)\": EViT / ATS "
+             "reduce once, straight to the budget, after block 0; ToMe merges half the tokens per block) is its "
+             "fastest, and the hard-regime target judges each method on the best of its schedules at that "
+             "speed.", ""]
     for task in table:
-        lines += [f"## {TASK_TITLES[task]}", "",
-                  "| method | " + " | ".join(f"{100 * b:g}%" for b in budgets) + " | mean tokens / block |",
-                  "|---|" + "---|" * (len(budgets) + 1)]
-        for method, entry in table[task].items():
-            if method.startswith("ARR-COC /"):
+        lines += [f"**{TASK_TITLES[task]}**", "", "| method | " + " | ".join(f"{100 * b:g}%" for b in budgets[1:])
+                  + " |", "|---|" + "---|" * (len(budgets) - 1)]
+        for method in COST_METHODS:
+            entry, speed = table[task].get(method), measured.get(method, {})
+            if entry is None:
                 continue
-            cells = [_cell(entry["accuracy"].get(str(b))) for b in budgets]
-            tokens = ", ".join(f"{entry['mean_tokens'][str(b)]:.1f}" for b in budgets if str(b) in entry["mean_tokens"])
-            lines.append(f"| {method} | " + " | ".join(cells) + f" | {tokens} |")
-        arr = table[task].get("ARR-COC", {})
-        extra = [f"{k.replace('_', ' ')} {_cell(arr[k])}%" for k in ("box_coverage", "query_overlap") if arr.get(k)]
-        if extra:
-            lines += ["", f"ARR-COC at {meta['tasks'][task]['budget']:.1%}: " + "; ".join(extra)
-                      + " (box coverage: share of the target digit's patches kept, capped at K; query overlap: "
-                        "share of the kept patches that are also kept without the query)."]
-        variants = _variants(table, task)
-        if variants:
-            scored = _ablation_budgets(meta, task, variants)
-            # (key, budget, column title): on the task's test canvases, then on its shift split where it was scored
-            shifted = [b for b in scored if b in arr.get("shift_accuracy", {})]
-            columns = ([("accuracy", b, f"accuracy at {100 * float(b):g}%") for b in scored]
-                       + [("shift_accuracy", b, f"shift at {100 * float(b):g}%") for b in shifted])
-            at = " and ".join(f"{100 * float(b):g}%" for b in scored)
-            hard = meta.get("hard_regime") or {}
-            hard_budget = str(hard["budget"]) if hard.get("task") == task else None
-            default = "; ".join(_cell(arr.get(key, {}).get(b)) for key, b, _ in columns)
-            lines += ["", f"**ARR-COC ablations at {at}** (default: {default}); the paired difference to the default "
-                      "over the seeds, with its 95% interval, is what each piece contributes"
-                      + (f" ({100 * float(hard_budget):g}% is the hard regime, where allocation decides)"
-                         if hard_budget in scored[1:] else "")
-                      + (" and on the shift split (3x the clutter, larger digits: the online-adaptation section's "
-                         "shift), unseen in training" if shifted else ""), "",
-                      "| variant | " + " | ".join(f"{title} | paired difference" for _, _, title in columns)
-                      + " | box coverage (%) | step (ms) |",
-                      "|---|" + "---|---|" * len(columns) + "---|---|"]
-            for method, entry in variants.items():
-                cells = []
-                for key, budget, _ in columns:
-                    d = _versus_default(entry.get(key, {}).get(budget), arr.get(key, {}).get(budget))
-                    cells += [_cell(entry.get(key, {}).get(budget)), "–" if d is None else _diff(d)]
-                runs = len(entry["accuracy"].get(scored[0]) or [])
-                all_runs = len(arr.get("accuracy", {}).get(scored[0]) or [])
-                seeds = f" ({runs} of {all_runs} seeds)" if runs < all_runs else ""
-                lines.append(f"| {method.removeprefix('ARR-COC / ')}{seeds} | " + " | ".join(cells)
-                             + f" | {_cell(entry.get('box_coverage'))} | {_cell(entry.get('step_ms'))} |")
+            cells = []
+            for b in budgets[1:]:
+                acc, tokens = entry["accuracy"].get(str(b)), entry["mean_tokens"].get(str(b))
+                cells.append("–" if not acc else f"{_mean(acc):.1f} at {speed[b]:.2f}x" if b in speed
+                             else f"{_mean(acc):.1f}" + (f" ({tokens:.0f} tokens)" if tokens else ""))
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
-    if "ablations" in files:
-        lines += [f"![paired differences of the ablations]({link}/{files['ablations']})", ""]
-    if results.get("throughput"):
-        lines += ["## Accuracy at measured cost", "",
-                  "Every method's speed-up over the full model, measured in one run on cluttered canvases with its own "
-                  "scoring included (ARR-COC's relevance module, which its references share; EViT / ATS's full-token "
-                  "blocks before their first reduction; ToMe's matching), against its accuracy; in brackets the mean "
-                  "tokens per block where a method reduces progressively. A progressive method cannot get cheaper "
-                  "than its schedule at the smallest budget allows; its early schedule (\"(early)\": EViT / ATS "
-                  "reduce once, straight to the budget, after block 0; ToMe merges half the tokens per block) is its "
-                  "fastest, and the hard-regime target judges each method on the best of its schedules at that "
-                  "speed.", ""]
-        measured = speeds(results)
-        for task in table:
-            lines += [f"**{TASK_TITLES[task]}**", "", "| method | " + " | ".join(f"{100 * b:g}%" for b in budgets[1:])
-                      + " |", "|---|" + "---|" * (len(budgets) - 1)]
-            for method in COST_METHODS:
-                entry, speed = table[task].get(method), measured.get(method, {})
-                if entry is None:
-                    continue
-                cells = []
-                for b in budgets[1:]:
-                    acc, tokens = entry["accuracy"].get(str(b)), entry["mean_tokens"].get(str(b))
-                    cells.append("–" if not acc else f"{_mean(acc):.1f} at {speed[b]:.2f}x" if b in speed
-                                 else f"{_mean(acc):.1f}" + (f" ({tokens:.0f} tokens)" if tokens else ""))
-                lines.append(f"| {method} | " + " | ".join(cells) + " |")
-            lines.append("")
-        lines += [f"![accuracy vs measured speed-up]({link}/{files['pareto']})", "",
-                  "## Throughput (cluttered canvases)", "", *speed_lines(results["throughput"], budgets, module_share)]
+    return lines + [f"![accuracy vs measured speed-up]({link}/{files['pareto']})", ""]
+
+
+def _gpu_section(out: Path, link: str, budgets: list[float], module_share: float) -> list[str]:
+    """The same timing on a GPU, where ``arrcoc bench gpu`` left its ``gpu_canvas.json`` beside the results."""
     gpu = read_json(out / "gpu_canvas.json")
-    if gpu:
-        lines += ["## Throughput on a GPU", "",
-                  f"The same measurement on {gpu['meta']['device']} (`{gpu['meta']['command']}`, commit "
-                  f"{gpu['meta'].get('commit') or 'unknown'}); GPU throughput of the timm ViTs and the VLM prefill "
-                  f"are in [{link}/gpu.md]({link}/gpu.md).", ""]
-        for speed in gpu["runs"]:
-            lines += [f"**{speed['dtype']}**", "", *speed_lines(speed, budgets, module_share)]
-    cost = results.get("training_cost")
-    lines += [] if not cost else ["## Training cost: local rules vs. global backprop", "",
-              f"One step on a batch of {cost['batch']} cluttered canvases, each in a fresh process; peak memory = "
-              "the peak of the bytes held by tensors allocated during one step (the profiler's allocation events "
-              "replayed in order); step time = median over steps.", "",
-              "| | peak tensor memory (MB) | step time (ms) |", "|---|---|---|",
-              f"| local rules (ARR-COC) | {cost['local']['peak_mb']:.0f} | {cost['local']['step_ms']:.0f} |",
-              f"| global backprop (DynamicViT-style) | {cost['global']['peak_mb']:.0f} | "
-              f"{cost['global']['step_ms']:.0f} |",
-              f"| ratio | {cost['memory_ratio']:.2f}x | {cost['time_ratio']:.2f}x |", "",
-              f"![training cost]({link}/{files['cost']})", ""]
-    adapted = results.get("adaptation")
-    if adapted:
-        lines += _adaptation_lines(adapted, link, files)
-    if "heatmaps" in files:
-        lines += ["## What ARR-COC keeps", "", f"![heatmaps]({link}/{files['heatmaps']})", ""]
-    report.write_text("\n".join(lines))
-    return report
+    if not gpu:
+        return []
+    lines = ["## Throughput on a GPU", "",
+             f"The same measurement on {gpu['meta']['device']} (`{gpu['meta']['command']}`, commit "
+             f"{gpu['meta'].get('commit') or 'unknown'}); GPU throughput of the timm ViTs and the VLM prefill "
+             f"are in [{link}/gpu.md]({link}/gpu.md).", ""]
+    for speed in gpu["runs"]:
+        lines += [f"**{speed['dtype']}**", "", *speed_lines(speed, budgets, module_share)]
+    return lines
+
+
+def _training_cost_section(cost: dict[str, Any], link: str, files: dict[str, str]) -> list[str]:
+    return ["## Training cost: local rules vs. global backprop", "",
+            f"One step on a batch of {cost['batch']} cluttered canvases, each in a fresh process; peak memory = "
+            "the peak of the bytes held by tensors allocated during one step (the profiler's allocation events "
+            "replayed in order); step time = median over steps.", "",
+            "| | peak tensor memory (MB) | step time (ms) |", "|---|---|---|",
+            f"| local rules (ARR-COC) | {cost['local']['peak_mb']:.0f} | {cost['local']['step_ms']:.0f} |",
+            f"| global backprop (DynamicViT-style) | {cost['global']['peak_mb']:.0f} | "
+            f"{cost['global']['step_ms']:.0f} |",
+            f"| ratio | {cost['memory_ratio']:.2f}x | {cost['time_ratio']:.2f}x |", "",
+            f"![training cost]({link}/{files['cost']})", ""]
 
 
 def _held_out_over_seeds(adapted: dict[str, Any]) -> list[str]:
