@@ -5,13 +5,16 @@ import json
 import pytest
 import yaml
 
-from arrcoc.bench import canvas, canvas_report
+from arrcoc.bench import canvas, canvas_report, canvas_settings
 from arrcoc.bench.canvas_report import equal_speed, targets
 from arrcoc.models.canvas_vit import CanvasViTConfig, build_canvas_vit, load_canvas_vit, save_canvas_vit
 from arrcoc.models.query_fusion import QueryFusionViT, load_query_fusion
 from arrcoc.storage import save_weights_atomic
 
 TINY = CanvasViTConfig(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
+# the keys every benchmark config names, for the tests of one setting
+REQUIRED = {"seeds": [0], "budgets": [1.0, 0.25], "test_images": 12, "base": "configs/arrcoc.yaml",
+            "tasks": {"cluttered": {"budget": 0.25}, "query": {"budget": 0.125}}}
 
 
 @pytest.fixture(scope="module")
@@ -100,23 +103,24 @@ def test_benchmark_runs_every_method_and_writes_results_report_and_plots(checkpo
 
 def test_a_config_naming_one_task_runs_only_that_task(tmp_path):
     path = tmp_path / "bench.yaml"
-    path.write_text(yaml.safe_dump({"seeds": [0, 1], "budgets": [1.0, 0.25], "train": {"steps": 2, "batch_size": 4},
-                                    "baselines": ["random"], "variants": {"no texture": {"texture": False}},
+    path.write_text(yaml.safe_dump({**REQUIRED, "seeds": [0, 1], "budgets": [1.0, 0.25],
+                                    "train": {"steps": 2, "batch_size": 4}, "baselines": ["random"],
+                                    "variants": {"no texture": {"texture": False}},
                                     "tasks": {"query": {"budget": 0.25}}}))
     bench = canvas.load_bench(str(path), quick=False)
-    assert bench["train"]["steps"] == {"query": 2}
+    assert bench.train.steps == {"query": 2}
     assert {job["task"] for job in canvas.jobs_for(bench)} == {"query"}
     with pytest.raises(ValueError, match="hard_regime must be"):
-        path.write_text(yaml.safe_dump({"seeds": [0], "budgets": [1.0, 0.25], "train": {"steps": 2, "batch_size": 4},
-                                        "hard_regime": {"task": "cluttered"}}))
+        path.write_text(yaml.safe_dump({**REQUIRED, "seeds": [0], "budgets": [1.0, 0.25],
+                                        "train": {"steps": 2, "batch_size": 4}, "hard_regime": {"task": "cluttered"}}))
         canvas.load_bench(str(path), quick=False)
 
 
 def test_a_variant_may_run_on_the_lowest_seeds_only(tmp_path):
     path = tmp_path / "bench.yaml"
     variants = {"expensive": {"target": "perturbation", "seeds": 2}, "cheap": {"texture": False}}
-    path.write_text(yaml.safe_dump({"seeds": [4, 1, 3], "train": {"steps": 2, "batch_size": 4}, "variants": variants,
-                                    "baselines": [], "tasks": {"cluttered": {"budget": 0.25}}}))
+    path.write_text(yaml.safe_dump({**REQUIRED, "seeds": [4, 1, 3], "train": {"steps": 2, "batch_size": 4},
+                                    "variants": variants, "baselines": [], "tasks": {"cluttered": {"budget": 0.25}}}))
     jobs = canvas.jobs_for(canvas.load_bench(str(path), quick=False))
     assert sorted(j["seed"] for j in jobs if j["method"] == "ARR-COC / expensive") == [1, 3]
     assert sorted(j["seed"] for j in jobs if j["method"] == "ARR-COC / cheap") == [1, 3, 4]
@@ -124,7 +128,7 @@ def test_a_variant_may_run_on_the_lowest_seeds_only(tmp_path):
     # the report pairs it with the default on those seeds
     assert canvas_report._versus_default([90.0, 92.0], [91.0, 92.5, 50.0])[0] == pytest.approx(-0.75)
     for bad in (1, 2.5, "all", True):
-        path.write_text(yaml.safe_dump({"seeds": [0, 1], "train": {"steps": 2, "batch_size": 4},
+        path.write_text(yaml.safe_dump({**REQUIRED, "seeds": [0, 1], "train": {"steps": 2, "batch_size": 4},
                                         "variants": {"expensive": {"seeds": bad}}}))
         with pytest.raises(ValueError, match="`seeds`"):
             canvas.load_bench(str(path), quick=False)
@@ -186,7 +190,7 @@ def test_unknown_benchmark_keys_are_refused(tmp_path):
 @pytest.mark.parametrize("steps", [{"cluttered": 200}, {"cluttered": 200, "query": 0}, 2.5, -1])
 def test_training_steps_must_be_positive_and_given_for_every_task(tmp_path, steps):
     path = tmp_path / "bench.yaml"
-    path.write_text(yaml.safe_dump({"seeds": [0], "train": {"steps": steps, "batch_size": 4}}))
+    path.write_text(yaml.safe_dump({**REQUIRED, "seeds": [0], "train": {"steps": steps, "batch_size": 4}}))
     with pytest.raises(ValueError, match="train.steps must be a positive integer or one per task"):
         canvas.load_bench(str(path), quick=False)
 
@@ -195,18 +199,18 @@ def test_training_steps_must_be_positive_and_given_for_every_task(tmp_path, step
                                              (7, {"cluttered": 7, "query": 7})])
 def test_training_steps_per_task_or_shared(tmp_path, steps, per_task):
     path = tmp_path / "bench.yaml"
-    path.write_text(yaml.safe_dump({"seeds": [0], "train": {"steps": steps, "batch_size": 4}}))
-    assert canvas.load_bench(str(path), quick=False)["train"]["steps"] == per_task
+    path.write_text(yaml.safe_dump({**REQUIRED, "seeds": [0], "train": {"steps": steps, "batch_size": 4}}))
+    assert canvas.load_bench(str(path), quick=False).train.steps == per_task
 
 
 def test_the_end_to_end_allocator_may_train_longer(tmp_path):
     path = tmp_path / "bench.yaml"
     train = {"steps": {"cluttered": 2, "query": 5}, "global_steps": {"cluttered": 8, "query": 20}, "batch_size": 4}
-    path.write_text(yaml.safe_dump({"seeds": [0], "train": train}))
-    assert canvas.load_bench(str(path), quick=False)["train"]["global_steps"] == {"cluttered": 8, "query": 20}
-    path.write_text(yaml.safe_dump({"seeds": [0], "train": {"steps": 3, "batch_size": 4}}))
-    assert canvas.load_bench(str(path), quick=False)["train"]["global_steps"] == {"cluttered": 3, "query": 3}
-    path.write_text(yaml.safe_dump({"seeds": [0], "train": {**train, "global_steps": {"query": 20}}}))
+    path.write_text(yaml.safe_dump({**REQUIRED, "seeds": [0], "train": train}))
+    assert canvas.load_bench(str(path), quick=False).train.global_steps == {"cluttered": 8, "query": 20}
+    path.write_text(yaml.safe_dump({**REQUIRED, "seeds": [0], "train": {"steps": 3, "batch_size": 4}}))
+    assert canvas.load_bench(str(path), quick=False).train.global_steps == {"cluttered": 3, "query": 3}
+    path.write_text(yaml.safe_dump({**REQUIRED, "seeds": [0], "train": {**train, "global_steps": {"query": 20}}}))
     with pytest.raises(ValueError, match="train.global_steps"):
         canvas.load_bench(str(path), quick=False)
 
@@ -216,7 +220,7 @@ def test_the_committed_benchmark_config_loads(quick):
     """The README's quick command reads the committed config's quick section (a hard regime at a budget the quick
     run lacks once made it refuse to start)."""
     bench = canvas.load_bench("configs/canvas_bench.yaml", quick=quick)
-    assert bench["seeds"] and set(bench["train"]["steps"]) == set(bench["tasks"])
+    assert bench.seeds and set(bench.train.steps) == set(bench.tasks)
 
 
 def test_rerunning_some_tasks_keeps_the_others_from_the_earlier_run_and_says_so():
@@ -253,8 +257,8 @@ def test_rerunning_some_tasks_keeps_the_others_from_the_earlier_run_and_says_so(
 
 def test_rerunning_a_task_the_config_lacks_is_refused(tmp_path):
     path = tmp_path / "bench.yaml"
-    path.write_text(yaml.safe_dump({"seeds": [0], "budgets": [1.0, 0.25], "train": {"steps": 2, "batch_size": 4},
-                                    "tasks": {"query": {"budget": 0.25}}}))
+    path.write_text(yaml.safe_dump({**REQUIRED, "seeds": [0], "budgets": [1.0, 0.25],
+                                    "train": {"steps": 2, "batch_size": 4}, "tasks": {"query": {"budget": 0.25}}}))
     with pytest.raises(ValueError, match=r"--tasks \['cluttered'\] are not in"):
         canvas.main(["--config", str(path), "--tasks", "cluttered", "--out", str(tmp_path / "out")])
 
@@ -310,8 +314,10 @@ def test_a_job_draws_the_same_random_tokens_whatever_ran_before_it_in_its_worker
         return scores
 
     monkeypatch.setattr(token_reduction, "random_scores", recorded)
-    bench = {"budgets": [1.0, 0.125], "test_images": 40, "backbone": str(checkpoints[0])}
-    job = {"kind": "baseline", "method": "random", "task": "cluttered", "seed": 1, "bench": bench}
+    bench = canvas_settings.bench_settings({**REQUIRED, "budgets": [1.0, 0.125], "test_images": 40,
+                                            "train": {"steps": 1, "batch_size": 1}})
+    job = {"kind": "baseline", "method": "random", "task": "cluttered", "seed": 1, "bench": bench,
+           "paths": canvas.RunPaths(backbone=checkpoints[0])}
     canvas.run_job(job)
     first, drawn[:] = list(drawn), []
     torch.rand(1000)  # another job's draws in the same worker
@@ -397,3 +403,72 @@ def test_ablate_grid_pairs_every_combination_with_the_first(checkpoints, tmp_pat
     sweep.write_text("task: query\ngrid: {neighbourhood: [0, 1.5]}\n")
     with pytest.raises(SystemExit):
         main(["sweep", "--config", str(sweep)])
+
+
+@pytest.mark.parametrize("change, error, match", [
+    ({"train": {"steps": 2, "batch_size": 4, "max_grad_nrom": 1.0}}, KeyError,
+     r"unknown train key\(s\) \['max_grad_nrom'\]; known: .*'max_grad_norm'"),
+    ({"tasks": {"query": {"budget": 0.125, "ablation_budget": [0.03125]}}}, KeyError,
+     r"unknown tasks.query key\(s\) \['ablation_budget'\]; known: .*'ablation_budgets'"),
+    ({"test_images": None}, ValueError, "test_images must be a positive integer, got None"),
+    ({"budgets": [1.0, 16]}, ValueError, r"budgets must be a list of token fractions in \(0, 1\], got \[1.0, 16\]"),
+    ({"throughput": {"batch": 0, "repeats": 3}}, ValueError, "throughput.batch must be a positive integer, got 0"),
+    ({"adaptation": {"stream_images": 8, "held_out": 8, "batch": 4, "budget": 0.25, "lr_decay": 0.5}}, KeyError,
+     r"unknown adaptation key\(s\) \['lr_decay'\]"),
+    ({"adaptation": {"stream_images": 8, "held_out": 8, "batch": 4, "budget": 0.25, "target": "labels"}},
+     ValueError, "adaptation: adaptation target must be"),
+    ({"targets": {"tie": "half"}}, ValueError, "targets.tie must be a number >= 0, got 'half'"),
+    ({"targets": {"module_shar": 0.2}}, KeyError, r"unknown targets key\(s\) \['module_shar'\]"),
+])
+def test_bad_settings_are_refused_saying_what_was_expected_and_given(tmp_path, change, error, match):
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump({**REQUIRED, "train": {"steps": 2, "batch_size": 4}, **change}))
+    with pytest.raises(error, match=match):
+        canvas.load_bench(str(path), quick=False)
+
+
+def test_a_config_missing_a_required_key_or_its_quick_section_is_refused(tmp_path):
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump({key: value for key, value in REQUIRED.items() if key != "test_images"}
+                                   | {"train": {"steps": 2, "batch_size": 4}}))
+    with pytest.raises(KeyError, match=r"benchmark lacks the key\(s\) \['test_images'\]"):
+        canvas.load_bench(str(path), quick=False)
+    path.write_text(yaml.safe_dump({**REQUIRED, "train": {"steps": 2, "batch_size": 4}, "quick": {"sedes": [0]}}))
+    with pytest.raises(KeyError, match=r"unknown quick key\(s\) \['sedes'\]"):
+        canvas.load_bench(str(path), quick=True)
+
+
+def test_the_config_names_every_target_threshold_at_its_default():
+    """The defaults live in TargetThresholds; the committed config writes each one out, with what it means."""
+    import dataclasses
+
+    written = yaml.safe_load(open("configs/canvas_bench.yaml"))["targets"]
+    assert set(written) == {f.name for f in dataclasses.fields(canvas_settings.TargetThresholds)}
+    for quick in (False, True):
+        assert canvas.load_bench("configs/canvas_bench.yaml", quick=quick).targets == canvas_settings.TargetThresholds()
+
+
+def test_the_settings_pickle_and_record_what_the_file_says():
+    """Jobs go to spawned worker processes; canvas.json's meta keeps the form it always had (a task's keys only
+    where the file sets them)."""
+    import pickle
+
+    bench = canvas.load_bench("configs/canvas_bench.yaml", quick=False)
+    assert pickle.loads(pickle.dumps(bench)) == bench
+    written = yaml.safe_load(open("configs/canvas_bench.yaml"))
+    meta = bench.meta()
+    assert meta["tasks"] == written["tasks"] and meta["hard_regime"] == written["hard_regime"]
+    assert meta["train"] == written["train"] and meta["seeds"] == written["seeds"]
+
+
+def test_a_report_judges_by_the_thresholds_its_run_recorded():
+    cost = {"local": {"peak_mb": 25.0, "step_ms": 40.0}, "global": {"peak_mb": 100.0, "step_ms": 100.0},
+            "memory_ratio": 0.25, "time_ratio": 0.4}
+    results = {"accuracy": {"cluttered": {}}, "training_cost": cost,
+               "meta": {"tasks": {"cluttered": {"budget": 0.25}}, "budgets": [1.0, 0.25]}}
+    before = {name: passed for name, passed, _ in targets(results)}  # a file from before runs recorded them
+    assert before["Local-rule training peak memory <= 0.3x the end-to-end allocator's"] is True
+    stricter = {**results, "meta": {**results["meta"], "targets": {"memory_ratio": 0.2}}}
+    after = {name: passed for name, passed, _ in targets(stricter)}
+    assert after["Local-rule training peak memory <= 0.2x the end-to-end allocator's"] is False
+    assert after["Local-rule training step time <= 0.5x the end-to-end allocator's"] is True

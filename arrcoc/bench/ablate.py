@@ -17,6 +17,7 @@ measurement; this is how a redesign is tried first (docs/decisions.md names the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import multiprocessing
 import tempfile
@@ -33,7 +34,8 @@ from arrcoc.metrics import interval, paired_interval
 from arrcoc.models.canvas_vit import DEFAULT_CHECKPOINT
 from arrcoc.reporting import command_line, output_dir, pyplot, run_metadata, save_figure, save_results
 
-from .canvas import load_bench, run_job
+from .canvas import RunPaths, run_job
+from .canvas_settings import BenchSettings, load_bench
 
 BASE = "base"
 SCORES = {"accuracy": "test", "shift_accuracy": "shift"}  # run_job's keys -> column prefixes
@@ -122,6 +124,16 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
+def settings_of_probe(bench: BenchSettings, args: argparse.Namespace) -> BenchSettings:
+    """The benchmark's settings for ``--task`` alone, with ``--budgets`` among its ablation budgets and the
+    ``--steps`` and ``--test-images`` given."""
+    task = bench.tasks[args.task]
+    task = dataclasses.replace(task, ablation_budgets=list(dict.fromkeys([*task.ablation_budgets, *args.budgets])))
+    steps = bench.train.steps if args.steps is None else {**bench.train.steps, args.task: args.steps}
+    return dataclasses.replace(bench, tasks={args.task: task}, train=dataclasses.replace(bench.train, steps=steps),
+                               test_images=bench.test_images if args.test_images is None else args.test_images)
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", required=True, help="a task of the benchmark config (cluttered | query)")
@@ -140,8 +152,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, default=Path("runs/ablate"))
     args = parser.parse_args(argv)
     bench = load_bench(args.config, quick=False)
-    if args.task not in bench["tasks"]:
-        raise ValueError(f"--task {args.task!r} is not a task of {args.config}: {list(bench['tasks'])}")
+    if args.task not in bench.tasks:
+        raise ValueError(f"--task {args.task!r} is not a task of {args.config}: {list(bench.tasks)}")
     base = overrides_arg(args.base, "--base")
     if args.grid is not None:
         first, variants = grid_variants(overrides_arg(args.grid, "--grid"))
@@ -154,17 +166,11 @@ def main(argv: list[str] | None = None) -> Path:
         raise ValueError(f"--seeds needs at least two seeds for a paired interval, got {args.seeds}")
     if not all(0 < b < 1 for b in args.budgets):
         raise ValueError(f"--budgets must be token fractions in (0, 1), got {args.budgets}")
-    task = dict(bench["tasks"][args.task])
-    task["ablation_budgets"] = list(dict.fromkeys([*task.get("ablation_budgets", []), *args.budgets]))
-    bench["tasks"] = {args.task: task}
-    if args.steps is not None:
-        bench["train"]["steps"][args.task] = args.steps
-    if args.test_images is not None:
-        bench["test_images"] = args.test_images
+    bench = settings_of_probe(bench, args)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="arrcoc-ablate-") as scratch:  # run_job saves only the benchmark's model
-        bench.update(backbone=str(args.backbone), model_dir=scratch, scratch_dir=scratch)
-        jobs = [{"kind": "arrcoc", "task": args.task, "seed": seed, "bench": bench, "method": name,
+        paths = RunPaths(backbone=args.backbone, model_dir=Path(scratch), scratch_dir=Path(scratch))
+        jobs = [{"kind": "arrcoc", "task": args.task, "seed": seed, "bench": bench, "paths": paths, "method": name,
                  "overrides": {**base, **overrides}, "learning": "local", "all_budgets": False}
                 for name, overrides in {BASE: {}, **variants}.items() for seed in args.seeds]
         with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -175,8 +181,8 @@ def main(argv: list[str] | None = None) -> Path:
             scores.setdefault(job["method"], {}).setdefault(column, []).append(value)
     rows = paired_table(scores)
     meta = run_metadata(command_line("arrcoc.bench.ablate", argv), None, task=args.task, seeds=args.seeds,
-                        base=base, variants=variants, steps=bench["train"]["steps"][args.task],
-                        test_images=bench["test_images"], wall_seconds=time.perf_counter() - start)
+                        base=base, variants=variants, steps=bench.train.steps[args.task],
+                        test_images=bench.test_images, wall_seconds=time.perf_counter() - start)
     out = output_dir(args.out, quick=False)
     plot(rows, out / "ablate.png")
     return save_results(out, "ablate", {"meta": meta, "rows": rows, "scores": scores}, markdown(rows, meta))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import multiprocessing
 import statistics
@@ -47,7 +48,7 @@ from arrcoc.baselines import (
     tokens_per_block,
 )
 from arrcoc.budget import num_kept
-from arrcoc.config import REPO_ROOT, load_yaml_mapping
+from arrcoc.config import REPO_ROOT
 from arrcoc.data.tasks import TASKS, shared_text_encoder, task_data
 from arrcoc.metrics import (
     accuracy,
@@ -60,23 +61,42 @@ from arrcoc.metrics import (
 )
 from arrcoc.models.canvas_vit import DEFAULT_CHECKPOINT, load_canvas_vit
 from arrcoc.models.query_fusion import DEFAULT_QUERY_FUSION, load_query_fusion
-from arrcoc.relevance import ARRCOC, AdaptationConfig, RelevanceConfig
+from arrcoc.relevance import ARRCOC, RelevanceConfig
 from arrcoc.reporting import read_json, run_metadata, save_figure
 from arrcoc.storage import save_json_atomic
 from arrcoc.training import train_arrcoc
 from arrcoc.visualize import canvas_queries, demo_canvases, explain, queries_figure
 
 from .canvas_report import ALL_BACKPROP, ablation_budgets, earlier_runs, write_report
+from .canvas_settings import AdaptationSettings, BenchSettings, TrainingCostSettings, load_bench
 
 EVAL_BATCH = 250
 SMALL_BATCH = 16  # the relevance module's share of a forward is also measured at this batch
 
 
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+    """Where a run's workers find the checkpoints and keep the ARR-COC models they train (the command line's, not
+    the settings file's).
+
+    Args:
+        backbone: the canvas ViT checkpoint every method runs on.
+        query_fusion: the query task's full-token reference.
+        model_dir: the first seed's ARR-COC per task, kept with the results (visualize, the demos, the web app).
+        scratch_dir: the other seeds' ARR-COC, for adaptation; lives as long as the run.
+    """
+
+    backbone: Path
+    query_fusion: Path | None = None
+    model_dir: Path | None = None
+    scratch_dir: Path | None = None
+
+
 # ---- methods ---------------------------------------------------------------------------------------
-def relevance_config(bench: dict, task: str, overrides: dict[str, Any]) -> RelevanceConfig:
+def relevance_config(bench: BenchSettings, task: str, overrides: dict[str, Any]) -> RelevanceConfig:
     """The task's relevance config: the base file, the task's and the variant's overrides, the task's budget."""
-    return RelevanceConfig.from_yaml(bench["base"], {**bench["tasks"][task].get("relevance", {}), **overrides},
-                                     budget=bench["tasks"][task]["budget"])
+    return RelevanceConfig.from_yaml(bench.base, {**bench.tasks[task].relevance, **overrides},
+                                     budget=bench.tasks[task].budget)
 
 
 SHIFT_TASKS = ("cluttered",)  # tasks whose ARR-COC runs are also scored on the shift split (the adaptation's shift)
@@ -101,10 +121,10 @@ def baseline_predict(adapter: BackboneAdapter, name: str, budget: float, schedul
 # ---- jobs (run in worker processes, one thread each) -----------------------------------------------
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
-    kind, task, seed, bench = job["kind"], job["task"], job["seed"], job["bench"]
+    kind, task, seed, bench, paths = job["kind"], job["task"], job["seed"], job["bench"], job["paths"]
     torch.manual_seed(seed)  # random-K draws the same tokens whichever jobs its worker process ran before
-    test = task_data(task, "test", bench["test_images"], seed)
-    backbone = load_canvas_vit(bench["backbone"])
+    test = task_data(task, "test", bench.test_images, seed)
+    backbone = load_canvas_vit(paths.backbone)
     result: dict[str, Any] = {"kind": kind, "task": task, "seed": seed, "method": job["method"], "accuracy": {}}
     if kind == "full":
         adapter = adapt_backbone(backbone)
@@ -112,7 +132,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         return result
     if kind == "baseline":
         adapter = adapt_backbone(backbone)
-        for budget in (b for b in bench["budgets"] if b < 1):
+        for budget in (b for b in bench.budgets if b < 1):
             for schedule in (None, *SCHEDULES) if job["method"] in PROGRESSIVE else (None,):
                 predict, mean_tokens = baseline_predict(adapter, job["method"], budget, schedule)
                 if predict is not None:
@@ -122,24 +142,24 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         return result
     if kind == "oracle":
         adapter = adapt_backbone(backbone)
-        result["accuracy"] = {str(b): accuracy(oracle_predict(adapter, b), test) for b in bench["budgets"] if b < 1}
+        result["accuracy"] = {str(b): accuracy(oracle_predict(adapter, b), test) for b in bench.budgets if b < 1}
         return result
     # ARR-COC (local rules, a variant of them, or the global-backprop allocator)
     config = relevance_config(bench, task, job["overrides"])
     # the end-to-end allocator may train longer (its own `global_steps`): a reference is only as good as its training
-    per_task = bench["train"]["global_steps" if job["learning"] == "global" else "steps"]
-    steps, batch_size = per_task[task], bench["train"]["batch_size"]
+    per_task = bench.train.global_steps if job["learning"] == "global" else bench.train.steps
+    steps, batch_size = per_task[task], bench.train.batch_size
     train = task_data(task, "train", steps * batch_size, 100 + seed)
     model, step_ms = train_arrcoc(backbone, config, train, steps, batch_size, seed, job["learning"],
-                                  max_grad_norm=bench["train"].get("max_grad_norm"))
+                                  max_grad_norm=bench.train.max_grad_norm)
     result["step_ms"] = step_ms
     # an ablation is scored at its task's ablation budgets; where the task has a shift split, also on shifted canvases
     # at those budgets (a regime some pieces may matter in). The default is scored there too, for the pairing.
-    budgets_of_ablations = ablation_budgets(bench, task)
-    everywhere = bench["budgets"] + [b for b in budgets_of_ablations if b not in bench["budgets"]]
+    budgets_of_ablations = ablation_budgets(bench.meta(), task)  # the rule a redraw of the results reads too
+    everywhere = bench.budgets + [b for b in budgets_of_ablations if b not in bench.budgets]
     scored = {"accuracy": (test, everywhere if job["all_budgets"] else budgets_of_ablations)}
     if task in SHIFT_TASKS:
-        scored["shift_accuracy"] = task_data(task, "shift", bench["test_images"], seed), budgets_of_ablations
+        scored["shift_accuracy"] = task_data(task, "shift", bench.test_images, seed), budgets_of_ablations
     for key, (canvases, budgets) in scored.items():
         for budget in budgets:
             if not tiers_fit(model.set_budget(budget)) and budget != config.budget:
@@ -148,7 +168,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     model.set_budget(config.budget)
     result.update(selection_metrics(model, test))
     if job["method"] == "ARR-COC":  # the first seed's is kept (timing, heatmaps, demos); others for adaptation
-        model.save_pretrained(model_path(bench, task, seed))
+        model.save_pretrained(model_path(bench, paths, task, seed))
     return result
 
 
@@ -164,18 +184,19 @@ def tiers_fit(model: ARRCOC) -> bool:
     return True
 
 
-def model_path(bench: dict, task: str, seed: int) -> Path:
+def model_path(bench: BenchSettings, paths: RunPaths, task: str, seed: int) -> Path:
     """Where the ARR-COC of ``task`` trained with ``seed`` is saved: the first seed's in the results, the others
     in a scratch folder that lives as long as the run."""
-    if seed == bench["seeds"][0]:
-        return Path(bench["model_dir"]) / task
-    return Path(bench["scratch_dir"]) / f"{task}-seed{seed}"
+    if seed == bench.seeds[0]:
+        return paths.model_dir / task
+    return paths.scratch_dir / f"{task}-seed{seed}"
 
 
-def jobs_for(bench: dict) -> list[dict[str, Any]]:
+def jobs_for(bench: BenchSettings) -> list[dict[str, Any]]:
+    """Every (method, task, seed) of the run; each job still needs the run's ``paths``."""
     jobs = []
-    for task in bench["tasks"]:
-        for seed in bench["seeds"]:
+    for task in bench.tasks:
+        for seed in bench.seeds:
             common = {"task": task, "seed": seed, "bench": bench}
             jobs.append({**common, "kind": "arrcoc", "method": "ARR-COC", "overrides": {}, "learning": "local",
                          "all_budgets": True})
@@ -183,17 +204,15 @@ def jobs_for(bench: dict) -> list[dict[str, Any]]:
                          "learning": "global", "all_budgets": True})
             jobs.append({**common, "kind": "arrcoc", "method": ALL_BACKPROP, "overrides": {}, "learning": "backprop",
                          "all_budgets": True})
-            for name, overrides in bench["variants"].items():
-                overrides = dict(overrides)
+            for name, variant in bench.variants.items():
                 # a variant may apply to some tasks only, and run on the lowest few seeds only (an expensive one;
                 # results are kept in seed order, so the report pairs it with the default's first runs)
-                variant_tasks = overrides.pop("tasks", bench["tasks"])
-                variant_seeds = sorted(bench["seeds"])[:overrides.pop("seeds", len(bench["seeds"]))]
-                if task not in variant_tasks or seed not in variant_seeds:
+                variant_tasks = bench.tasks if variant.tasks is None else variant.tasks
+                if task not in variant_tasks or seed not in sorted(bench.seeds)[:variant.seeds]:
                     continue
-                jobs.append({**common, "kind": "arrcoc", "method": f"ARR-COC / {name}", "overrides": overrides,
-                             "learning": "local", "all_budgets": False})
-            jobs += [{**common, "kind": "baseline", "method": name} for name in bench["baselines"]]
+                jobs.append({**common, "kind": "arrcoc", "method": f"ARR-COC / {name}",
+                             "overrides": variant.overrides, "learning": "local", "all_budgets": False})
+            jobs += [{**common, "kind": "baseline", "method": name} for name in bench.baselines]
             jobs.append({**common, "kind": "oracle", "method": "box oracle"})
             jobs.append({**common, "kind": "full", "method": "full"})
     # the longest jobs first, so that two workers finish together
@@ -222,18 +241,19 @@ def collect(results: list[dict[str, Any]], tasks: list[str]) -> dict[str, Any]:
 
 # ---- timing and memory --------------------------------------------------------------------------------
 @torch.no_grad()
-def throughput(bench: dict, models: dict[str, ARRCOC], threads: int, batch: int, repeats: int,
+def throughput(methods: dict[str, Any], models: dict[str, ARRCOC], threads: int, batch: int, repeats: int,
                device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
     """Images/s of every method on one batch of cluttered test canvases, interleaved repeats, as ratios to
-    full; and the relevance module's share of ARR-COC's time."""
+    full; and the relevance module's share of ARR-COC's time. ``methods``: the ``backbone`` checkpoint, and the
+    ``budgets`` and ``baselines`` to time (this benchmark's, or the GPU suite's: a plain mapping)."""
     torch.set_num_threads(threads)
-    backbone = load_canvas_vit(bench["backbone"]).to(device)
+    backbone = load_canvas_vit(methods["backbone"]).to(device)
     adapter = adapt_backbone(backbone)
     images = task_data("cluttered", "test", batch, 0).images.to(device)
     grid = adapter.grid()
     fns: dict[tuple[str, float], Any] = {}
-    for budget in bench["budgets"]:
-        for name in bench["baselines"] if budget < 1 else ["full"]:
+    for budget in methods["budgets"]:
+        for name in methods["baselines"] if budget < 1 else ["full"]:
             for early in (False, True) if name in PROGRESSIVE else (False,):
                 reducer = make_baseline(name, budget, adapter.depth, grid, early)
                 fns[(name + " (early)" * early, budget)] = (
@@ -267,12 +287,13 @@ def throughput(bench: dict, models: dict[str, ARRCOC], threads: int, batch: int,
             "full_ms": 1000 * full, "rows": rows, "module_share": share}
 
 
-def _training_cost_worker(learning: str, bench: dict, batch_size: int, steps: int) -> dict[str, float]:
+def _training_cost_worker(learning: str, bench: BenchSettings, backbone: Path, batch_size: int,
+                          steps: int) -> dict[str, float]:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     data = task_data("cluttered", "train", batch_size, 0)
     config = relevance_config(bench, "cluttered", {})
-    model = arrcoc.attach(load_canvas_vit(bench["backbone"]), budget=config.budget, config=config)
+    model = arrcoc.attach(load_canvas_vit(backbone), budget=config.budget, config=config)
 
     def step() -> None:
         if learning == "local":
@@ -290,34 +311,35 @@ def _training_cost_worker(learning: str, bench: dict, batch_size: int, steps: in
     return {"peak_mb": peak, "step_ms": 1000 * statistics.median(times)}
 
 
-def training_cost(bench: dict, batch: int, steps: int) -> dict[str, Any]:
+def training_cost(bench: BenchSettings, backbone: Path, settings: TrainingCostSettings) -> dict[str, Any]:
     """Peak tensor memory of one training step (deterministic: one step serves) and the median step time,
     local rules vs. global backprop, each in a fresh process on the same batch."""
     out: dict[str, Any] = {}
     for learning in ("local", "global"):
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
-            out[learning] = fresh.submit(_training_cost_worker, learning, bench, batch, steps).result()
-    out["batch"] = batch
+            out[learning] = fresh.submit(_training_cost_worker, learning, bench, backbone, settings.batch,
+                                         settings.steps).result()
+    out["batch"] = settings.batch
     out["memory_ratio"] = out["local"]["peak_mb"] / max(out["global"]["peak_mb"], 1e-9)
     out["time_ratio"] = out["local"]["step_ms"] / out["global"]["step_ms"]
     return out
 
 
 # ---- online adaptation under a distribution shift ------------------------------------------------------
-def adaptation(model: ARRCOC, stream_images: int, held_out: int, batch: int, budget: float, test_images: int,
-               **settings: Any) -> dict[str, Any]:
+def adaptation(model: ARRCOC, settings: AdaptationSettings, test_images: int) -> dict[str, Any]:
     """Prequential accuracy (predict each batch, then adapt on it) on the cluttered shift split: the frozen
-    module, ARR-COC's label-free local adaptation (``adapt`` with the ``AdaptationConfig`` ``settings``), and
-    TENT on the backbone's norm layers; then each adapted model on ``held_out`` other shift canvases, where
+    module, ARR-COC's label-free local adaptation (``adapt`` with ``settings.method``), and TENT on the
+    backbone's norm layers; then each adapted model on ``held_out`` other shift canvases, where
     how much of the digit each selection keeps is measured too (the teacher's own scoring is as costly as a
     pass of adaptation: on the stream it would double the section's time).
     One thread: the relaxation's many small ops slow down badly when threads outnumber free cores."""
     torch.set_num_threads(1)
+    stream_images, held_out, batch, budget = settings.stream_images, settings.held_out, settings.batch, settings.budget
     shift = task_data("cluttered", "shift", stream_images, 0)
     unseen = task_data("cluttered", "shift", held_out, 1)  # shift canvases no method adapted on
     test = task_data("cluttered", "test", test_images, 0)
     model.set_budget(budget)
-    model.adaptation = AdaptationConfig(**settings)
+    model.adaptation = copy.copy(settings.method)  # the model's own: the run's settings stay as read
     frozen_state = copy.deepcopy(model.relevance.state_dict())
     result = {"budget": budget, "stream_images": stream_images, "held_out": held_out, "batch": batch,
               "adaptation": vars(model.adaptation),
@@ -366,9 +388,9 @@ PER_SEED_ADAPTATION = ("test_accuracy", "frozen", "online", "tent", "held_out_ac
                        "recovered_fraction")
 
 
-def _adaptation_worker(bench: dict, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
-    model = ARRCOC.from_pretrained(model_path(bench, "cluttered", seed), load_canvas_vit(bench["backbone"]))
-    return adaptation(model, test_images=bench["test_images"], **settings)
+def _adaptation_worker(bench: BenchSettings, paths: RunPaths, seed: int) -> dict[str, Any]:
+    model = ARRCOC.from_pretrained(model_path(bench, paths, "cluttered", seed), load_canvas_vit(paths.backbone))
+    return adaptation(model, bench.adaptation, bench.test_images)
 
 
 # ---- heatmaps ------------------------------------------------------------------------------------------
@@ -386,51 +408,6 @@ def heatmaps(model: ARRCOC, path: Path, images: int = 3) -> None:
 
 
 # ---- command -------------------------------------------------------------------------------------------
-BENCH_KEYS = ("seeds", "budgets", "test_images", "train", "baselines", "base", "tasks", "variants", "throughput",
-              "training_cost", "adaptation", "hard_regime", "quick")
-
-
-def load_bench(path: str, quick: bool) -> dict[str, Any]:
-    bench = load_yaml_mapping(path, known=BENCH_KEYS, what="benchmark")
-    if quick:
-        bench.update(bench["quick"])
-    bench.pop("quick", None)
-    tasks = bench.get("tasks", TASKS)
-    if not isinstance(tasks, dict | tuple) or not tasks or not set(tasks) <= set(TASKS):
-        raise ValueError(f"tasks must name some of {list(TASKS)}, got {tasks!r}")
-    # train.steps: one number for every task, or one per task; kept as one per task from here on
-    steps = bench["train"]["steps"]
-    per_task = steps if isinstance(steps, dict) else dict.fromkeys(tasks, steps)
-    if not set(tasks) <= set(per_task) or not all(isinstance(n, int) and n > 0 for n in per_task.values()):
-        raise ValueError(f"train.steps must be a positive integer or one per task {list(tasks)}, got {steps!r}")
-    for task, entry in bench["tasks"].items() if isinstance(tasks, dict) else ():
-        extra = entry.get("ablation_budgets", [])
-        if not isinstance(extra, list) or not all(isinstance(b, float) and 0 < b < 1 for b in extra):
-            raise ValueError(f"tasks.{task}.ablation_budgets must be a list of token fractions in (0, 1), got "
-                             f"{extra!r}")
-    hard = bench.get("hard_regime")  # reported as not measured where this run lacks its task or budget
-    if hard is not None and (not isinstance(hard, dict) or set(hard) != {"task", "budget"}
-                             or hard["task"] not in TASKS or not isinstance(hard["budget"], float)):
-        raise ValueError(f"hard_regime must be {{task: one of {list(TASKS)}, budget: a fraction of the tokens}}, "
-                         f"got {hard!r}")
-    global_steps = bench["train"].get("global_steps", per_task)
-    global_steps = global_steps if isinstance(global_steps, dict) else dict.fromkeys(tasks, global_steps)
-    if not set(tasks) <= set(global_steps) or not all(isinstance(n, int) and n > 0 for n in global_steps.values()):
-        raise ValueError(f"train.global_steps must be a positive integer or one per task {list(tasks)}, got "
-                         f"{bench['train']['global_steps']!r}")
-    bench["train"] = {**bench["train"], "steps": per_task, "global_steps": global_steps}
-    bench["variants"] = dict(bench.get("variants") or {})
-    for name, overrides in bench["variants"].items():
-        tasks = (overrides or {}).get("tasks", TASKS)
-        if not isinstance(tasks, list | tuple) or not set(tasks) <= set(TASKS):
-            raise ValueError(f"variant {name!r}: `tasks` must be a list drawn from {list(TASKS)}, got {tasks!r}")
-        seeds = (overrides or {}).get("seeds", 2)
-        if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 2:
-            raise ValueError(f"variant {name!r}: `seeds` (on how many of the run's lowest seeds it runs) must be an "
-                             f"integer >= 2, as a paired interval needs two; got {seeds!r}")
-    return bench
-
-
 CLUTTERED_ONLY = ("throughput", "training_cost", "adaptation")  # measured on cluttered canvases
 SAME_SETTINGS = ("seeds", "budgets", "test_images", "backbone_meta", "mode")
 
@@ -467,7 +444,7 @@ def keep_earlier_tasks(results: dict[str, Any], earlier: dict[str, Any] | None) 
     return merged
 
 
-def main(argv: list[str] | None = None) -> Path:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the README's smoke run (~1.5 min on 2 cores)")
     parser.add_argument("--config", default="configs/canvas_bench.yaml")
@@ -479,79 +456,108 @@ def main(argv: list[str] | None = None) -> Path:
                         help="rerun only these tasks; the other tasks' results in the folder's canvas.json (an "
                              "earlier run with the same seeds, budgets and test images) are kept, and the report "
                              "names the run each comes from")
-    args = parser.parse_args(argv)
-    bench = load_bench(args.config, args.quick)
-    if args.tasks:
-        missing = sorted(set(args.tasks) - set(bench["tasks"]))
-        if missing:
-            raise ValueError(f"--tasks {missing} are not in {args.config}'s tasks {list(bench['tasks'])}")
-        bench["tasks"] = {task: bench["tasks"][task] for task in bench["tasks"] if task in args.tasks}
-    out = args.out or (REPO_ROOT / ("runs/quick" if args.quick else "benchmarks/results"))
-    out.mkdir(parents=True, exist_ok=True)
-    model_dir = out / "models"  # the first seed's ARR-COC per task: kept for visualize, the demos and the web app
-    scratch = tempfile.TemporaryDirectory(prefix="arrcoc-canvas-")  # the other seeds' models, for adaptation
-    bench.update(backbone=str(args.backbone), query_fusion=str(args.query_fusion), model_dir=str(model_dir),
-                 scratch_dir=scratch.name)
-    start = time.perf_counter()
+    return parser.parse_args(argv)
 
-    jobs = jobs_for(bench)
+
+def settings_of_run(args: argparse.Namespace) -> BenchSettings:
+    """The config file's settings, limited to the tasks of ``--tasks`` where given."""
+    bench = load_bench(args.config, args.quick)
+    if not args.tasks:
+        return bench
+    missing = sorted(set(args.tasks) - set(bench.tasks))
+    if missing:
+        raise ValueError(f"--tasks {missing} are not in {args.config}'s tasks {list(bench.tasks)}")
+    return dataclasses.replace(bench, tasks={task: entry for task, entry in bench.tasks.items() if task in args.tasks})
+
+
+def accuracy_table(bench: BenchSettings, paths: RunPaths, workers: int) -> dict[str, Any]:
+    """Every method x budget x seed (:func:`collect`): the jobs in worker processes, then the query-fusion
+    reference."""
+    jobs = [{**job, "paths": paths} for job in jobs_for(bench)]
     results = []
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for result in tqdm(pool.map(run_job, jobs), total=len(jobs), desc="canvas benchmark", unit="job"):
             results.append(result)
-    tasks = list(bench["tasks"])
-    if "query" in tasks:
-        fusion = load_query_fusion(bench["query_fusion"])  # read only now: it may be retrained while the pool runs
+    if "query" in bench.tasks:
+        fusion = load_query_fusion(paths.query_fusion)  # read only now: it may be retrained while the pool runs
         results += [{"kind": "query_fusion", "task": "query", "seed": seed, "method": "query fusion (reference)",
                      "accuracy": {"1.0": accuracy(lambda b: fusion(b.images, b.queries),
-                                                  task_data("query", "test", bench["test_images"], seed))}}
-                    for seed in bench["seeds"]]
-    table = collect(results, tasks)
-    print(f"methods x budgets x seeds done ({time.perf_counter() - start:.0f} s); timing and adaptation next")
+                                                  task_data("query", "test", bench.test_images, seed))}}
+                    for seed in bench.seeds]
+    return collect(results, list(bench.tasks))
 
+
+def measure_on_cluttered(bench: BenchSettings, paths: RunPaths, models: dict[str, ARRCOC],
+                         workers: int) -> dict[str, Any]:
+    """Throughput, training cost and adaptation (``CLUTTERED_ONLY``), where the run has the cluttered task and
+    the settings have the measurement's section; None where not measured."""
+    measured: dict[str, Any] = dict.fromkeys(CLUTTERED_ONLY)
+    if "cluttered" not in models:
+        return measured
+    if bench.throughput is not None:
+        methods = {"backbone": paths.backbone, "budgets": bench.budgets, "baselines": bench.baselines}
+        measured["throughput"] = throughput(methods, models, threads=2, batch=bench.throughput.batch,
+                                            repeats=bench.throughput.repeats)
+    if bench.training_cost is not None:
+        measured["training_cost"] = training_cost(bench, paths.backbone, bench.training_cost)
+    if bench.adaptation is not None:
+        measured["adaptation"] = adapt_every_seed(bench, paths, models["cluttered"], workers)
+    return measured
+
+
+def adapt_every_seed(bench: BenchSettings, paths: RunPaths, model: ARRCOC, workers: int) -> dict[str, Any]:
+    """:func:`adaptation` of the first seed's ``model``, alone, as it is timed, with every adapted seed's own
+    results: the target is a mean over seeds, each seed's module adapting on the same stream, the others side by
+    side in worker processes."""
+    seeds = bench.seeds[:bench.adaptation.seeds]
+    adapted = adaptation(model, bench.adaptation, bench.test_images)
+    others = []
+    if len(seeds) > 1:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            others = list(tqdm(pool.map(functools.partial(_adaptation_worker, bench, paths), seeds[1:]),
+                               total=len(seeds) - 1, desc="adaptation, other seeds"))
+    adapted["by_seed"] = [{key: run[key] for key in PER_SEED_ADAPTATION} for run in [adapted, *others]]
+    adapted["recovered_by_seed"] = [run["recovered_fraction"] for run in adapted["by_seed"]]
+    adapted["seeds"] = seeds
+    return adapted
+
+
+def run_meta(args: argparse.Namespace, bench: BenchSettings, paths: RunPaths, start: float) -> dict[str, Any]:
+    """``canvas.json``'s ``meta``: the command, machine and code, the checkpoints, and the settings."""
+    command = "arrcoc bench canvas" + (" --quick" if args.quick else "") + (
+        f" --tasks {' '.join(args.tasks)}" if args.tasks else "")
+    return run_metadata(command, args.quick, backbone=str(paths.backbone),
+                        backbone_meta=read_json(Path(paths.backbone).with_suffix(".json")),
+                        query_fusion_meta=read_json(Path(paths.query_fusion).with_suffix(".json")),
+                        **bench.meta(), workers=args.workers, wall_seconds=time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    bench = settings_of_run(args)
+    out = args.out or (REPO_ROOT / ("runs/quick" if args.quick else "benchmarks/results"))
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = tempfile.TemporaryDirectory(prefix="arrcoc-canvas-")  # the other seeds' models, for adaptation
+    paths = RunPaths(backbone=args.backbone, query_fusion=args.query_fusion, model_dir=out / "models",
+                     scratch_dir=Path(scratch.name))
+    start = time.perf_counter()
+    table = accuracy_table(bench, paths, args.workers)
+    print(f"methods x budgets x seeds done ({time.perf_counter() - start:.0f} s); timing and adaptation next")
     # the first seed's default ARR-COC of each task, as trained above, for timing, adaptation and heatmaps
-    models = {task: ARRCOC.from_pretrained(Path(bench["model_dir"]) / task, load_canvas_vit(args.backbone))
-              for task in tasks}
+    models = {task: ARRCOC.from_pretrained(paths.model_dir / task, load_canvas_vit(paths.backbone))
+              for task in bench.tasks}
     if "query" in models:
         heatmaps(models["query"], out / "canvas_heatmaps.png")
-    speed = cost = adapted = None
-    if "cluttered" in models:  # timing, training cost and the shift are measured on cluttered canvases
-        speed = throughput(bench, models, threads=2, **bench["throughput"])
-        cost = training_cost(bench, **bench["training_cost"])
-        settings = dict(bench["adaptation"])
-        adapted_seeds = bench["seeds"][:settings.pop("seeds", 1)]
-        adapted = adaptation(models["cluttered"], test_images=bench["test_images"], **settings)  # alone: timed
-        # the target is a mean over seeds: each seed's module adapts on the same stream, the others side by side
-        others = []
-        if len(adapted_seeds) > 1:
-            with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
-                others = list(tqdm(pool.map(functools.partial(_adaptation_worker, bench, settings=settings),
-                                            adapted_seeds[1:]),
-                                   total=len(adapted_seeds) - 1, desc="adaptation, other seeds"))
-        adapted["by_seed"] = [{key: run[key] for key in PER_SEED_ADAPTATION} for run in [adapted, *others]]
-        adapted["recovered_by_seed"] = [run["recovered_fraction"] for run in adapted["by_seed"]]
-        adapted["seeds"] = adapted_seeds
+    measured = measure_on_cluttered(bench, paths, models, args.workers)
     scratch.cleanup()
 
-    meta = run_metadata(
-        "arrcoc bench canvas" + (" --quick" if args.quick else "") + (f" --tasks {' '.join(args.tasks)}"
-                                                                       if args.tasks else ""), args.quick,
-        backbone=bench["backbone"],
-        backbone_meta=read_json(Path(bench["backbone"]).with_suffix(".json")),
-        query_fusion_meta=read_json(Path(bench["query_fusion"]).with_suffix(".json")),
-        seeds=bench["seeds"], budgets=bench["budgets"], test_images=bench["test_images"],
-        train=bench["train"], tasks=bench["tasks"], hard_regime=bench.get("hard_regime"), workers=args.workers,
-        wall_seconds=time.perf_counter() - start,
-    )
-    results_json = {"meta": meta, "accuracy": table, "throughput": speed, "training_cost": cost,
-                    "adaptation": adapted}
+    results_json = {"meta": run_meta(args, bench, paths, start), "accuracy": table, **measured}
     if args.tasks:
         results_json = keep_earlier_tasks(results_json, read_json(out / "canvas.json"))
     save_json_atomic(out / "canvas.json", results_json)
     full_run = out.resolve() == (REPO_ROOT / "benchmarks" / "results").resolve()
     report = write_report(results_json, out, REPO_ROOT / "benchmarks" / "REPORT.md" if full_run else out / "REPORT.md")
-    print(f"wrote {out / 'canvas.json'}, {report} and the ARR-COC models in {model_dir}")
+    print(f"wrote {out / 'canvas.json'}, {report} and the ARR-COC models in {paths.model_dir}")
     return out
 
 
