@@ -1,5 +1,5 @@
-"""The package's layering (DESIGN.md 4b): every module imports on its own (no import cycles), and the lower
-layers never import the higher ones."""
+"""The package's layering (README.md, "Where things live"): every module imports on its own (no import
+cycles), and the lower layers never import the higher ones."""
 
 from __future__ import annotations
 
