@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
+from torch._C._profiler import _ExperimentalConfig
+from torch.autograd import ProfilerConfig, ProfilerState, _disable_profiler_legacy, _enable_profiler_legacy
 
 from arrcoc.backbones import PatchGrid, top_k
 from arrcoc.budget import num_kept
@@ -126,21 +126,30 @@ def resident_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_tensor_memory(fn: Callable[[], Any]) -> float:
-    """MB: the peak of the bytes held by CPU tensors allocated while ``fn()`` runs (what CUDA's
-    ``max_memory_allocated`` gives on a GPU). CPU PyTorch keeps no allocator statistics, so the profiler's
-    allocation and free events are replayed in time order: exact and deterministic, unlike the process's resident
-    memory, which follows the C library's heap (docs/decisions.md)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+def peak_cpu_bytes(fn: Callable[[], Any]) -> int:
+    """The most bytes CPU tensors allocated while ``fn()`` runs held at once. CPU PyTorch keeps no allocator
+    statistics, so the profiler's allocation and free events are replayed in time order: exact and
+    deterministic, unlike the process's resident memory, which follows the C library's heap (docs/decisions.md).
+
+    The autograd profiler without Kineto records the same allocator events as ``torch.profiler``; Kineto would
+    also ask CUDA for its devices and, on a machine without one, log the failure as an ERROR."""
+    config = ProfilerConfig(ProfilerState.CPU, report_input_shapes=False, profile_memory=True, with_stack=False,
+                            with_flops=False, with_modules=False, experimental_config=_ExperimentalConfig())
+    _enable_profiler_legacy(config)
+    try:
         fn()
-    changes, pending = [], list(profiler.profiler.kineto_results.experimental_event_tree())
-    while pending:
-        event = pending.pop()
-        pending.extend(event.children)
-        if event.tag == _EventType.Allocation:  # frees are negative sizes
-            changes.append((event.start_time_ns, event.extra_fields.alloc_size))
+    finally:
+        threads = _disable_profiler_legacy()  # the events, one list per thread
+    reference = threads[0][0]  # times are read as ns after one event (integers, where absolute ones lose the ns)
+    changes = [(round(1000 * reference.cpu_elapsed_us(event)), event.cpu_memory_usage())  # frees are negative
+               for events in threads for event in events if event.kind() == "memory_alloc"]
     held = peak = 0
     for _, size in sorted(changes):
         held += size
         peak = max(peak, held)
-    return peak / 2**20
+    return peak
+
+
+def peak_tensor_memory(fn: Callable[[], Any]) -> float:
+    """MB: :func:`peak_cpu_bytes` of ``fn()`` (what CUDA's ``max_memory_allocated`` gives on a GPU)."""
+    return peak_cpu_bytes(fn) / 2**20

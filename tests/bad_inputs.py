@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from PIL import Image
 from safetensors.torch import save_file
@@ -137,9 +136,7 @@ def _files(env: Env, names: list[str]) -> Path:
 
 def _tiny_timm_weights(env: Env) -> Path:
     path = env.dir / "vit.safetensors"
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-                              depth=1, num_heads=2, num_classes=3)
-    save_file(model.state_dict(), str(path))
+    save_file(toy_vit(num_classes=3).state_dict(), str(path))
     return path
 
 
@@ -176,11 +173,6 @@ class Case:
     call: Callable[[Env], object]
     error: type[BaseException]
     says: tuple[str, ...]  # parts of the message: what was expected, what was given
-
-
-def _fixed_size_vit() -> nn.Module:
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48,
-                             depth=1, num_heads=2, num_classes=10)
 
 
 FOLDER = "arrcoc.data.image_folder.read_image_folder(root, preprocess) (arrcoc train / eval --images)"
@@ -224,9 +216,8 @@ CASES: list[Case] = [
     Case(FORWARD, "tiers with 1 refined region and a 4-token budget",
          lambda e: e.model(tiers=True, refined_regions=1)(e.images), ValueError, ("needs at least 19", "budget of 4")),
     Case(FORWARD, "tiers on an odd (3x3) patch grid",
-         lambda e: arrcoc.attach(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=24, patch_size=8,
-                                                   embed_dim=32, depth=1, num_heads=2), budget=0.5,
-                                 config={"tiers": True})(torch.rand(1, 3, 24, 24)), ValueError,
+         lambda e: arrcoc.attach(toy_vit(img_size=24), budget=0.5, config={"tiers": True})(torch.rand(1, 3, 24, 24)),
+         ValueError,
          ("even sides", "got 3x3")),
     # ---- attach and configuration ---------------------------------------------------------------------------
     Case(ATTACH, "an nn.Linear as backbone", lambda e: arrcoc.attach(nn.Linear(2, 2)), TypeError,
@@ -335,7 +326,7 @@ CASES: list[Case] = [
          lambda e: (_pickle_as_weights(e), ARRCOC.from_pretrained(e.dir / "ckpt", toy_vit())), ValueError,
          ("not a valid safetensors file", "relevance-")),
     Case("ARRCOC.from_pretrained(dir, model)", "a checkpoint saved for another backbone (token width 32 vs 48)",
-         lambda e: ARRCOC.from_pretrained(e.checkpoint(), _fixed_size_vit()), ValueError,
+         lambda e: ARRCOC.from_pretrained(e.checkpoint(), toy_vit(embed_dim=48)), ValueError,
          ("does not fit this backbone (VisionTransformer", "size mismatch")),
     Case("ARRCOC.from_pretrained(dir, model)", "a config key this version does not know",
          lambda e: (e.config_json()[0].write_text(json.dumps({**e.config_json()[1], "config": {"budgett": 1}})),

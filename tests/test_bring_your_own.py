@@ -163,6 +163,14 @@ def test_one_class_trains_and_says_so(folders, timm_weights, tmp_path):
     assert any("3 outputs, the folder 1 classes" in note for note in notes)
 
 
+def test_num_classes_may_repeat_the_folders_class_count(folders, timm_weights, tmp_path):
+    main(["train", "--images", str(folders["train"]), "--backbone", TIMM_NAME, "--weights", str(timm_weights),
+          *TIMM_FLAGS, "--backbone-arg", "num_classes=3", "--out", str(tmp_path), *FAST])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["outputs"] == 3 and metrics["notes"] == []
+    assert metrics["backbone_args"] == TIMM_ARGS  # the folder gives the head's size, to `arrcoc eval` too
+
+
 def test_a_nested_pth_state_dict_loads_like_safetensors(timm_weights, tmp_path):
     from safetensors.torch import load_file
 
@@ -218,6 +226,7 @@ def bad_argv(tmp: Path, folders: dict[str, Path], weights: Path, hf: Path, case:
         "a timm name on canvases": [*train, "--backbone", TIMM_NAME],
         "--backbone-arg for a transformers folder": [*train, *images, "--backbone", str(hf), *TIMM_FLAGS],
         "a query file that is not there": [*train, *images, *timm_byo, "--query-file", str(tmp / "q.txt")],
+        "num_classes other than the folder's classes": [*train, *images, *timm_byo, "--backbone-arg", "num_classes=2"],
     }[case]
 
 
@@ -238,6 +247,8 @@ BAD = {  # case: what the message must say (what was expected, what was given)
     "a timm name on canvases": ("run on a canvas ViT (a .safetensors file)", f"got --backbone {TIMM_NAME}"),
     "--backbone-arg for a transformers folder": ("is a transformers folder", "settings {'img_size': 32"),
     "a query file that is not there": ("query file", "q.txt not found", "one query sentence a line"),
+    "num_classes other than the folder's classes": ("--backbone-arg num_classes=2", "one output per class of the "
+                                                     "folder (3 in", "leave num_classes out"),
     "an empty query file": ("empty.txt holds no sentence", "one query sentence a line"),
     "a pickle as .pth weights": ("not a plain PyTorch state dict", "Unsupported global: GLOBAL getattr"),
     "eval --images on a canvas checkpoint": ("was not trained on images", "--backbone NAME_OR_DIR"),

@@ -1,6 +1,9 @@
 """The canvas benchmark command end to end on a tiny untrained backbone (machinery, not results)."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -299,6 +302,22 @@ def test_peak_tensor_memory_counts_what_is_held_at_once_not_what_was_allocated()
 
     assert abs(peak_tensor_memory(two_at_once_then_one) - 12.0) < 0.1
     assert abs(peak_tensor_memory(lambda: kept.clear()) - 0.0) < 0.1  # freeing what existed before is no growth
+
+
+def test_peak_tensor_memory_logs_nothing_on_a_machine_without_cuda():
+    """The benchmark measures memory while it runs: a logged failed CUDA device query (the Kineto profiler's)
+    reads as a failure to a newcomer. A fresh process, as the profiler's first use in it logged that."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available: its device query does not fail")
+    code = ("import torch; from arrcoc.metrics import peak_tensor_memory; "
+            "print(peak_tensor_memory(lambda: torch.ones(2**20)))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout) == 4.0
+    assert "gpuGetDeviceCount" not in done.stderr, done.stderr
 
 
 def test_a_job_draws_the_same_random_tokens_whatever_ran_before_it_in_its_worker(checkpoints, monkeypatch):

@@ -1,5 +1,5 @@
-"""The package's layering (DESIGN.md 4b): every module imports on its own (no import cycles), and the lower
-layers never import the higher ones."""
+"""The package's layering (README.md, "Where things live"): every module imports on its own, no module
+imports itself through others (no import cycle), and the lower layers never import the higher ones."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-MODULES = sorted(module_name(p) for p in PACKAGE.rglob("*.py"))
+MODULE_FILES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+MODULES = sorted(MODULE_FILES)
 
 
 def test_every_module_imports_alone():
@@ -35,20 +36,66 @@ def test_every_module_imports_alone():
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def import_base(node: ast.ImportFrom, package: str) -> str:
+    """The absolute name of what ``from <base> import ...`` names, in a module of ``package``."""
+    if not node.level:
+        return node.module or ""
+    parts = package.split(".")
+    parts = parts[:len(parts) - node.level + 1]  # one dot is the package itself, each further dot its parent
+    return ".".join(parts + ([node.module] if node.module else []))
+
+
 def imported_arrcoc_modules(path: Path) -> set[str]:
-    """The arrcoc modules a file imports (absolute or relative), at any depth of its code."""
-    package = module_name(path).rsplit(".", 0 if path.name == "__init__.py" else 1)[0]
+    """The arrcoc modules a file imports, absolute or relative, at any depth of its code (``if TYPE_CHECKING:``
+    included). ``from P import name`` imports the submodule ``P.name`` where there is one, else the package
+    ``P`` (its __init__.py). The packages above an imported module, which Python imports first on its own,
+    are not counted: they are not what the file asked for."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names if alias.name.startswith("arrcoc")}
+            found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                found.add(f"{base}.{node.module}" if node.module else base)
-            elif node.module and node.module.startswith("arrcoc"):
-                found.add(node.module)
-    return found
+            base = import_base(node, package)
+            found |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULE_FILES else base
+                      for alias in node.names}
+    return {m for m in found if m == "arrcoc" or m.startswith("arrcoc.")}
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the import graph as its chain of modules (the first one again at the end), or None."""
+    finished: set[str] = set()
+    chain: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        if module in chain:
+            return chain[chain.index(module):] + [module]
+        if module in finished:
+            return None
+        chain.append(module)
+        for imported in sorted(graph.get(module, ())):
+            if cycle := visit(imported):
+                return cycle
+        chain.pop()
+        finished.add(module)
+        return None
+
+    for module in sorted(graph):
+        if cycle := visit(module):
+            return cycle
+    return None
+
+
+def test_no_module_imports_itself_through_others():
+    """No import cycle, not even one under ``if TYPE_CHECKING:`` or through a package's __init__.py (e.g.
+    ``arrcoc.relevance.attach`` importing ``from arrcoc.relevance import X``): the import order of any
+    entry point then cannot matter, and each layer reads from the bottom up."""
+    graph = {name: imported_arrcoc_modules(path) for name, path in MODULE_FILES.items()}
+    unknown = sorted({m for imported in graph.values() for m in imported} - set(MODULE_FILES))
+    assert not unknown, f"imports of modules that do not exist: {unknown}"
+    cycle = import_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
 # layer -> the arrcoc packages it must never import

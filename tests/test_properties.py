@@ -6,13 +6,13 @@ import sys
 from functools import cache
 from pathlib import Path
 
-import timm
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import arrcoc
 from arrcoc.budget import keeps_all, num_kept
+from arrcoc.models.toy_vit import toy_vit
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bad_inputs import templates  # noqa: E402
@@ -24,9 +24,8 @@ SETTINGS = settings(max_examples=200, deadline=None, derandomize=True,
 
 @cache
 def backbone(dtype: torch.dtype) -> torch.nn.Module:
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=PATCH, embed_dim=32,
-                              depth=1, num_heads=2, num_classes=5, dynamic_img_size=True)
-    return model.to(dtype).eval()
+    # built once per dtype for hundreds of examples, so the toy ViT itself, not the (per-test) tiny_vit fixture
+    return toy_vit(num_classes=5, dynamic_img_size=True).to(dtype).eval()
 
 
 def assert_documented(error: Exception) -> None:

@@ -3,7 +3,6 @@
 import dataclasses
 
 import pytest
-import timm
 import torch
 
 import arrcoc
@@ -175,10 +174,9 @@ def test_a_checkpoint_of_schema_1_loads_with_its_switches_under_ablate(tmp_path)
         ARRCOC.from_pretrained(tmp_path, model)
 
 
-def test_loading_into_a_different_backbone_fails_clearly(tmp_path):
-    arrcoc.attach(toy_vit(), budget=0.5).save_pretrained(tmp_path)
-    other = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48,
-                              depth=1, num_heads=2, num_classes=10)
+def test_loading_into_a_different_backbone_fails_clearly(tmp_path, tiny_vit):
+    arrcoc.attach(tiny_vit(), budget=0.5).save_pretrained(tmp_path)
+    other = tiny_vit(embed_dim=48)
     with pytest.raises(ValueError, match="does not fit this backbone"):
         ARRCOC.from_pretrained(tmp_path, other)
 
@@ -262,11 +260,10 @@ def test_trainer_runs_epochs_with_a_schedule_and_checkpoints(tmp_path):
     assert (tmp_path / "config.json").is_file()
 
 
-def test_tiers_keep_the_token_total_within_the_budget():
+def test_tiers_keep_the_token_total_within_the_budget(tiny_vit):
     from arrcoc.backbones import REFINED
 
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, patch_size=8, embed_dim=32,
-                              depth=1, num_heads=2, num_classes=10)  # an 8 x 8 grid: 16 regions of 2 x 2
+    model = tiny_vit(img_size=64)  # an 8 x 8 grid: 16 regions of 2 x 2
     seen = []
     model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
     images = torch.rand(2, 3, 64, 64)

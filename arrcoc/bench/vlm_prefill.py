@@ -36,7 +36,7 @@ import arrcoc
 from arrcoc.budget import num_kept
 from arrcoc.config import config_file, parse_with_config
 from arrcoc.data.toy_vlm import BOS, IMAGE, ToyVLMSize, toy_prompts, toy_vlm
-from arrcoc.metrics import timed
+from arrcoc.metrics import peak_cpu_bytes, timed
 from arrcoc.reporting import command_line, device_label, output_dir, pyplot, run_metadata, save_figure, save_results
 
 FULL_SIZE = ToyVLMSize(vision_hidden=256, vision_layers=4, text_hidden=512, text_layers=8, heads=8, kv_heads=8,
@@ -57,20 +57,17 @@ class PrefillBenchConfig:
 
 def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     """Most bytes the call held allocated at once, above what was allocated when it started."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities, profile_memory=True) as prof:
+    if device.type != "cuda":  # without Kineto, whose CUDA device query fails loudly on a machine without one
+        return peak_cpu_bytes(fn)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == device_type(device)]
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CUDA]
     held = peak = 0
     for event in sorted(events, key=lambda e: e.start_ns()):
         held += event.nbytes()
         peak = max(peak, held)
     return peak
-
-
-def device_type(device: torch.device) -> Any:
-    return torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
 
 
 def run(config: PrefillBenchConfig, device: torch.device) -> dict[str, Any]:

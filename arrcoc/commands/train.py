@@ -128,7 +128,7 @@ def folder_source(args: argparse.Namespace, config: RelevanceConfig) -> Source:
                          f"transformers folder, got {args.backbone or 'none'}")
     sentences = None if args.query_file is None else read_query_file(args.query_file)
     classes = folder_classes(args.images)
-    model_args = dict(args.backbone_arg)
+    model_args = timm_settings(args, classes)
     backbone = load_backbone(args.backbone, args.weights, len(classes), model_args)
     folder = read_image_folder(args.images, backbone.preprocess, args.max_images, args.seed)
     columns = {"images": folder.images, "labels": folder.labels}
@@ -144,6 +144,21 @@ def folder_source(args: argparse.Namespace, config: RelevanceConfig) -> Source:
     # the texture stack undoes the backbone's normalisation to see the pixels' real RGB
     config = dataclasses.replace(config, pixel_mean=backbone.pixel_mean, pixel_std=backbone.pixel_std)
     return Source(backbone.model, config, columns, record)
+
+
+def timm_settings(args: argparse.Namespace, classes: list[str]) -> dict[str, Any]:
+    """The ``--backbone-arg`` settings for the timm model. Its head has one output per class of the folder (or
+    as many as the weights file's head): ``num_classes`` may say so again, and is then left out (the folder
+    gives it, also to ``arrcoc eval``), but not say otherwise. A transformers folder takes no settings at all
+    (``load_backbone`` says so)."""
+    settings = dict(args.backbone_arg)
+    if "num_classes" in settings and not Path(args.backbone).is_dir():
+        asked = settings.pop("num_classes")
+        if asked != len(classes):
+            raise ValueError(f"--backbone-arg num_classes={asked}: the head has one output per class of the folder "
+                             f"({len(classes)} in {args.images}), or as many as the weights file's head; leave "
+                             f"num_classes out")
+    return settings
 
 
 def folder_notes(args: argparse.Namespace, backbone: Backbone, folder: FolderImages, target: str) -> list[str]:

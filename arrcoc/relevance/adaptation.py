@@ -12,19 +12,16 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from arrcoc.optim import optimizer_class
 from arrcoc.rules import NonFiniteUpdate
 from arrcoc.rules.relaxation import RelaxationDiverged
 
 from .wrapper import QueryInput
-
-if TYPE_CHECKING:
-    from .attach import ARRCOC
 
 DEFAULT_ADAPTATION_LR = {"sgd": 0.05, "adam": 3e-3}  # per optimizer in arrcoc.optim.OPTIMIZERS
 ADAPTATION_TARGETS = ("perturbation", "attention")
@@ -99,10 +96,33 @@ class _Probe:
     frozen_agrees: Tensor  # (n,) whether the module agreed with them when the probe was set
 
 
+class AdaptableModel(Protocol):
+    """What :class:`OnlineAdaptation` uses of the model it adapts, :class:`~arrcoc.relevance.attach.ARRCOC`
+    (described here rather than imported: attach.py imports this module)."""
+
+    adaptation: AdaptationConfig
+    relevance: nn.Module  # the weights adaptation learns, snapshots and restores
+    adapter: nn.Module  # the frozen backbone: images -> its full-token output
+
+    def __call__(self, images: Tensor, query: QueryInput = None) -> Tensor: ...
+
+    def agreement(self, images: Tensor, query: QueryInput = None) -> Tensor: ...
+
+    def relevance_target(self, images: Tensor, *, kind: str | None = None) -> Tensor: ...
+
+    def learn(self, images: Tensor, query: QueryInput = None, target: Tensor | None = None, *,
+              optimizer: torch.optim.Optimizer | None = None, max_grad_norm: float | None = None
+              ) -> dict[str, float]: ...
+
+    def check_images(self, images: Tensor) -> None: ...
+
+    def encode_query(self, query: QueryInput, batch: int) -> Tensor | None: ...
+
+
 class OnlineAdaptation:
     """The online-adaptation state of one attached model (its settings: ``model.adaptation``)."""
 
-    def __init__(self, model: ARRCOC):
+    def __init__(self, model: AdaptableModel):
         self.model = model
         self.running_agreement: float | None = None
         self.best_agreement = 0.0
