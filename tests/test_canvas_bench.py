@@ -108,7 +108,7 @@ def test_a_config_naming_one_task_runs_only_that_task(tmp_path):
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump({**REQUIRED, "seeds": [0, 1], "budgets": [1.0, 0.25],
                                     "train": {"steps": 2, "batch_size": 4}, "baselines": ["random"],
-                                    "variants": {"no texture": {"texture": False}},
+                                    "variants": {"no texture": {"ablate.texture": False}},
                                     "tasks": {"query": {"budget": 0.25}}}))
     bench = canvas.load_bench(str(path), quick=False)
     assert bench.train.steps == {"query": 2}
@@ -121,7 +121,7 @@ def test_a_config_naming_one_task_runs_only_that_task(tmp_path):
 
 def test_a_variant_may_run_on_the_lowest_seeds_only(tmp_path):
     path = tmp_path / "bench.yaml"
-    variants = {"expensive": {"target": "perturbation", "seeds": 2}, "cheap": {"texture": False}}
+    variants = {"expensive": {"target": "perturbation", "seeds": 2}, "cheap": {"ablate.texture": False}}
     path.write_text(yaml.safe_dump({**REQUIRED, "seeds": [4, 1, 3], "train": {"steps": 2, "batch_size": 4},
                                     "variants": variants, "baselines": [], "tasks": {"cluttered": {"budget": 0.25}}}))
     jobs = canvas.jobs_for(canvas.load_bench(str(path), quick=False))
@@ -379,7 +379,7 @@ def test_ablate_pairs_each_variant_with_the_base_on_the_same_seeds(checkpoints, 
     out = tmp_path / "out"
     ablate.main(["--task", "cluttered", "--config", str(path), "--backbone", str(checkpoints[0]), "--seeds", "0", "1",
                  "--budgets", "0.0625", "--variants", '{"field: frozen": {"rules.field": {"name": "frozen"}}}',
-                 "--base", '{"propositional": false}', "--workers", "1", "--out", str(out)])
+                 "--base", '{"ablate.propositional": false}', "--workers", "1", "--out", str(out)])
     results = json.loads((out / "ablate.json").read_text())
     scores = results["scores"]
     assert set(scores) == {"base", "field: frozen"}
@@ -388,7 +388,7 @@ def test_ablate_pairs_each_variant_with_the_base_on_the_same_seeds(checkpoints, 
     row = next(r for r in results["rows"] if r["variant"] == "field: frozen")
     expected = paired_interval(scores["field: frozen"]["test 0.125"], scores["base"]["test 0.125"])
     assert row["test 0.125"]["difference"] == pytest.approx(list(expected))
-    assert results["meta"]["base"] == {"propositional": False}
+    assert results["meta"]["base"] == {"ablate.propositional": False}
     assert (out / "ablate.png").stat().st_size > 0 and "field: frozen" in (out / "ablate.md").read_text()
     with pytest.raises(ValueError, match="at least two seeds"):
         ablate.main(["--task", "cluttered", "--config", str(path), "--seeds", "0", "--variants", "{}"])
@@ -406,15 +406,15 @@ def test_ablate_grid_pairs_every_combination_with_the_first(checkpoints, tmp_pat
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(bench))
     grid = tmp_path / "grid.yaml"
-    grid.write_text(yaml.safe_dump({"neighbourhood": [0, 1.5], "propositional": [True, False]}))
+    grid.write_text(yaml.safe_dump({"neighbourhood": [0, 1.5], "ablate.propositional": [True, False]}))
     out = tmp_path / "out"
     ablate.main(["--task", "cluttered", "--config", str(path), "--backbone", str(checkpoints[0]), "--seeds", "0", "1",
                  "--grid", str(grid), "--workers", "1", "--out", str(out)])
     results = json.loads((out / "ablate.json").read_text())
     assert [row["variant"] for row in results["rows"]] == [
-        "base", "propositional: False", "neighbourhood: 1.5", "neighbourhood: 1.5, propositional: False"]
-    assert results["meta"]["base"] == {"neighbourhood": 0, "propositional": True}
-    assert results["meta"]["variants"]["neighbourhood: 1.5"] == {"neighbourhood": 1.5, "propositional": True}
+        "base", "neighbourhood: 1.5", "ablate.propositional: False", "ablate.propositional: False, neighbourhood: 1.5"]
+    assert results["meta"]["base"] == {"neighbourhood": 0, "ablate.propositional": True}
+    assert results["meta"]["variants"]["neighbourhood: 1.5"] == {"neighbourhood": 1.5, "ablate.propositional": True}
     assert all(len(values) == 2 for per_column in results["scores"].values() for values in per_column.values())
     with pytest.raises(ValueError, match="non-empty lists"):
         ablate.main(["--task", "cluttered", "--config", str(path), "--grid", '{"neighbourhood": 0}'])

@@ -15,7 +15,6 @@ from arrcoc.relevance.texture import (
     box_mean,
     image_channels,
     patch_entropy,
-    patch_self_information,
     pooled_moments,
     position_features,
     rgb_to_lab,
@@ -194,18 +193,3 @@ def test_box_mean_is_average_pooling(kernel):
 def test_box_mean_refuses_a_window_that_does_not_tile_the_image():
     with pytest.raises(ValueError, match="multiple of the window"):
         box_mean(torch.zeros(1, 3, 30, 32), (4, 4))
-
-
-def test_self_information_is_relative_to_the_image_where_entropy_is_not():
-    """A textured image with one flat patch of a colour found nowhere else: entropy ranks the flat patch last,
-    self-information first; a texture that fills the image is no surprise in it."""
-    g = torch.Generator().manual_seed(0)
-    rgb = 0.3 + 0.4 * torch.rand(1, 3, 32, 32, generator=g)  # grey noise: every patch varied
-    rgb[:, :, 8:16, 8:16] = torch.tensor([0.1, 0.9, 0.1]).view(1, 3, 1, 1)  # one flat green patch
-    lab = rgb_to_lab(rgb)
-    flat_patch = 1 * 4 + 1
-    surprise = patch_self_information(lab, (8, 8))
-    entropy = patch_entropy(lab[:, :1], (8, 8))
-    assert surprise.shape == entropy.shape == (1, 16)
-    assert surprise.argmax().item() == flat_patch
-    assert entropy.argmin().item() == flat_patch

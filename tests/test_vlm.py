@@ -213,7 +213,8 @@ def quadrant_hit_rate(participatory: bool, steps: int = 80) -> float:
     """Each prompt names a quadrant of its image with one word; box targets mark that quadrant. Train with the
     local rules, then measure how much of what is kept lies in the named quadrant on new prompts (chance 0.25)."""
     model = toy_vlm("llava")  # 4 x 4 visual tokens per image; a quadrant is 2 x 2 of them
-    config = {"relevance": {"target": "box", "participatory": participatory, "optimizer": {"name": "adam", "lr": 0.01}}}
+    config = {"relevance": {"target": "box", "ablate": {"participatory": participatory},
+                            "optimizer": {"name": "adam", "lr": 0.01}}}
     wrapped = arrcoc.attach_vlm(model, budget=0.25, config=config)
     boxes = torch.tensor([[0, 0, 16, 16], [16, 0, 32, 16], [0, 16, 16, 32], [16, 16, 32, 32]]).float()
 
