@@ -259,7 +259,7 @@ CASES: list[Case] = [
          lambda e: e.model(rules={"perspectival_encoder": {"name": "hebbian-oja", "form": "sangr"}}), ValueError,
          ("form must be one of ('sanger'", "got 'sangr'")),
     Case(ATTACH, "relaxation key typo 'stepsize'", lambda e: e.model(relaxation={"stepsize": 0.1}), KeyError,
-         ("known keys: ['backtracks', 'gradient_only', 'momentum'", "['stepsize']")),
+         ("known keys: ['backtracks', 'gradient_only', 'inference_step_size'", "['stepsize']")),
     Case(ATTACH, "relaxation step_size -1", lambda e: e.model(relaxation={"step_size": -1}), ValueError,
          ("step_size > 0", "step_size=-1")),
     Case(ATTACH, "optimizer 'adamw'", lambda e: e.model(optimizer={"name": "adamw"}), ValueError,

@@ -36,8 +36,10 @@ def docstring_energy(field: RelevanceField, r: torch.Tensor, x: torch.Tensor) ->
     """The field's energy as its module docstring writes it, term by term."""
     rho, n = torch.sigmoid(r), r.shape[-1]
     k = field.budget * n if field.budget <= 1 else field.budget
-    coupling = torch.einsum("bi,ij,bj->b", rho, field.lateral(x), rho)
-    return (0.5 * r.pow(2).sum(-1) - (rho * field.drive(x)).sum(-1) - 0.5 * coupling
+    evidence, positions, query = x[..., :3], x[0, :, 3:5], (x[:, 0, 5:] if x.shape[-1] > 5 else None)
+    lateral = field.coherence * torch.exp(-0.5 * torch.cdist(positions, positions).pow(2)) * (1 - torch.eye(n))
+    coupling = torch.einsum("bi,ij,bj->b", rho, lateral, rho)
+    return (0.5 * r.pow(2).sum(-1) - (rho * field.drive(evidence, query)).sum(-1) - 0.5 * coupling
             + F.softplus(field.competition) / (2 * n) * (rho.sum(-1) - k).pow(2))
 
 

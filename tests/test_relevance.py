@@ -18,6 +18,7 @@ from arrcoc.data.toy_patches import (
 )
 from arrcoc.models.toy_vit import toy_vit
 from arrcoc.relevance import ARRCOC, Ablations, RelevanceConfig
+from arrcoc.relevance.field import FieldRelaxation
 from arrcoc.rules.relaxation import Relaxation, RelaxationDiverged, relax
 
 
@@ -236,7 +237,7 @@ def test_default_yaml_config_is_the_default_config():
     """configs/arrcoc.yaml shows the defaults; their one home is the dataclasses (the relaxation's included)."""
     config = RelevanceConfig.from_yaml(find_config("configs/arrcoc.yaml"))
     assert config == RelevanceConfig()
-    assert config.relaxation == Relaxation() and config.ablate == Ablations()
+    assert config.relaxation == FieldRelaxation() and config.ablate == Ablations()
 
 
 def test_yaml_with_a_python_tag_is_refused(tmp_path):
@@ -375,8 +376,7 @@ def test_a_subnetwork_can_have_its_own_step_size():
 
 def test_a_neighbourhood_ranks_a_compact_object_above_a_lone_confident_patch():
     from arrcoc.backbones import top_k
-    from arrcoc.relevance.allocator import neighbourhood_support
-    from arrcoc.relevance.field import grid_positions
+    from arrcoc.relevance.allocator import neighbourhood_kernel, neighbourhood_support
 
     probability = torch.full((1, 8, 8), 0.05)
     probability[0, 1, 6] = 0.99  # a lone, very confident patch: a fragment of a look-alike distractor
@@ -384,11 +384,12 @@ def test_a_neighbourhood_ranks_a_compact_object_above_a_lone_confident_patch():
     logits = torch.logit(probability).flatten(1)
     object_patches = {33, 34, 41, 42}
     assert 14 in top_k(logits, 4)[0].tolist()  # ranked alone, the fragment takes a token
-    pooled = neighbourhood_support(logits, grid_positions(8, 8)[0], width=1.0)
+    pooled = neighbourhood_support(logits, neighbourhood_kernel(8, 8, 1.0, logits.device, logits.dtype))
     assert set(top_k(pooled, 4)[0].tolist()) == object_patches
     # the neighbours' weights of every patch sum to one, also at the border: a uniform map stays as it is
     uniform = torch.full((2, 48), 0.3).logit()
-    assert torch.allclose(neighbourhood_support(uniform, grid_positions(6, 8)[0], width=1.5), uniform, atol=1e-5)
+    kernel = neighbourhood_kernel(6, 8, 1.5, uniform.device, uniform.dtype)
+    assert torch.allclose(neighbourhood_support(uniform, kernel), uniform, atol=1e-5)
 
 
 def test_the_neighbourhood_changes_the_ranking_not_what_the_rules_learn():

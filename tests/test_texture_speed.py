@@ -12,7 +12,6 @@ from arrcoc.relevance.texture import (
     CHANNELS,
     NUM_FEATURES,
     POSITION_CHANNELS,
-    box_mean,
     image_channels,
     patch_entropy,
     pooled_moments,
@@ -121,16 +120,16 @@ def test_features_keep_their_meaning_at_texture_resolution():
     assert bool((mean("sobel_x")[:, 1] > 0.01).all() and (mean("sobel_x")[:, 2] < -0.01).all())
     assert bool((mean("sobel_y")[:, 1:3].abs() < 0.1 * mean("sobel_x")[:, 1:3].abs()).all())
     assert mean("local_contrast").argmax() == 15 and mean("sobel_magnitude")[3, 3] > 100 * mean("sobel_magnitude")[flat]
-    assert mean("local_contrast")[flat] == 0 and mean("sobel_magnitude")[flat] < 1e-5
+    # flat: no contrast but the square root of float32 rounding in E[L^2] - E[L]^2
+    assert mean("local_contrast")[flat] < 1e-4 and mean("sobel_magnitude")[flat] < 1e-5
     assert bool((mean("pos_y").diff(dim=0) > 0).all() and (mean("pos_x").diff(dim=1) > 0).all())
     entropy = patch_entropy(textured.lab[:, :1], textured.samples_per_patch)[0].view(4, 4)
     assert entropy.argmax() == 15 and entropy[3, 3] > entropy[flat] + 0.5
 
 
 def test_full_resolution_pixels_are_read_once_by_the_box_filter():
-    """The per-pixel work runs at texture resolution: of the relevance module's operations, only the box filter's
-    strided views (and a dtype cast that copies nothing) see the batch at full resolution (the position features
-    are computed on one image's grid)."""
+    """The per-pixel work runs at texture resolution: of the relevance module's operations only the box filter, one
+    average pooling, sees the batch at full resolution (the position features are computed on one image's grid)."""
     model = arrcoc.attach(toy_vit(), budget=0.25).eval()
     images = torch.rand(2, 3, 32, 32)  # 8-px patches: 4 x 4 samples of 2 x 2 pixels
     with torch.no_grad():
@@ -139,7 +138,7 @@ def test_full_resolution_pixels_are_read_once_by_the_box_filter():
             model.relevance(images, tokens, (4, 4))
     full_resolution = {event.name for event in trace.events()
                        if any(len(s) == 4 and s[0] == 2 and tuple(s[-2:]) == (32, 32) for s in event.input_shapes)}
-    assert full_resolution == {"aten::slice", "aten::as_strided", "aten::to"}, full_resolution  # views and a cast
+    assert full_resolution == {"aten::avg_pool2d"}, full_resolution
 
 
 def test_image_channels_are_the_image_dependent_channels_in_order():
@@ -184,12 +183,6 @@ def test_position_features_made_in_inference_mode_serve_training():
     assert weight.grad is not None
 
 
-@pytest.mark.parametrize("kernel", [(1, 1), (2, 2), (4, 4), (2, 4), (8, 8)])
-def test_box_mean_is_average_pooling(kernel):
-    images = torch.randn(3, 5, 32, 64)
-    torch.testing.assert_close(box_mean(images, kernel), F.avg_pool2d(images, kernel), atol=1e-6, rtol=1e-5)
-
-
-def test_box_mean_refuses_a_window_that_does_not_tile_the_image():
+def test_texture_resolution_refuses_a_window_that_does_not_tile_the_image():
     with pytest.raises(ValueError, match="multiple of the window"):
-        box_mean(torch.zeros(1, 3, 30, 32), (4, 4))
+        texture_image(torch.zeros(1, 3, 30, 32), (16, 16), ZERO, ONE)

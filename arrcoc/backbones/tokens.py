@@ -114,7 +114,11 @@ def select(state: TokenSet, index: Tensor) -> TokenSet:
     One batched gather; each image may keep different patches.
     """
     check_index(index, state.tokens.shape[0], state.num_patch_tokens)
-    index = index.long()
+    return _select(state, index.long())
+
+
+def _select(state: TokenSet, index: Tensor) -> TokenSet:
+    """:func:`select` of int64 positions known to be in range (a top K's): no check, so no host sync."""
     prefix = torch.arange(state.num_prefix, device=index.device).expand(index.shape[0], -1)
     full = torch.cat([prefix, index + state.num_prefix], dim=1)
     size = None if state.size is None else state.size.gather(1, full)
@@ -145,7 +149,7 @@ def keep_top_k(
         raise ValueError(f"dropped must be one of {DROPPED_MODES}, got {dropped!r}")
     k = num_kept(budget, state.num_patch_tokens)
     if dropped == "discard" or k == state.num_patch_tokens:
-        return select(state, top_k(scores, k))
+        return _select(state, top_k(scores, k))
     order = scores.argsort(dim=1, descending=True)
     kept, gone = order[:, :k].sort(dim=1).values, order[:, k:]
     if dropped == "fuse":
@@ -159,7 +163,7 @@ def _fuse(state: TokenSet, kept: Tensor, gone: Tensor, scores: Tensor) -> TokenS
         raise ValueError("fusing dropped tokens weights them by their scores, which must be non-negative")
     weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
     summary = torch.einsum("bt,btd->bd", weights.to(state.tokens.dtype), _gather_tokens(state.patches, gone))
-    out = select(state, kept)
+    out = _select(state, kept)
     tokens = torch.cat([out.tokens, summary[:, None]], dim=1)
     patch_index = F.pad(out.patch_index, (0, 1), value=FUSED)
     size = None

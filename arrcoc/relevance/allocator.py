@@ -14,14 +14,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .constants import shape_constant
+from .field import grid_positions
 
-def neighbourhood_support(logits: Tensor, positions: Tensor, width: float) -> Tensor:
+
+def neighbourhood_support(logits: Tensor, kernel: Tensor) -> Tensor:
     """(B, N) budget logits: the logit of the Gaussian-weighted mean of ``sigmoid(logits)`` over each patch's
-    neighbourhood (``positions`` (N, 2) in patches, ``width`` the Gaussian's sigma in patches; the weights of
-    each patch's neighbours sum to one, also at the border)."""
-    kernel = torch.softmax(-0.5 * torch.cdist(positions, positions).pow(2) / width**2, dim=-1).to(logits.dtype)
-    support = torch.sigmoid(logits) @ kernel.T
-    return torch.logit(support.clamp(1e-6, 1 - 1e-6))
+    neighbourhood, ``kernel`` from :func:`neighbourhood_kernel`."""
+    return torch.logit(torch.sigmoid(logits) @ kernel, eps=1e-6)
+
+
+@shape_constant
+def neighbourhood_kernel(height: int, width: int, sigma: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(N, N) column j: the Gaussian weights (``sigma`` in patches) of patch j's neighbourhood on a grid, summing to
+    one also at the border; made once per grid (:func:`~arrcoc.relevance.constants.shape_constant`)."""
+    positions = grid_positions(height, width, device)[0]
+    weights = torch.softmax(-0.5 * torch.cdist(positions, positions).pow(2) / sigma**2, dim=-1)
+    return weights.T.contiguous().to(dtype)
 
 
 class Allocator(nn.Module):
@@ -36,5 +45,5 @@ class Allocator(nn.Module):
         return relevance[..., None] if evidence is None else torch.cat([relevance[..., None], evidence], -1)
 
     def forward(self, inputs: Tensor) -> Tensor:
-        relevance = inputs[..., 0].clamp(1e-4, 1 - 1e-4)
-        return torch.logit(relevance) + self.net(inputs).squeeze(-1)
+        batch, patches, features = inputs.shape  # the MLP on every patch at once, as a matrix product
+        return torch.logit(inputs[..., 0], eps=1e-4) + self.net(inputs.reshape(-1, features)).view(batch, patches)

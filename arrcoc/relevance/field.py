@@ -15,17 +15,37 @@ Patch positions come in with the evidence, so any grid (or tier layout) works.
 
 from __future__ import annotations
 
-import functools
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from arrcoc.rules.relaxation import Energy
+from arrcoc.rules.relaxation import Energy, Relaxation
+
+from .constants import shape_constant
 
 EVIDENCE = 3  # propositional, perspectival, participatory
 POSITION = 2
+
+
+@dataclass
+class FieldRelaxation(Relaxation):
+    """How the field relaxes: monitored, as :class:`~arrcoc.rules.relaxation.Relaxation` says, wherever it learns
+    (the training passes, its rule's phases, the backprop references): there a divergence is reported, never passed
+    on; at inference (eval mode, no autograd) ``inference_steps`` plain gradient steps of ``inference_step_size``
+    with no check and no host sync (:meth:`RelevanceField.equilibrium`; 0 steps: monitored there too)."""
+
+    inference_steps: int = 8
+    inference_step_size: float = 0.6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.inference_steps, bool) or not isinstance(self.inference_steps, int) \
+                or self.inference_steps < 0 or not 0 < self.inference_step_size <= 1:
+            raise ValueError(f"inference_steps must be an integer >= 0 and inference_step_size in (0, 1], got "
+                             f"{self.inference_steps!r} and {self.inference_step_size!r}")
 
 
 class FieldTerms(NamedTuple):
@@ -60,29 +80,57 @@ class RelevanceField(nn.Module):
         parts = [evidence, positions.to(evidence).expand(b, n, POSITION)]
         return torch.cat(parts if query is None else [*parts, query.to(evidence.dtype)[:, None].expand(b, n, -1)], -1)
 
-    def drive(self, x: Tensor) -> Tensor:
-        """(B, N) external input h: the balanced evidence."""
-        evidence, query = x[..., :EVIDENCE], x[:, 0, EVIDENCE + POSITION:]
+    def drive(self, evidence: Tensor, query: Tensor | None) -> Tensor:
+        """(B, N) external input h: the evidence (B, N, 3), balanced per query (B, Dq) where there is one."""
         weight = self.evidence_weight
-        if self.balance is not None:
-            # without a query (no columns) the balance of a zero query: its bias
-            balance = self.balance(query) if query.shape[-1] else self.balance.bias.expand(len(x), EVIDENCE)
-            weight = weight * 2 * torch.sigmoid(balance)  # (B, 3): per query
-            return torch.einsum("bnk,bk->bn", evidence, weight) + self.evidence_bias
-        return evidence @ weight + self.evidence_bias
+        if self.balance is None:
+            return evidence @ weight + self.evidence_bias
+        # without a query the balance of a zero query: its bias
+        balance = self.balance.bias.expand(len(evidence), EVIDENCE) if query is None else self.balance(query)
+        weight = weight * 2 * torch.sigmoid(balance)  # (B, 3): per query
+        return torch.baddbmm(self.evidence_bias, evidence, weight[..., None]).squeeze(-1)
 
-    def lateral(self, x: Tensor) -> Tensor:
-        """(N, N) lateral weights from patch distances (in patches), no self-connection. Every image of a
-        batch shares one patch layout (``pack`` broadcasts it), so one matrix serves the whole batch."""
-        positions = x[0, :, EVIDENCE:EVIDENCE + POSITION]
-        distance2 = torch.cdist(positions, positions).pow(2)
-        return self.coherence * torch.exp(-0.5 * distance2) * (1 - torch.eye(len(positions), device=x.device))
+    def lateral(self, kernel: Tensor) -> Tensor:
+        """(N, N) lateral weights L from the layout's :func:`neighbour_kernel`: one matrix for the whole batch."""
+        return self.coherence * kernel
+
+    def tokens(self, patches: int) -> float:
+        """The budget K, in patches."""
+        return self.budget * patches if self.budget <= 1 else self.budget
 
     def terms(self, x: Tensor) -> FieldTerms:
-        """The parts of the energy that depend on ``x`` and the parameters alone, not on the state."""
+        """The parts of the energy that depend on ``x`` (as :meth:`pack` made it) and the parameters alone, not on
+        the state. Every image of a batch shares one patch layout (``pack`` broadcasts it)."""
         n = x.shape[1]
-        tokens = self.budget * n if self.budget <= 1 else self.budget
-        return FieldTerms(self.drive(x), self.lateral(x), F.softplus(self.competition) / n, tokens)
+        evidence, positions = x[..., :EVIDENCE], x[0, :, EVIDENCE:EVIDENCE + POSITION]
+        query = x[:, 0, EVIDENCE + POSITION:] if x.shape[-1] > EVIDENCE + POSITION else None
+        return FieldTerms(self.drive(evidence, query), self.lateral(neighbour_kernel(positions)),
+                          F.softplus(self.competition) / n, self.tokens(n))
+
+    def equilibrium(self, evidence: Tensor, query: Tensor | None, kernel: Tensor, steps: int, step_size: float
+                    ) -> Tensor:
+        """(B, N) relevance rho = sigmoid(r) after ``steps`` plain gradient steps of E from r = h, with no check and
+        no host sync: inference's relaxation, four operations a step (it compiles whole and captures in a CUDA
+        graph). The monitored :func:`~arrcoc.rules.relaxation.relax`, wherever the field learns, is its reference.
+
+        Args:
+            evidence: (B, N, 3) the three ways of knowing.
+            query: (B, Dq) or None.
+            kernel: (N, N) the layout's :func:`neighbour_kernel` (:func:`grid_kernel` for a grid).
+            steps: gradient steps.
+            step_size: of each.
+        """
+        n = evidence.shape[1]
+        drive = self.drive(evidence, query)
+        competition = F.softplus(self.competition) / n
+        # the budget's competition as part of the coupling: h + L rho - gamma/N (sum rho - K) = h' + L' rho
+        biased, coupling = torch.add(drive, competition, alpha=self.tokens(n)), self.lateral(kernel) - competition
+        r = drive
+        for _ in range(steps):
+            rho = torch.sigmoid(r)
+            # r - a dE/dr = r + a (rho' (h' + L' rho) - r): a lerp towards rho' (h' + L' rho)
+            r = torch.lerp(r, torch.ops.aten.sigmoid_backward(torch.addmm(biased, rho, coupling), rho), step_size)
+        return torch.sigmoid(r)
 
     def energy(self, r: Tensor, x: Tensor) -> Tensor:
         return self.energy_and_gradient(r, self.terms(x))[0]
@@ -123,7 +171,7 @@ class FieldEnergy(Energy):
         super().__init__(field)
 
     def init_states(self, x: Tensor) -> list[Tensor]:
-        return [self.module.drive(x).detach()]  # start from the evidence alone
+        return [self.module.terms(x).drive.detach()]  # start from the evidence alone
 
     def start(self, x: Tensor, prepared: FieldTerms | None) -> list[Tensor]:
         return self.init_states(x) if prepared is None else [prepared.drive.detach()]
@@ -148,11 +196,21 @@ class FieldEnergy(Energy):
         return 0.5 * (output - target).pow(2).sum(-1)
 
 
-@functools.lru_cache(maxsize=16)
+@shape_constant
 def grid_positions(height: int, width: int, device: torch.device | str | None = None) -> Tensor:
-    """(1, N, 2) patch centres in patch units, row-major. Made once per grid and device and shared (an ordinary
-    tensor, also when first asked for in inference mode): do not modify it in place."""
-    with torch.inference_mode(False), torch.no_grad():
-        ys, xs = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
-        return torch.stack([ys.flatten(), xs.flatten()], -1).float()[None]
+    """(1, N, 2) patch centres in patch units, row-major; made once per grid and device (:func:`shape_constant`)."""
+    ys, xs = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
+    return torch.stack([ys.flatten(), xs.flatten()], -1).float()[None]
 
+
+@shape_constant
+def grid_kernel(height: int, width: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """:func:`neighbour_kernel` of a grid's patches, made once per grid, device and dtype (:func:`shape_constant`)."""
+    return neighbour_kernel(grid_positions(height, width, device)[0].to(dtype))
+
+
+def neighbour_kernel(positions: Tensor) -> Tensor:
+    """(N, N) exp(-d^2 / 2) of the distances d (in patches) between the patches at ``positions`` (N, 2), zero on the
+    diagonal: whom each patch's lateral terms reach (:meth:`RelevanceField.lateral` scales it)."""
+    distance2 = torch.cdist(positions, positions).pow(2)
+    return torch.exp(-0.5 * distance2) * (1 - torch.eye(len(positions), device=positions.device, dtype=positions.dtype))

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 
 
-def standardize_per_image(score: Tensor) -> Tensor:
-    """Zero mean, unit std over each image's patches, so evidence of different kinds is comparable."""
-    return (score - score.mean(-1, keepdim=True)) / score.std(-1, keepdim=True, correction=0).clamp_min(1e-6)
+def standardize_per_image(score: Tensor, dim: int = -1) -> Tensor:
+    """Zero mean, unit std over each image's patches (``dim``), so evidence of different kinds is comparable."""
+    return (score - score.mean(dim, keepdim=True)) / score.std(dim, keepdim=True, correction=0).clamp_min(1e-6)
 
 
 class PerspectivalKnowing(nn.Module):
@@ -34,13 +34,15 @@ class PerspectivalKnowing(nn.Module):
         control each unit's drive is divided by its spread over the image's patches before the tanh (divisive
         normalisation): every unit then works in its graded range in every image, not saturated in busy ones and
         silent in plain ones (the context has zero mean over the patches, and so has the drive)."""
-        drive = self.encoder(context)
+        batch, patches, features = context.shape  # every patch at once, as one matrix product
+        drive = self.encoder(context.reshape(-1, features)).view(batch, patches, -1)
         if self.gain_control:
             drive = drive / drive.std(1, keepdim=True, correction=0).clamp_min(1e-6)
         return torch.tanh(drive)
 
     def forward(self, context: Tensor) -> Tensor:
-        return self.readout(self.responses(context)).squeeze(-1)
+        responses = self.responses(context)
+        return self.readout(responses.view(-1, responses.shape[-1])).view(responses.shape[:2])
 
 
 class ParticipatoryKnowing(nn.Module):

@@ -25,10 +25,10 @@ from arrcoc.backbones.tokens import DROPPED_MODES
 from arrcoc.budget import Budget, check_budget
 from arrcoc.config import apply_override, load_yaml_mapping
 from arrcoc.rules.distributed import ShardedBatchNorm1d
-from arrcoc.rules.relaxation import Relaxation, relax, relax_differentiably
+from arrcoc.rules.relaxation import relax, relax_differentiably
 
-from .allocator import Allocator, neighbourhood_support
-from .field import RelevanceField, grid_positions
+from .allocator import Allocator, neighbourhood_kernel, neighbourhood_support
+from .field import FieldRelaxation, RelevanceField, grid_kernel, grid_positions
 from .knowing import ParticipatoryKnowing, PerspectivalKnowing, standardize_per_image
 from .texture import NUM_FEATURES, TextureImage, patch_entropy, texture_features, texture_image
 
@@ -125,7 +125,7 @@ class RelevanceConfig:
     # the budget goes to whole objects; 0 ranks every patch alone. It pays where objects span several patches and
     # distractors look alike (the query task), and costs a little where digits are small (docs/decisions.md).
     neighbourhood: float = 0.0
-    relaxation: Relaxation = dataclasses.field(default_factory=Relaxation)  # the field's, inference and training
+    relaxation: FieldRelaxation = dataclasses.field(default_factory=FieldRelaxation)  # how the field relaxes
     # learning
     target: str = "attention"  # attention | perturbation | box | reward (see arrcoc.relevance.targets)
     rules: dict[str, Any] = dataclasses.field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_RULES.items()})
@@ -137,7 +137,7 @@ class RelevanceConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.relaxation, dict):
-            self.relaxation = Relaxation.from_dict(self.relaxation)
+            self.relaxation = FieldRelaxation.from_dict(self.relaxation)
         if isinstance(self.ablate, dict):
             self.ablate = Ablations.from_dict(self.ablate)
         check_budget(self.budget)
@@ -225,7 +225,7 @@ class RelevanceOutput:
     evidence: Tensor  # (B, N, 3) propositional, perspectival, participatory (standardised per image)
     features: Tensor  # (B, N, F) standardised patch features
     context: Tensor  # (B, N, F) features minus their image mean (centre-surround)
-    field_input: Tensor  # what the field holds clamped
+    positions: Tensor  # (1, N, 2) the patches' places on the grid (in patches)
     allocator_input: Tensor
     query: Tensor | None
 
@@ -263,35 +263,40 @@ class RelevanceModule(nn.Module):
         texture stack or propositional knowing needs them (converted once: the conversion is a large share of
         the cost)."""
         dtype, ablate = self.pixel_std.dtype, self.config.ablate  # the module's own (float32 unless converted)
-        texture = (texture_image(images.to(dtype), self.patch_size, self.pixel_mean, self.pixel_std)
+        texture = (texture_image(as_dtype(images, dtype), self.patch_size, self.pixel_mean, self.pixel_std)
                    if ablate.texture or ablate.propositional else None)
         parts = []
         if ablate.backbone_tokens:
-            parts.append(patch_tokens.to(dtype))
+            parts.append(as_dtype(patch_tokens, dtype))
         if ablate.texture:
             parts.append(texture_features(texture))
         raw = torch.cat(parts, -1)
         b, n, f = raw.shape
         return self.feature_norm(raw.reshape(b * n, f)).reshape(b, n, f), texture
 
-    def evidence(self, texture: TextureImage | None, features: Tensor, context: Tensor, query: Tensor | None
-                 ) -> Tensor:
+    def evidence(self, texture: TextureImage | None, context: Tensor, query: Tensor | None) -> Tensor:
+        """(B, N, 3) propositional, perspectival and participatory evidence, each standardised over the image's
+        patches (zero where a way of knowing is ablated, and participatory without a query)."""
         ablate = self.config.ablate
-        zeros = features.new_zeros(features.shape[:2])
-        propositional = (standardize_per_image(patch_entropy(texture.lab[:, :1], texture.samples_per_patch))
-                         if ablate.propositional else zeros)
-        perspectival = standardize_per_image(self.perspectival(context)) if ablate.perspectival else zeros
-        participatory = (
-            standardize_per_image(self.participatory(context, query))
-            if ablate.participatory and query is not None
-            else zeros
-        )
-        return torch.stack([propositional, perspectival, participatory], -1)
+        zeros = context.new_zeros(context.shape[:2])
+        raw = torch.stack([
+            patch_entropy(texture.lab[:, :1], texture.samples_per_patch) if ablate.propositional else zeros,
+            self.perspectival(context) if ablate.perspectival else zeros,
+            self.participatory(context, query) if ablate.participatory and query is not None else zeros,
+        ], -1)
+        return standardize_per_image(raw, dim=1)
 
-    def relax_field(self, field_input: Tensor) -> Tensor:
-        # under autograd (the backprop references) the relevance is differentiated through its equilibrium
+    def relax_field(self, evidence: Tensor, positions: Tensor, query: Tensor | None, grid: tuple[int, int]
+                    ) -> Tensor:
+        """(B, N) the field's equilibrium relevance: at inference (eval mode, no autograd) a fixed number of steps
+        (:meth:`RelevanceField.equilibrium`); wherever the module learns the monitored relaxation, which reports a
+        divergence instead of passing it on; under autograd (the backprop references) differentiated through it."""
+        how = self.config.relaxation
+        if how.inference_steps and not self.training and not torch.is_grad_enabled():
+            kernel = grid_kernel(*grid, evidence.device, evidence.dtype)
+            return self.field.equilibrium(evidence, query, kernel, how.inference_steps, how.inference_step_size)
         relaxed = relax_differentiably if torch.is_grad_enabled() else relax
-        states, _ = relaxed(self.field.as_energy(), field_input, how=self.config.relaxation)
+        states, _ = relaxed(self.field.as_energy(), RelevanceField.pack(evidence, positions, query), how=how)
         return torch.sigmoid(states[0])
 
     def forward(self, images: Tensor, patch_tokens: Tensor, grid: tuple[int, int], query: Tensor | None = None
@@ -300,23 +305,28 @@ class RelevanceModule(nn.Module):
         # reduced precision: its relaxation and its rules' updates need it. Its inputs are cast to its dtype (the
         # images and tokens in patch_features).
         with torch.autocast(images.device.type, enabled=False):
-            query = None if query is None else query.to(self.pixel_std.dtype)
+            query = None if query is None else as_dtype(query, self.pixel_std.dtype)
             return self._forward(images, patch_tokens, grid, query)
 
     def _forward(self, images: Tensor, patch_tokens: Tensor, grid: tuple[int, int], query: Tensor | None
                  ) -> RelevanceOutput:
         features, texture = self.patch_features(images, patch_tokens)
         context = features - features.mean(1, keepdim=True)
-        evidence = self.evidence(texture, features, context, query)
+        evidence = self.evidence(texture, context, query)
         positions = grid_positions(*grid, device=images.device)
-        field_input = RelevanceField.pack(evidence, positions, query)
         if self.config.ablate.field:
-            relevance = self.relax_field(field_input)
+            relevance = self.relax_field(evidence, positions, query, grid)
         else:
             relevance = torch.sigmoid(evidence @ self.field.evidence_weight.detach())
         allocator_input = Allocator.inputs(relevance, evidence if self.config.ablate.allocator_evidence else None)
         patch_logits = self.allocator(allocator_input)
-        width = self.config.neighbourhood
-        logits = neighbourhood_support(patch_logits, positions[0], width) if width > 0 else patch_logits
-        return RelevanceOutput(logits, patch_logits, relevance, evidence, features, context, field_input,
+        sigma = self.config.neighbourhood
+        logits = patch_logits if not sigma else neighbourhood_support(
+            patch_logits, neighbourhood_kernel(*grid, float(sigma), images.device, patch_logits.dtype))
+        return RelevanceOutput(logits, patch_logits, relevance, evidence, features, context, positions,
                                allocator_input, query)
+
+
+def as_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor`` in ``dtype``, without an operation where it is already (one fewer launch per call on a GPU)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)

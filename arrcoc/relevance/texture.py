@@ -16,14 +16,14 @@ features do not depend on the image: they are computed at full resolution on one
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
+
+from .constants import shape_constant
 
 CHANNELS = ("r", "g", "b", "lightness", "green_red", "blue_yellow", "sobel_x", "sobel_y", "sobel_magnitude",
             "pos_y", "pos_x", "eccentricity", "local_contrast")
@@ -46,26 +46,21 @@ _LAB_OFFSET = torch.tensor([-0.16, 0.0, 0.0])
 
 def rgb_to_lab(rgb: Tensor) -> Tensor:
     """(B, 3, H, W) sRGB in [0, 1] -> CIE-Lab scaled to about [0, 1] (L) and [-1, 1] (a, b). The two 3 x 3 colour
-    maps are matrix products over the flattened pixels: a few times faster on a CPU than an einsum."""
+    maps are matrix products over the flattened pixels: many times faster on a CPU than an einsum or a 1 x 1
+    convolution, and one kernel each on a GPU."""
+    to_xyz, to_lab, offset = _lab_constants(rgb.device, rgb.dtype)
     pixels = rgb.flatten(2)  # (B, 3, H W)
     linear = torch.where(pixels > 0.04045, ((pixels + 0.055) / 1.055).pow(2.4), pixels / 12.92)
-    xyz = _RGB_TO_XYZ.to(rgb) @ linear
+    xyz = torch.bmm(to_xyz.expand(len(linear), 3, 3), linear)
     eps = (6 / 29) ** 3
     f = torch.where(xyz > eps, xyz.clamp_min(eps).pow(1 / 3), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
-    lab = torch.baddbmm(_LAB_OFFSET.to(rgb)[:, None], _F_TO_LAB.to(rgb).expand(len(f), 3, 3), f)
-    return lab.view_as(rgb)
+    return torch.baddbmm(offset, to_lab.expand(len(f), 3, 3), f).view_as(rgb)
 
 
-def box_mean(images: Tensor, kernel: tuple[int, int]) -> Tensor:
-    """``F.avg_pool2d(images, kernel)`` (non-overlapping windows) as sums of strided views, one axis at a time:
-    several times faster on a CPU for the few channels of an image."""
-    (kh, kw), (height, width) = kernel, images.shape[-2:]
-    if height % kh or width % kw:
-        raise ValueError(f"the image size {(height, width)} must be a multiple of the window {kernel}")
-    if (kh, kw) == (1, 1):
-        return images
-    columns = functools.reduce(torch.add, [images[..., j::kw] for j in range(kw)])
-    return functools.reduce(torch.add, [columns[..., i::kh, :] for i in range(kh)]) * (1 / (kh * kw))
+@shape_constant
+def _lab_constants(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """The colour maps and the offset (3, 1) on ``device`` in ``dtype``."""
+    return _RGB_TO_XYZ.to(device, dtype), _F_TO_LAB.to(device, dtype), _LAB_OFFSET.to(device, dtype)[:, None]
 
 
 def texture_stride(patch_size: tuple[int, int]) -> tuple[int, int]:
@@ -99,7 +94,10 @@ def texture_image(images: Tensor, patch_size: tuple[int, int], pixel_mean: Tenso
     stride = texture_stride(patch_size) if stride is None else stride
     if patch_size[0] % stride[0] or patch_size[1] % stride[1]:
         raise ValueError(f"the texture stride {stride} must divide the patch size {patch_size}")
-    rgb = torch.addcmul(pixel_mean, box_mean(images, stride), pixel_std).clamp_(0, 1)
+    if images.shape[-2] % stride[0] or images.shape[-1] % stride[1]:
+        raise ValueError(f"the image size {tuple(images.shape[-2:])} must be a multiple of the window {stride}")
+    pooled = images if stride == (1, 1) else F.avg_pool2d(images, stride)
+    rgb = torch.addcmul(pixel_mean, pooled, pixel_std).clamp_(0, 1)
     return TextureImage(rgb, rgb_to_lab(rgb), patch_size, stride, (images.shape[-2], images.shape[-1]))
 
 
@@ -108,19 +106,27 @@ def image_channels(image: TextureImage) -> Tensor:
     per texture sample. Sobel responses and local contrast (the std of lightness over 3 x 3 samples) are
     divided by the stride, i.e. per image pixel: on smooth images they keep their full-resolution values."""
     lightness = F.pad(image.lab[:, :1], (1, 1, 1, 1), mode="replicate")
-    # Sobel x / y of L and the 3 x 3 means of L and L^2, each separable, as sums of shifted views: on these few
-    # channels several times faster on a CPU than a convolution (docs/decisions.md)
-    moments = torch.cat([lightness, lightness * lightness], 1)
-    rows = moments[:, :, :-2] + moments[:, :, 1:-1] + moments[:, :, 2:]
-    local_mean, local_square = ((rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]) * (1 / 9)).split(1, 1)
-    smooth_y = torch.add(lightness[:, :, :-2] + lightness[:, :, 2:], lightness[:, :, 1:-1], alpha=2)  # [1 2 1]^T
-    smooth_x = torch.add(lightness[..., :-2] + lightness[..., 2:], lightness[..., 1:-1], alpha=2)  # [1 2 1]
-    sobel = torch.cat([(smooth_y[..., 2:] - smooth_y[..., :-2]) * (1 / (8 * image.stride[1])),
-                       (smooth_x[:, :, 2:] - smooth_x[:, :, :-2]) * (1 / (8 * image.stride[0]))], 1)
-    magnitude = sobel.pow(2).sum(1, keepdim=True).add(1e-12).sqrt()
-    local_variance = (local_square - local_mean.pow(2)).clamp_min(0)
-    local_contrast = local_variance.div(image.stride[0] * image.stride[1]).sqrt()
+    # Sobel x / y of L and the 3 x 3 means of L and L^2 in one convolution, the strides folded into its weights
+    responses = F.conv2d(torch.cat([lightness, lightness * lightness], 1),
+                         _edge_and_moment_filters(image.stride, lightness.device, lightness.dtype))
+    sobel, local_mean, local_square = responses.split([2, 1, 1], 1)
+    magnitude = torch.hypot(sobel[:, :1], sobel[:, 1:])
+    local_contrast = torch.addcmul(local_square, local_mean, local_mean, value=-1).clamp_min_(0).sqrt_()
     return torch.cat([image.rgb, image.lab, sobel, magnitude, local_contrast], dim=1)
+
+
+@shape_constant
+def _edge_and_moment_filters(stride: tuple[int, int], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(4, 2, 3, 3) filters over (L, L^2): Sobel x and y of L per image pixel, and the 3 x 3 means of L and L^2
+    scaled so that their variance is per image pixel (the std over samples divided by sqrt of the sample area)."""
+    smooth, difference = torch.tensor([1.0, 2.0, 1.0]), torch.tensor([-1.0, 0.0, 1.0])
+    filters = torch.zeros(4, 2, 3, 3)
+    filters[0, 0] = torch.outer(smooth, difference) / (8 * stride[1])
+    filters[1, 0] = torch.outer(difference, smooth) / (8 * stride[0])
+    area = stride[0] * stride[1]
+    filters[2, 0] = 1 / (9 * math.sqrt(area))
+    filters[3, 1] = 1 / (9 * area)
+    return filters.to(device, dtype)
 
 
 def position_channels(height: int, width: int, device: torch.device | None = None,
@@ -137,7 +143,7 @@ def pooled_moments(channels: Tensor, patch_size: tuple[int, int]) -> tuple[Tenso
     """(B, C, H, W) -> per-patch mean and std (B, C, h, w). Pooled moments (E[x], E[x^2]) instead of a gather
     into patches: a few times faster on a CPU."""
     mean = F.avg_pool2d(channels, patch_size)
-    std = (F.avg_pool2d(channels * channels, patch_size) - mean * mean).clamp_min(0).sqrt()
+    std = torch.addcmul(F.avg_pool2d(channels * channels, patch_size), mean, mean, value=-1).clamp_min_(0).sqrt_()
     return mean, std
 
 
@@ -145,21 +151,25 @@ def texture_features(image: TextureImage) -> Tensor:
     """Images at texture resolution -> (B, N, NUM_FEATURES): per-patch mean and std of every channel of
     ``CHANNELS`` (in that order), then the patch's place code."""
     mean, std = pooled_moments(image_channels(image), image.samples_per_patch)
-    position_mean, position_std, place = (part.expand(mean.shape[0], -1, -1, -1) for part in position_features(
-        image.image_size, image.patch_size, mean.device, mean.dtype))
-    first = CHANNELS.index(POSITION_CHANNELS[0])
-    return rearrange(torch.cat([mean[:, :first], position_mean, mean[:, first:],
-                                std[:, :first], position_std, std[:, first:], place], dim=1), "b c h w -> b (h w) c")
+    fixed, order = position_features(image.image_size, image.patch_size, mean.device, mean.dtype)
+    stacked = torch.cat([mean, std, fixed.expand(len(mean), -1, -1, -1)], dim=1).index_select(1, order)
+    return stacked.flatten(2).transpose(1, 2)
 
 
-@functools.lru_cache(maxsize=16)
+@shape_constant
 def position_features(image_size: tuple[int, int], patch_size: tuple[int, int], device: torch.device,
-                      dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(1, C, h, w) per-patch mean and std of the position channels, and the place code: the same for every
-    image of a size, so made once (as ordinary tensors, also when first asked for in inference mode)."""
-    with torch.inference_mode(False), torch.no_grad():
-        mean, std = pooled_moments(position_channels(*image_size, device=device, dtype=dtype), patch_size)
-        return mean, std, place_code(mean[:, :2])
+                      dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(1, C, h, w) per-patch mean and std of the position channels and the place code, the same for every image of
+    a size; and the order that puts [image channels' means, their stds, these] in the order of
+    :func:`texture_features`; made once per size (:func:`~arrcoc.relevance.constants.shape_constant`)."""
+    mean, std = pooled_moments(position_channels(*image_size, device=device, dtype=dtype), patch_size)
+    fixed = torch.cat([mean, std, place_code(mean[:, :2])], dim=1)
+    image, position = len(CHANNELS) - len(POSITION_CHANNELS), len(POSITION_CHANNELS)
+    first = CHANNELS.index(POSITION_CHANNELS[0])  # where the position channels sit among CHANNELS
+    means = [*range(first), *range(2 * image, 2 * image + position), *range(first, image)]
+    stds = [image + i if i < 2 * image else i + position for i in means]
+    places = range(2 * image + 2 * position, 2 * image + 2 * position + PLACE_FIELDS**2)
+    return fixed, torch.tensor([*means, *stds, *places], device=device)
 
 
 def place_code(centre: Tensor) -> Tensor:
@@ -176,8 +186,13 @@ def place_code(centre: Tensor) -> Tensor:
 def soft_bins(values: Tensor, bins: int, width: float) -> Tensor:
     """(..., H, W) values in about [0, 1] -> (..., bins, H, W): each value's Gaussian weight at ``bins`` evenly
     spaced centres (``width`` in bin spacings; not normalised). Soft binning keeps histograms smooth in the pixels."""
-    centres = torch.linspace(0.0, 1.0, bins, device=values.device, dtype=values.dtype).view(bins, 1, 1)
+    centres = _bin_centres(bins, values.device, values.dtype)
     return torch.square(values.unsqueeze(-3) - centres).mul_(-0.5 * ((bins - 1) / width) ** 2).exp_()
+
+
+@shape_constant
+def _bin_centres(bins: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.linspace(0.0, 1.0, bins, device=device, dtype=dtype).view(bins, 1, 1)
 
 
 def patch_entropy(lightness: Tensor, patch_size: tuple[int, int], bins: int = 8, width: float = 0.5) -> Tensor:
@@ -190,4 +205,4 @@ def patch_entropy(lightness: Tensor, patch_size: tuple[int, int], bins: int = 8,
     weights = soft_bins(lightness[:, 0], bins, width)  # (B, bins, H, W)
     histogram = F.avg_pool2d(weights, patch_size)  # the mean, not the sum: the normalisation below cancels it
     p = histogram / histogram.sum(1, keepdim=True).clamp_min(1e-12)
-    return -(p * p.clamp_min(1e-12).log2()).sum(1).flatten(1)
+    return torch.special.entr(p).sum(1).flatten(1) * (1 / math.log(2))

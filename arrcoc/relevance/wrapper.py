@@ -21,6 +21,7 @@ from arrcoc.optim import optimizer_class
 from arrcoc.rules import RuleContext, build_rule
 
 from .checkpoint import write_checkpoint
+from .field import RelevanceField
 from .knowing import ParticipatoryKnowing
 from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
 
@@ -45,6 +46,17 @@ class RelevanceWrapper:
     optimizer: torch.optim.Optimizer
     text_encoder: Callable[[list[str]], Tensor] | None
     adapter: Any  # the frozen backbone's adapter (``.model``: the backbone)
+    # Whether the images and query embeddings are checked for NaN and Inf: True, False, or None (the default): where
+    # they are on the CPU. On an accelerator the check reads a flag back from the device, a host sync that stalls
+    # its queue of kernels (and under torch.compile a graph break); unchecked, bad values flow into the output as
+    # they do through the unmodified model.
+    check_values: bool | None = None
+
+    def check_finite(self, name: str, values: Tensor) -> None:
+        """:func:`check_finite` where :attr:`check_values` asks for it (never while compiling)."""
+        wanted = values.device.type == "cpu" if self.check_values is None else self.check_values
+        if wanted and not torch.compiler.is_compiling():
+            check_finite(name, values)
 
     # ---- checkpoints (each wrapper's from_pretrained reads them back) ----------------------------------
     def checkpoint_config(self) -> dict[str, Any]:
@@ -92,7 +104,7 @@ class RelevanceWrapper:
             raise ValueError(f"{query.shape[0]} queries for {batch} images: give one query per image")
         if not query.is_floating_point():
             raise TypeError(f"query embeddings must be floating point, got {query.dtype}")
-        check_finite("query embeddings", query)
+        self.check_finite("query embeddings", query)
         return query
 
     # ---- the budget ----------------------------------------------------------------------------------
@@ -174,7 +186,7 @@ class RelevanceWrapper:
                 positive = ParticipatoryKnowing.queried_content(out.context, target)
             contexts["participatory"] = RuleContext(out.query, target=positive)
         if cfg.ablate.field:
-            contexts["field"] = RuleContext(out.field_input, target=target)
+            contexts["field"] = RuleContext(RelevanceField.pack(out.evidence, out.positions, out.query), target=target)
         # d(binary cross-entropy)/d(logit) of the whole allocator output (its MLP plus the field's logit), per patch
         error = (torch.sigmoid(out.patch_logits) - target) / target.shape[0]
         contexts["allocator"] = RuleContext(out.allocator_input, output_error=error[..., None])

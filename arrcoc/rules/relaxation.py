@@ -80,7 +80,7 @@ class Relaxation:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Relaxation:
         """The settings of a mapping (a YAML ``relaxation:``), unknown keys named with the known ones."""
-        known = {f.name for f in dataclasses.fields(Relaxation)}
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise KeyError(f"unknown relaxation key(s) {unknown}; known keys: {sorted(known)}")
