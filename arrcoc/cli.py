@@ -16,6 +16,7 @@ BENCHMARKS = {
     "sweep": "arrcoc.commands.sweep",  # the relevance module under a grid of rule assignments (= arrcoc sweep)
     "vlm": "arrcoc.bench.vlm_prefill",  # LLaVA prefill time / memory vs. kept visual tokens
     "gpu": "arrcoc.bench.gpu",  # the one-shot GPU run: throughput, canvas timing and VLM prefill on CUDA
+    "ops": "arrcoc.bench.ops",  # the relevance module's operators and host syncs per forward (a GPU's cost, on CPU)
 }
 
 # command: (module with main(argv, prog), one-line summary); imported only when its command runs

@@ -3,18 +3,21 @@ over seeds, wall time (on CPU or GPU, in float32 or autocast) and memory."""
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import statistics
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch._C._profiler import _ExperimentalConfig
 from torch.autograd import ProfilerConfig, ProfilerState, _disable_profiler_legacy, _enable_profiler_legacy
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from arrcoc.backbones import PatchGrid, top_k
 from arrcoc.budget import num_kept
@@ -102,6 +105,57 @@ def timed(fn: Callable[[], Any], device: torch.device | str = "cpu") -> float:
     fn()
     sync()
     return time.perf_counter() - start
+
+
+# operators after which the host waits for the device: a value read back (item, bool, float, int) or an output
+# whose shape depends on the data (nonzero, boolean-mask selection, unique)
+HOST_SYNCS = frozenset({"aten._local_scalar_dense", "aten.is_nonzero", "aten.nonzero", "aten.masked_select",
+                        "aten.unique_dim", "aten._unique2", "aten.unique_consecutive"})
+
+
+@dataclass
+class DispatchCount:
+    """What one call dispatched: ``ops`` aten operators (on a GPU each is a kernel launch, or a view), ``syncs`` of
+    them host syncs (plus ``Tensor.tolist`` reads, which do not dispatch), and the count per operator."""
+
+    ops: int
+    syncs: int
+    by_op: dict[str, int]
+
+
+class _DispatchCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_op: collections.Counter[str] = collections.Counter()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.by_op[name] += 1
+        if name in HOST_SYNCS or (name == "aten.index" and any(
+                isinstance(i, Tensor) and i.dtype == torch.bool for i in args[1])):  # a boolean mask's nonzero
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_dispatch(fn: Callable[[], Any]) -> DispatchCount:
+    """The aten operators and host syncs of one call of ``fn`` (run once before, so that lazily built state is not
+    counted): the CPU proxy of its cost on a GPU, where the module's cost is launches and syncs, not FLOPs."""
+    fn()
+    counter = _DispatchCounter()
+    tolist = Tensor.tolist
+
+    def counted_tolist(self: Tensor) -> Any:
+        counter.syncs += 1
+        return tolist(self)
+
+    Tensor.tolist = counted_tolist
+    try:
+        with counter:
+            fn()
+    finally:
+        Tensor.tolist = tolist
+    return DispatchCount(sum(counter.by_op.values()), counter.syncs, dict(counter.by_op))
 
 
 def relevance_module_call(model: ARRCOC, images: Tensor) -> Callable[[], Any]:

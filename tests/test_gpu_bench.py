@@ -19,13 +19,13 @@ def test_parts_measure_and_report(tmp_path) -> None:
     deadline = gpu.Deadline(minutes=10)
     saves = []
     runs: list = []
-    gpu.timm_throughput(TINY, "cpu", deadline, lambda: saves.append(1), (("float32", False),), runs)
+    gpu.timm_throughput(TINY, "cpu", deadline, lambda: saves.append(1), (("float32", "eager"),), runs)
     canvas: list = []
     gpu.canvas_timing(replace(TINY, canvas_batch=2), "cpu", deadline, lambda: saves.append(1), canvas)
     assert len(runs) == 1 and set(runs[0]["results"]) == {"vit_tiny"} and set(runs[0]["latency"]) == set()
     rows = runs[0]["results"]["vit_tiny"]["rows"]
     assert {r["method"] for r in rows} == set(TINY.methods) and all(r["speedup"] > 0 for r in rows)
-    assert [c["dtype"] for c in canvas] == ["float32", "bfloat16"] and len(saves) == 3
+    assert [(c["dtype"], c["graphs"]) for c in canvas] == [("float32", False), ("bfloat16", False)] and len(saves) == 3
     assert {r["method"] for r in canvas[0]["rows"]} == {"full", "random", "ARR-COC", "ARR-COC relevance module"}
     meta = {"mode": "quick", "command": "test", "device": "cpu", "torch": torch.__version__, "commit": None,
             "wall_seconds": 1.0, "skipped": ["timm vit_tiny, float32, compiled"]}
@@ -38,8 +38,9 @@ def test_parts_measure_and_report(tmp_path) -> None:
 def test_parts_past_the_time_limit_are_listed_not_run(tmp_path) -> None:
     out = gpu.main(["--quick", "--device", "cpu", "--minutes", "0", "--out", str(tmp_path)])
     meta = json.loads((out / "gpu_throughput.json").read_text())["meta"]
-    assert meta["skipped"] == ["timm vit_tiny, bfloat16, eager", "VLM prefill", "canvas timing, float32",
-                               "canvas timing, bfloat16", "timm vit_tiny, float32, eager",
+    assert meta["skipped"] == ["timm vit_tiny, bfloat16, eager", "timm vit_tiny, bfloat16, ARR-COC graph-captured",
+                               "VLM prefill", "canvas timing, float32, ARR-COC eager",
+                               "canvas timing, bfloat16, ARR-COC eager", "timm vit_tiny, float32, eager",
                                "timm vit_tiny, bfloat16, compiled", "timm vit_tiny, float32, compiled"]
     assert json.loads((out / "gpu_canvas.json").read_text())["runs"] == []
     assert "Not measured" in (out / "gpu.md").read_text()

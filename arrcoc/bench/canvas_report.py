@@ -635,7 +635,8 @@ def _gpu_section(out: Path, link: str, budgets: list[float], module_share: float
              f"{gpu['meta'].get('commit') or 'unknown'}); GPU throughput of the timm ViTs and the VLM prefill "
              f"are in [{link}/gpu.md]({link}/gpu.md).", ""]
     for speed in gpu["runs"]:
-        lines += [f"**{speed['dtype']}**", "", *speed_lines(speed, budgets, module_share)]
+        mode = "" if "graphs" not in speed else f", ARR-COC {'graph-captured' if speed['graphs'] else 'eager'}"
+        lines += [f"**{speed['dtype']}{mode}**", "", *speed_lines(speed, budgets, module_share)]
     return lines
 
 

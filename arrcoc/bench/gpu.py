@@ -4,9 +4,12 @@ In order of priority, each part saved as soon as it is done (a run cut short kee
 
 1. timm ViT-S/B/L at 224: full / random / EViT / ToMe / ARR-COC (its relevance module included) at two budgets,
    bfloat16 autocast, eager, with the batch-1 latency of full / ARR-COC / EViT / ToMe;
-2. the VLM prefill benchmark (LLaVA architecture) on CUDA;
-3. the canvas benchmark's timing (the committed canvas ViT and trained ARR-COC), float32 and bfloat16;
-4. the timm throughput again in float32, then compiled (``torch.compile`` of each block) in bfloat16 and float32.
+2. the same with ARR-COC graph-captured (its inference compiled whole and replayed from CUDA graphs, its default
+   on CUDA; the other methods eager), batch 256 and batch-1 latency;
+3. the VLM prefill benchmark (LLaVA architecture) on CUDA;
+4. the canvas benchmark's timing (the committed canvas ViT and trained ARR-COC), float32 and bfloat16, ARR-COC
+   eager and graph-captured;
+5. the timm throughput again in float32, then compiled (``torch.compile`` of each block) in bfloat16 and float32.
 
 Parts that would start after ``--minutes`` are skipped and listed as not measured.
 Writes ``gpu_throughput.json``, ``gpu_canvas.json``, ``gpu_vlm_prefill.json``, ``gpu.md`` and two PNGs; the canvas
@@ -54,15 +57,18 @@ class GPUSuite:
     canvas_batch: int = 256
     canvas_budgets: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125)
     canvas_baselines: tuple[str, ...] = ("random", "grid", "evit", "ats", "tome")
+    canvas_graphs: tuple[bool, ...] = (False, True)  # ARR-COC eager, graph-captured
     vlm_size: str = "full"  # vlm_prefill's FULL_SIZE or QUICK_SIZE
 
 
 FULL = GPUSuite()
 QUICK = GPUSuite(models=("vit_tiny",), budgets=(0.25,), batch=2, repeats=1, warmup=0, canvas_batch=4,
-                 canvas_budgets=(1.0, 0.25), canvas_baselines=("random",), vlm_size="quick")
-# (dtype, compiled) of the timm throughput runs, in order; the first also measures batch-1 latency
-THROUGHPUT_RUNS = (("bfloat16", False), ("float32", False), ("bfloat16", True), ("float32", True))
-LATENCY_RUNS = {("bfloat16", False), ("bfloat16", True)}
+                 canvas_budgets=(1.0, 0.25), canvas_baselines=("random",), canvas_graphs=(False,), vlm_size="quick")
+# (dtype, mode) of the timm throughput runs, in order of priority: "eager"; "graphs", ARR-COC compiled whole and
+# graph-captured (the other methods eager); "compiled", each transformer block compiled (ARR-COC's module eager)
+THROUGHPUT_RUNS = (("bfloat16", "eager"), ("bfloat16", "graphs"), ("float32", "eager"), ("bfloat16", "compiled"),
+                   ("float32", "compiled"))
+LATENCY_RUNS = {("bfloat16", "eager"), ("bfloat16", "graphs"), ("bfloat16", "compiled")}  # also at batch 1
 
 
 class Deadline:
@@ -83,26 +89,26 @@ class Deadline:
         return time.perf_counter() - self.start
 
 
-def run_label(dtype: str, compiled: bool) -> str:
-    return f"{dtype}, {'compiled' if compiled else 'eager'}"
+def run_label(dtype: str, mode: str) -> str:
+    return f"{dtype}, {'ARR-COC graph-captured' if mode == 'graphs' else mode}"
 
 
 def timm_throughput(suite: GPUSuite, device: str, deadline: Deadline, save: Callable[[], None],
-                    kinds: tuple[tuple[str, bool], ...], runs: list[dict[str, Any]]) -> None:
-    """Appends one run per (dtype, compiled) of ``kinds`` to ``runs``, saving after each model."""
-    for dtype, compiled in kinds:
+                    kinds: tuple[tuple[str, str], ...], runs: list[dict[str, Any]]) -> None:
+    """Appends one run per (dtype, mode) of ``kinds`` to ``runs``, saving after each model."""
+    for dtype, mode in kinds:
         settings = throughput.Settings(methods=suite.methods, budgets=suite.budgets, batch=suite.batch,
                                        repeats=suite.repeats, warmup=suite.warmup, device=device, dtype=dtype,
-                                       compile=compiled)
-        run = {"dtype": dtype, "compile": compiled, "settings": asdict(settings), "results": {}, "latency": {}}
+                                       compile=mode == "compiled", graphs=mode == "graphs")
+        run = {"dtype": dtype, "mode": mode, "settings": asdict(settings), "results": {}, "latency": {}}
         runs.append(run)
         for name in suite.models:
-            label = f"timm {name}, {run_label(dtype, compiled)}"
+            label = f"timm {name}, {run_label(dtype, mode)}"
             if not deadline.allows(label):
                 continue
             with tqdm(total=suite.repeats * 2, desc=label, unit="rep", leave=False) as bar:
                 run["results"][name] = throughput.measure(name, settings, bar)
-                if (dtype, compiled) in LATENCY_RUNS:
+                if (dtype, mode) in LATENCY_RUNS:
                     latency = replace(settings, methods=throughput.LATENCY_METHODS,
                                       budgets=(throughput.LATENCY_BUDGET,), batch=1)
                     run["latency"][name] = throughput.measure(name, latency, bar)
@@ -111,15 +117,19 @@ def timm_throughput(suite: GPUSuite, device: str, deadline: Deadline, save: Call
 
 def canvas_timing(suite: GPUSuite, device: str, deadline: Deadline, save: Callable[[], None],
                   runs: list[dict[str, Any]]) -> None:
-    """Appends the canvas benchmark's timing in float32 and bfloat16 to ``runs``."""
+    """Appends the canvas benchmark's timing in float32 and bfloat16, ARR-COC eager and graph-captured, to
+    ``runs``."""
     bench = {"backbone": str(DEFAULT_CHECKPOINT), "budgets": list(suite.canvas_budgets),
              "baselines": list(suite.canvas_baselines)}
-    models = {"cluttered": ARRCOC.from_pretrained(CANVAS_MODEL, load_canvas_vit(DEFAULT_CHECKPOINT)).eval()}
     for dtype in ("float32", "bfloat16"):
-        if deadline.allows(f"canvas timing, {dtype}"):
-            runs.append(canvas.throughput(bench, models, threads=torch.get_num_threads(), batch=suite.canvas_batch,
-                                          repeats=suite.repeats, device=device, dtype=dtype))
-            save()
+        for graphs in suite.canvas_graphs:
+            label = f"canvas timing, {dtype}, ARR-COC {'graph-captured' if graphs else 'eager'}"
+            if deadline.allows(label):
+                model = ARRCOC.from_pretrained(CANVAS_MODEL, load_canvas_vit(DEFAULT_CHECKPOINT), graphs=graphs)
+                runs.append({**canvas.throughput(bench, {"cluttered": model}, threads=torch.get_num_threads(),
+                                                 batch=suite.canvas_batch, repeats=suite.repeats, device=device,
+                                                 dtype=dtype), "graphs": graphs})
+                save()
 
 
 def report(throughput_runs: list[dict[str, Any]], canvas_runs: list[dict[str, Any]], vlm: dict[str, Any] | None,
@@ -135,7 +145,7 @@ def report(throughput_runs: list[dict[str, Any]], canvas_runs: list[dict[str, An
     measured = [run for run in throughput_runs if run["results"]]
     for i, run in enumerate(measured):
         settings = run["settings"]
-        lines += [f"## timm ViTs, {run_label(run['dtype'], run['compile'])}", "",
+        lines += [f"## timm ViTs, {run_label(run['dtype'], run['mode'])}", "",
                   f"224x224, batch {settings['batch']}, {settings['repeats']} repeats. In brackets: the mean fraction "
                   "of the sequence the blocks ran on. arrcoc includes its relevance module (untrained).", "",
                   *throughput.speedup_table(run["results"], list(settings["methods"]), list(settings["budgets"]))]
@@ -144,8 +154,8 @@ def report(throughput_runs: list[dict[str, Any]], canvas_runs: list[dict[str, An
                       *throughput.latency_lines(run["latency"])]
         if i == 0:
             throughput.plot(run["results"], list(settings["methods"]), list(settings["budgets"]),
-                            out / "gpu_throughput.png", run_label(run["dtype"], run["compile"]))
-            lines += ["", f"![throughput on the GPU, {run_label(run['dtype'], run['compile'])}](gpu_throughput.png)"]
+                            out / "gpu_throughput.png", run_label(run["dtype"], run["mode"]))
+            lines += ["", f"![throughput on the GPU, {run_label(run['dtype'], run['mode'])}](gpu_throughput.png)"]
         lines.append("")
     if canvas_runs:
         budgets = sorted({r["budget"] for r in canvas_runs[0]["rows"]}, reverse=True)
@@ -153,7 +163,8 @@ def report(throughput_runs: list[dict[str, Any]], canvas_runs: list[dict[str, An
                   "The committed canvas ViT (64 px canvases, 8 px patches: 64 tokens) and the trained cluttered-task "
                   "ARR-COC, on cluttered test canvases.", ""]
         for run in canvas_runs:
-            lines += [f"**{run['dtype']}**", "", *speed_lines(run, budgets)]
+            lines += [f"**{run['dtype']}, ARR-COC {'graph-captured' if run.get('graphs') else 'eager'}**", "",
+                      *speed_lines(run, budgets)]
     if vlm is not None:
         markdown = vlm_prefill.report(vlm["result"], vlm["meta"], out, name="gpu_vlm_prefill")
         lines += [line.replace("# ", "## ", 1) if line.startswith("# ") else line for line in markdown.splitlines()]
@@ -189,7 +200,7 @@ def main(argv: list[str] | None = None) -> Path:
             save_json_atomic(out / "gpu_vlm_prefill.json", results["vlm"])
         (out / "gpu.md").write_text(report(results["throughput"], results["canvas"], results["vlm"], info, out))
 
-    timm_throughput(suite, str(device), deadline, save, THROUGHPUT_RUNS[:1], results["throughput"])
+    timm_throughput(suite, str(device), deadline, save, THROUGHPUT_RUNS[:2], results["throughput"])
     if deadline.allows("VLM prefill"):
         config = vlm_prefill.PrefillBenchConfig(vlm_prefill.FULL_SIZE if suite.vlm_size == "full"
                                                 else vlm_prefill.QUICK_SIZE, repeats=suite.repeats)
@@ -203,7 +214,7 @@ def main(argv: list[str] | None = None) -> Path:
             wall_seconds=time.perf_counter() - start)}
         save()
     canvas_timing(suite, str(device), deadline, save, results["canvas"])
-    timm_throughput(suite, str(device), deadline, save, THROUGHPUT_RUNS[1:], results["throughput"])
+    timm_throughput(suite, str(device), deadline, save, THROUGHPUT_RUNS[2:], results["throughput"])
     save()
     print(f"wrote {out}/gpu_throughput.json, gpu_canvas.json, gpu_vlm_prefill.json, gpu.md ({deadline.elapsed:.0f} s)")
     return out

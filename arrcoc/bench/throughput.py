@@ -11,6 +11,7 @@ ToMe (``arrcoc.baselines``). A second pass at batch 1 gives the latency of full 
     python -m arrcoc.bench.throughput            # ViT-Ti/S/B, 224x224, batch 32, all threads
     python -m arrcoc.bench.throughput --quick    # ViT-S only, batch 8, few repeats (smoke run)
     python -m arrcoc.bench.throughput --device cuda --dtype bfloat16 --compile
+    python -m arrcoc.bench.throughput --device cuda --graphs   # ARR-COC compiled whole, in CUDA graphs
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class Settings:
     device: str = "cpu"
     dtype: str = "float32"  # float32, or autocast to bfloat16 / float16
     compile: bool = False  # torch.compile each transformer block (dynamic shapes: one graph for every length)
+    graphs: bool = False  # ARR-COC's inference compiled whole and graph-captured (attach(..., graphs=True))
 
 
 def forward_fn(adapter: BackboneAdapter, model: ARRCOC, images: torch.Tensor, method: str,
@@ -112,7 +114,7 @@ def measure(name: str, settings: Settings, bar: tqdm | None = None) -> dict[str,
     device = torch.device(settings.device)
     backbone = timm.create_model(MODELS[name], pretrained=False).to(device).eval()
     adapter = adapt_backbone(backbone)
-    model = arrcoc.attach(backbone, budget=LATENCY_BUDGET)  # built on the backbone's device, in eval mode
+    model = arrcoc.attach(backbone, budget=LATENCY_BUDGET, graphs=settings.graphs)  # on the backbone's device
     if settings.compile:
         for block in adapter.blocks:  # the blocks ARR-COC runs are these same modules
             block.compile(dynamic=True)
@@ -264,7 +266,8 @@ def report(results: dict[str, Any], latency: dict[str, Any], meta: dict[str, Any
         f"Command: `{meta['command']}`. timm {', '.join(MODELS[n] for n in results)} (random weights), "
         f"224x224, batch {meta['batch']}, {meta['repeats']} interleaved repeats (medians); {meta['device']}, "
         f"{meta['dtype']}, torch {meta['torch']}, timm {meta['timm']}, {meta['threads']} threads"
-        f"{', torch.compile' if meta['compile'] else ''}.",
+        f"{', torch.compile' if meta['compile'] else ''}"
+        f"{', ARR-COC graph-captured' if meta.get('graphs') else ''}.",
         "",
         "Throughput as a multiple of the full model measured in the same run; in brackets the mean fraction "
         "of the sequence the blocks ran on. Budget = fraction of patch tokens kept (before block 0 for "
@@ -295,6 +298,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), help="default bfloat16 autocast on cuda, float32 on cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    parser.add_argument("--graphs", action="store_true",
+                        help="ARR-COC's inference compiled whole and captured in CUDA graphs (its default on CUDA)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, i.e. all cores)")
     parser.add_argument("--out", help="output folder (default: benchmarks/results, or runs/quick with --quick)")
     parser.add_argument("--config", type=config_file,
@@ -308,6 +313,7 @@ def main(argv: list[str] | None = None) -> Path:
         methods=tuple(args.methods), budgets=tuple(args.budgets), batch=args.batch or (8 if args.quick else 32),
         repeats=args.repeats or (3 if args.quick else 7), warmup=args.warmup, device=str(device),
         dtype=args.dtype or ("bfloat16" if device.type == "cuda" else "float32"), compile=args.compile,
+        graphs=args.graphs,
     )
     latency_settings = replace(settings, methods=LATENCY_METHODS, budgets=(LATENCY_BUDGET,), batch=1)
     out = output_dir(args.out, args.quick)
@@ -326,7 +332,8 @@ def main(argv: list[str] | None = None) -> Path:
         command_line("arrcoc.bench.throughput", argv), args.quick,
         models={n: MODELS[n] for n in models}, methods=list(settings.methods), budgets=list(settings.budgets),
         batch=settings.batch, repeats=settings.repeats, warmup=settings.warmup, image_size=224,
-        device=device_label(device), dtype=settings.dtype, compile=settings.compile, timm=timm.__version__,
+        device=device_label(device), dtype=settings.dtype, compile=settings.compile, graphs=settings.graphs,
+        timm=timm.__version__,
         machine=platform.machine(), wall_seconds=time.perf_counter() - start,
     )
     return save_results(out, "throughput", {"meta": meta, "results": results, "latency": latency,

@@ -34,9 +34,10 @@ from arrcoc.rules.distributed import batch_mean
 
 from .adaptation import AdaptationConfig, AdaptReport, OnlineAdaptation
 from .checkpoint import read_checkpoint
+from .graphs import GraphedForward
 from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
 from .targets import attention_target, box_target, perturbation_target
-from .wrapper import QueryInput, RelevanceWrapper, check_finite
+from .wrapper import QueryInput, RelevanceWrapper
 
 
 @dataclass
@@ -64,6 +65,8 @@ class ARRCOC(RelevanceWrapper, nn.Module):
         config: the relevance module's settings, budget included (default: ``RelevanceConfig()``).
         text_encoder: turns a list of sentences into (n, query_dim) embeddings, for string queries.
         adaptation: the settings of online adaptation (default: ``AdaptationConfig()``).
+        graphs: run inference compiled whole and captured in CUDA graphs (:mod:`~arrcoc.relevance.graphs`; each
+            new input shape compiles once, falling back to eager with a warning if that fails); default: on CUDA.
     """
 
     def __init__(
@@ -72,8 +75,11 @@ class ARRCOC(RelevanceWrapper, nn.Module):
         config: RelevanceConfig | None = None,
         text_encoder: Callable[[list[str]], Tensor] | None = None,
         adaptation: AdaptationConfig | None = None,
+        graphs: bool | None = None,
     ):
         super().__init__()
+        self.graphs = graphs
+        self._graphed: GraphedForward | None = None
         self.config = config or RelevanceConfig()
         self.adapter = adapt_backbone(model)  # frozen, eval mode
         self.text_encoder = text_encoder
@@ -101,7 +107,7 @@ class ARRCOC(RelevanceWrapper, nn.Module):
         self.adapter.check_images(images)
         if images.shape[0] == 0:
             raise ValueError("images must hold at least one image, got a batch of 0")
-        check_finite("images", images)
+        self.check_finite("images", images)
 
     # ---- the pass -----------------------------------------------------------------------------
     def relevance_pass(self, images: Tensor, query: QueryInput = None, differentiable: bool = False
@@ -124,12 +130,16 @@ class ARRCOC(RelevanceWrapper, nn.Module):
     def _checked_pass(self, images: Tensor, query: QueryInput, differentiable: bool = False
                       ) -> tuple[RelevanceOutput, TokenSet, tuple[int, int]]:
         """:meth:`relevance_pass` on images already checked (the forward pass checks them once)."""
-        q = self.encode_query(query, images.shape[0])
+        return self._module_pass(images, self.encode_query(query, images.shape[0]), differentiable)
+
+    def _module_pass(self, images: Tensor, query: Tensor | None, differentiable: bool = False
+                     ) -> tuple[RelevanceOutput, TokenSet, tuple[int, int]]:
+        """The relevance module on checked images and encoded queries (B, query_dim) or None."""
         grid = self.adapter.grid(images)
         with torch.no_grad():
             state = self.adapter.tokens(images)
         with torch.set_grad_enabled(differentiable):
-            out = self.relevance(images, state.patches, (grid.height, grid.width), q)
+            out = self.relevance(images, state.patches, (grid.height, grid.width), query)
         return out, state, (grid.height, grid.width)
 
     def forward(self, images: Tensor | None = None, query: QueryInput = None, *,
@@ -146,16 +156,38 @@ class ARRCOC(RelevanceWrapper, nn.Module):
         """
         images = self._images(images, pixel_values)
         self.check_images(images)
+        q = self.encode_query(query, images.shape[0])
         if self.keeps_all(self.adapter.grid(images).num_patches):  # every token: the original computation
-            self.encode_query(query, images.shape[0])
             return self.adapter(images)
-        out, state, (h, w) = self._checked_pass(images, query)
         if self.config.tiers:
-            reduced = tiered_tokens(self.adapter, images, self.tiers(out.logits, h, w))
-        else:
-            scores = torch.sigmoid(out.logits).to(state.tokens.dtype)  # non-negative, for EViT-style fusion
-            reduced = keep_top_k(state, scores, self.budget, dropped=self.config.dropped, metric=state.patches)
+            out, _, (h, w) = self._module_pass(images, q)
+            return self.adapter.head(self.adapter.run_blocks(tiered_tokens(self.adapter, images,
+                                                                          self.tiers(out.logits, h, w))))
+        if self.graphs_wanted(images):
+            return self.graphed.run(images, q)
+        return self.reduced_forward(images, q)
+
+    def reduced_forward(self, images: Tensor, query: Tensor | None) -> Tensor:
+        """The backbone on the top K tokens of checked images, ``query`` encoded: what :meth:`forward` runs, and
+        what its graph-captured path compiles whole (no host sync, no data-dependent Python branch)."""
+        out, state, _ = self._module_pass(images, query)
+        # the top K of the logits; EViT-style fusion weighs the dropped tokens by non-negative scores
+        scores = out.logits if self.config.dropped == "discard" else torch.sigmoid(out.logits)
+        reduced = keep_top_k(state, scores, self.budget, dropped=self.config.dropped, metric=state.patches)
         return self.adapter.head(self.adapter.run_blocks(reduced))
+
+    @property
+    def graphed(self) -> GraphedForward:
+        """:meth:`reduced_forward` compiled whole and graph-captured (made at its first use)."""
+        if self._graphed is None:
+            self._graphed = GraphedForward(self.reduced_forward)
+        return self._graphed
+
+    def graphs_wanted(self, images: Tensor) -> bool:
+        """Whether :meth:`forward` runs its graph-captured path: as :attr:`graphs` says (default: on CUDA), for
+        inference only (no autograd), and not inside a ``torch.compile`` of the caller's own."""
+        wanted = images.device.type == "cuda" if self.graphs is None else self.graphs
+        return wanted and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
     def tier_counts(self, height: int, width: int) -> TierCounts:
         """Regions per tier: ``refined_regions`` refined, the rest merged or normal, with the largest
@@ -337,7 +369,7 @@ class ARRCOC(RelevanceWrapper, nn.Module):
         Returns:
             The fork; adapting it leaves this model unchanged.
         """
-        fork = ARRCOC(self.adapter.model, self.config, self.text_encoder, adaptation or self.adaptation)
+        fork = ARRCOC(self.adapter.model, self.config, self.text_encoder, adaptation or self.adaptation, self.graphs)
         fork.relevance.load_state_dict(self.relevance.state_dict())
         return fork
 
