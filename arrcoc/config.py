@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from arrcoc.budget import Budget, check_budget
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+Settings = TypeVar("Settings")
 
 
 def find_config(path: str | Path) -> Path:
@@ -46,6 +48,16 @@ def load_yaml_mapping(path: str | Path, known: Iterable[str] | None = None, what
         if unknown:
             raise KeyError(f"{found}: unknown {what} key(s) {unknown}; known: {sorted(known)}")
     return data
+
+
+def from_mapping(cls: type[Settings], data: Mapping[str, Any], what: str) -> Settings:
+    """``cls(**data)`` for a dataclass ``cls`` of settings; a key it does not know raises ``KeyError`` naming the
+    known ones (``what``: what the settings are, for the message)."""
+    known = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise KeyError(f"unknown {what} key(s) {unknown}; known keys: {known}")
+    return cls(**data)
 
 
 def apply_override(config: dict[str, Any], dotted: str, value: Any) -> None:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from arrcoc.backbones.tokens import DROPPED_MODES
 from arrcoc.budget import Budget, check_budget
-from arrcoc.config import apply_override, load_yaml_mapping
+from arrcoc.config import apply_override, from_mapping, load_yaml_mapping
 from arrcoc.rules.distributed import ShardedBatchNorm1d
 from arrcoc.rules.relaxation import relax, relax_differentiably
 
@@ -76,13 +76,6 @@ class Ablations:
             raise ValueError("the relevance module needs patch features: keep ablate.backbone_tokens or "
                              "ablate.texture on")
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Ablations:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise KeyError(f"unknown ablate switch(es) {unknown}; known: {sorted(known)}")
-        return cls(**data)
 
 
 # keys of the flat config before the ablation switches moved under `ablate` (checkpoint schema 1), and the probes
@@ -139,7 +132,7 @@ class RelevanceConfig:
         if isinstance(self.relaxation, dict):
             self.relaxation = FieldRelaxation.from_dict(self.relaxation)
         if isinstance(self.ablate, dict):
-            self.ablate = Ablations.from_dict(self.ablate)
+            self.ablate = from_mapping(Ablations, self.ablate, "ablate switch")
         check_budget(self.budget)
         if self.dropped not in DROPPED_MODES:
             raise ValueError(f"dropped must be one of {DROPPED_MODES}, got {self.dropped!r}")
@@ -182,11 +175,7 @@ class RelevanceConfig:
             kept = ", ".join(f"{key}: {REMOVED[key]!r}" for key in removed)
             raise KeyError(f"relevance config key(s) {removed} were removed, probes that earned nothing "
                            f"(docs/decisions.md); the design keeps {kept}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise KeyError(f"unknown relevance config key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
+        return from_mapping(cls, data, "relevance config")
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),

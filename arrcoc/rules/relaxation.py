@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from arrcoc.config import from_mapping
+
 from .distributed import is_sharded, max_over_shards, sum_over_shards
 
 Cost = Callable[[Tensor, Tensor], Tensor]
@@ -80,11 +82,7 @@ class Relaxation:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Relaxation:
         """The settings of a mapping (a YAML ``relaxation:``), unknown keys named with the known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise KeyError(f"unknown relaxation key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
+        return from_mapping(cls, data, "relaxation")
 
     def settings(self) -> dict[str, Any]:
         """The relaxation's own settings as a mapping (also of a rule config that extends this class)."""
