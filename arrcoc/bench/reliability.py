@@ -210,8 +210,8 @@ def markdown(report: dict) -> str:
         f"{guard['max_grad_norm']}. Guard: {cfg['probe_images']} unlabelled clean training canvases (`set_probe`): "
         f"an update is kept only if the probe shows that the module has lost at most "
         f"{100 * guard['probe_max_drop']:g} points of the frozen module's soft agreement with the full-token "
-        f"predictions (the mean probability the reduced prediction gives the full-token class), with a confidence "
-        f"spent over the whole stream (alpha {guard['probe_alpha']:g} in all: the k-th test at alpha / (k (k + 1))).",
+        f"predictions (the mean probability the reduced prediction gives the full-token class), counted from the "
+        f"frozen module however long the stream, at one-sided z {guard['probe_confidence']:g}.",
         "",
         f"**Target** (guarded, at each optimizer's default lr, on every stream: clean test accuracy never more than "
         f"{cfg['guarded_max_drop']:g} points below the frozen module's): {verdict(worst <= cfg['guarded_max_drop'])}, "
