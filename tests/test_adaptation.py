@@ -131,3 +131,20 @@ def test_cheaper_adaptation_updates_every_nth_call_on_part_of_the_batch(backbone
     assert not torch.equal(weights(sparse), before)
     with pytest.raises(ValueError, match="every >= 1"):
         AdaptationConfig(every=0)
+
+
+
+
+def test_the_probe_guard_keeps_updates_that_lose_nothing_on_clean_images(backbone):
+    """An update that barely moves the probe's predictions is kept: the module keeps learning where it does no
+    harm. With no loss allowed at all, each of the same updates would have to show a gain, and none is kept."""
+    g = torch.Generator().manual_seed(3)
+    wrapped = arrcoc.attach(backbone, budget=0.25, adaptation=AdaptationConfig(optimizer="adam"))
+    for _ in range(20):  # unguarded, until the module agrees with the full-token predictions
+        wrapped.adapt(coloured_patch_stream(32, g)[0])
+    strict = wrapped.fork(AdaptationConfig(optimizer="adam", probe_max_drop=0.0))
+    probe = coloured_patch_stream(128, torch.Generator().manual_seed(11))[0]
+    assert wrapped.set_probe(probe) == strict.set_probe(probe) == 1.0
+    stream = [coloured_patch_stream(32, g)[0] for _ in range(10)]
+    assert not any(wrapped.adapt(images).probe_rejected for images in stream)
+    assert all(strict.adapt(images).probe_rejected for images in stream)
