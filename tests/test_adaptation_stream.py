@@ -16,13 +16,18 @@ CONFIG = ReliabilityConfig(stream_images=80, batch_size=16, pretrain_images=128,
 AGGRESSIVE_LR = 3.0  # 60 times the default: a fault the guard must catch
 
 
+def frozen_setting(config: ReliabilityConfig):
+    """The frozen module, the guard's probe and the labelled clean test canvases, as the benchmark makes them."""
+    torch.manual_seed(0)
+    frozen = frozen_module(config, DEFAULT_CHECKPOINT)
+    probe = cluttered_split("train", config.probe_images, seed=2).images  # its labels are never used
+    test = cluttered_split("test", config.eval_images, seed=3)
+    return frozen, probe, (test.images, test.labels)
+
+
 @pytest.fixture(scope="module")
 def setting():
-    torch.manual_seed(0)
-    frozen = frozen_module(CONFIG, DEFAULT_CHECKPOINT)
-    probe = cluttered_split("train", CONFIG.probe_images, seed=2).images  # its labels are never used
-    test = cluttered_split("test", CONFIG.eval_images, seed=3)
-    return frozen, probe, (test.images, test.labels)
+    return frozen_setting(CONFIG)
 
 
 def test_without_the_guard_the_fault_costs_clean_accuracy(setting):
@@ -50,11 +55,7 @@ ADAM_CONFIG = ReliabilityConfig(stream_images=160, batch_size=32, pretrain_image
 
 @pytest.fixture(scope="module")
 def trained_setting():
-    torch.manual_seed(0)
-    frozen = frozen_module(ADAM_CONFIG, DEFAULT_CHECKPOINT)
-    probe = cluttered_split("train", ADAM_CONFIG.probe_images, seed=2).images  # its labels are never used
-    test = cluttered_split("test", ADAM_CONFIG.eval_images, seed=3)
-    return frozen, probe, (test.images, test.labels)
+    return frozen_setting(ADAM_CONFIG)
 
 
 def test_with_the_guard_adam_at_its_default_lr_loses_no_clean_accuracy(trained_setting):
