@@ -356,7 +356,8 @@ CASES: list[Case] = [
     Case("AdaptationConfig", "target 'box' (needs labels)", lambda e: AdaptationConfig(target="box"), ValueError,
          ("'perturbation' or 'attention'", "got 'box'")),
     Case("AdaptationConfig", "negative probe_confidence",
-         lambda e: AdaptationConfig(probe_confidence=-1.0), ValueError, ("probe_confidence >= 0", "probe_confidence=-1.0")),
+         lambda e: AdaptationConfig(probe_confidence=-1.0), ValueError,
+         ("probe_confidence >= 0", "probe_confidence=-1.0")),
     # ---- rules ----------------------------------------------------------------------------------------------
     Case("arrcoc.rules.build_rule(config, subnet)", "a config that is a number",
          lambda e: build_rule(5, nn.Linear(2, 2)), ValueError, ("a name or a mapping with a 'name' key", "got 5")),
