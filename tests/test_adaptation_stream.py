@@ -3,10 +3,12 @@ aggressive learning rate as the injected fault. Without the clean-probe guard cl
 it never falls more than a point below the frozen module's, and every step stays within its bound. With Adam
 at its default learning rate, the guard keeps clean accuracy within 0.3 points of the frozen module's."""
 
+import json
+
 import pytest
 import torch
 
-from arrcoc.bench.reliability import ReliabilityConfig, frozen_module, run_stream
+from arrcoc.bench.reliability import ReliabilityConfig, frozen_module, main, run_stream
 from arrcoc.data.canvas import cluttered_split
 from arrcoc.models.canvas_vit import DEFAULT_CHECKPOINT
 from arrcoc.relevance import AdaptationConfig
@@ -66,3 +68,20 @@ def test_with_the_guard_adam_at_its_default_lr_loses_no_clean_accuracy(trained_s
     adapting = frozen.fork(AdaptationConfig(optimizer="adam", target="attention"))
     run = run_stream(adapting, "noise", True, probe, evaluation, ADAM_CONFIG)
     assert run["summary"]["worst_drop_points"] <= 0.3, run["trajectory"]["accuracy"]
+
+
+def test_the_benchmark_command_runs_the_target_runs_alone_and_merges_runs_made_side_by_side(tmp_path):
+    """``--target-only`` makes just the guarded run at the default lr per stream and optimizer; ``--render`` of
+    two such runs (one process per stream) writes one report with both, its target judged."""
+    for stream in ("noise", "adversarial"):
+        main(["--quick", "--images", "32", "--target-only", "--streams", stream, "--optimizers", "sgd",
+              "--out", str(tmp_path / stream)])
+    report = json.loads((tmp_path / "noise" / "reliability.json").read_text())
+    assert [(run["stream"], run["guarded"], run["lr"]) for run in report["runs"]] == [("noise", True, 0.05)]
+    main(["--render", str(tmp_path / "noise" / "reliability.json"), str(tmp_path / "adversarial" / "reliability.json"),
+          "--out", str(tmp_path / "both")])
+    merged = json.loads((tmp_path / "both" / "reliability.json").read_text())
+    assert [run["stream"] for run in merged["runs"]] == ["noise", "adversarial"]
+    text = (tmp_path / "both" / "reliability.md").read_text()
+    assert "`--target-only`" in text and "**Target**" in text
+    assert (tmp_path / "both" / "reliability.png").stat().st_size > 0
