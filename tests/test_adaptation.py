@@ -133,8 +133,6 @@ def test_cheaper_adaptation_updates_every_nth_call_on_part_of_the_batch(backbone
         AdaptationConfig(every=0)
 
 
-
-
 def test_the_probe_guard_keeps_updates_that_lose_nothing_on_clean_images(backbone):
     """An update that barely moves the probe's predictions is kept: the module keeps learning where it does no
     harm. With no loss allowed at all, each of the same updates would have to show a gain, and none is kept."""

@@ -208,7 +208,7 @@ def markdown(report: dict) -> str:
         + ", ".join(f"{OPTIMIZER_NAMES.get(name, name)} at its default lr {d['lr']:g}" for name, d in defaults.items())
         + (" (this run: only the guarded runs, which the target judges, `--target-only`)" if report.get("target_only")
            else f" and, as an injected fault, {cfg['aggressive_lr_scale']:g} times that, guarded and not")
-        + f"; gradients are clipped to norm "
+        + "; gradients are clipped to norm "
         f"{guard['max_grad_norm']}. Guard: {cfg['probe_images']} unlabelled clean training canvases (`set_probe`): "
         f"an update is kept only if the probe shows that the module has lost at most "
         f"{100 * guard['probe_max_drop']:g} points of the frozen module's soft agreement with the full-token "

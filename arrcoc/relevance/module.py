@@ -77,7 +77,6 @@ class Ablations:
                              "ablate.texture on")
 
 
-
 # keys of the flat config before the ablation switches moved under `ablate` (checkpoint schema 1), and the probes
 # that were removed: docs/decisions.md has their numbers
 MOVED_TO_ABLATE = tuple(f.name for f in dataclasses.fields(Ablations))
