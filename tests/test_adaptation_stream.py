@@ -71,10 +71,11 @@ def test_with_the_guard_adam_at_its_default_lr_loses_no_clean_accuracy(trained_s
 
 
 def test_the_benchmark_command_runs_the_target_runs_alone_and_merges_runs_made_side_by_side(tmp_path):
-    """``--target-only`` makes just the guarded run at the default lr per stream and optimizer; ``--render`` of
-    two such runs (one process per stream) writes one report with both, its target judged."""
+    """``--runs target`` makes just the guarded run at the default lr per stream and optimizer, ``--runs rest`` the
+    others; ``--render`` of runs made in processes side by side writes one report with all, in one process's order,
+    its target judged."""
     for stream in ("noise", "adversarial"):
-        main(["--quick", "--images", "32", "--target-only", "--streams", stream, "--optimizers", "sgd",
+        main(["--quick", "--images", "32", "--runs", "target", "--streams", stream, "--optimizers", "sgd",
               "--out", str(tmp_path / stream)])
     report = json.loads((tmp_path / "noise" / "reliability.json").read_text())
     assert [(run["stream"], run["guarded"], run["lr"]) for run in report["runs"]] == [("noise", True, 0.05)]
@@ -83,5 +84,14 @@ def test_the_benchmark_command_runs_the_target_runs_alone_and_merges_runs_made_s
     merged = json.loads((tmp_path / "both" / "reliability.json").read_text())
     assert [run["stream"] for run in merged["runs"]] == ["noise", "adversarial"]
     text = (tmp_path / "both" / "reliability.md").read_text()
-    assert "`--target-only`" in text and "**Target**" in text
+    assert "`--runs target`" in text and "**Target**" in text
+    main(["--quick", "--images", "32", "--runs", "rest", "--streams", "noise", "--optimizers", "sgd",
+          "--out", str(tmp_path / "rest")])
+    main(["--render", str(tmp_path / "rest" / "reliability.json"), str(tmp_path / "both" / "reliability.json"),
+          "--out", str(tmp_path / "all")])
+    everything = json.loads((tmp_path / "all" / "reliability.json").read_text())
+    assert [(run["stream"], run["lr"], run["guarded"]) for run in everything["runs"]] == [
+        ("noise", 0.05, True), ("noise", 0.05, False), ("noise", 1.0, True), ("noise", 1.0, False),
+        ("adversarial", 0.05, True)]
+    assert "`--runs target`" not in (tmp_path / "all" / "reliability.md").read_text()
     assert (tmp_path / "both" / "reliability.png").stat().st_size > 0

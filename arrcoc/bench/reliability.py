@@ -191,11 +191,19 @@ def guarded_at_default_lr(report: dict) -> list[dict]:
             if run["guarded"] and run["lr"] == report["adaptation"][run["optimizer"]]["lr"]]
 
 
+def target_line(judged: list[dict], max_drop: float) -> str:
+    claim = (f"**Target** (guarded, at each optimizer's default lr, on every stream: clean test accuracy never more "
+             f"than {max_drop:g} points below the frozen module's)")
+    if not judged:
+        return f"{claim}: not judged, this run has none of those runs."
+    worst = max(run["summary"]["worst_drop_points"] for run in judged)
+    return f"{claim}: {verdict(worst <= max_drop)}, worst drop {worst:.1f} points."
+
+
 def markdown(report: dict) -> str:
     cfg, defaults = report["config"], report["adaptation"]
     guard = next(iter(defaults.values()))  # the guard's settings are the same for every optimizer
     judged = guarded_at_default_lr(report)
-    worst = max(run["summary"]["worst_drop_points"] for run in judged)
     lines = [
         "# Online adaptation on long noise / adversarial streams",
         "",
@@ -206,8 +214,10 @@ def markdown(report: dict) -> str:
         f"learned with local rules on {cfg['pretrain_images']} clean training canvases. Each stream has "
         f"{cfg['stream_images']:,} images in batches of {cfg['batch_size']}; `adapt()` runs on every batch, with "
         + ", ".join(f"{OPTIMIZER_NAMES.get(name, name)} at its default lr {d['lr']:g}" for name, d in defaults.items())
-        + (" (this run: only the guarded runs, which the target judges, `--target-only`)" if report.get("target_only")
-           else f" and, as an injected fault, {cfg['aggressive_lr_scale']:g} times that, guarded and not")
+        + (" (this run: only the guarded runs, which the target judges, `--runs target`)"
+           if len(judged) == len(report["runs"])
+           else f" and, as an injected fault, {cfg['aggressive_lr_scale']:g} times that, guarded and not"
+           + ("" if judged else " (this run: `--runs rest`, without the guarded runs at the default lr)"))
         + "; gradients are clipped to norm "
         f"{guard['max_grad_norm']}. Guard: {cfg['probe_images']} unlabelled clean training canvases (`set_probe`): "
         f"an update is kept only if the probe shows that the module has lost at most "
@@ -215,9 +225,7 @@ def markdown(report: dict) -> str:
         f"predictions (the mean probability the reduced prediction gives the full-token class), counted from the "
         f"frozen module however long the stream, at one-sided z {guard['probe_confidence']:g}.",
         "",
-        f"**Target** (guarded, at each optimizer's default lr, on every stream: clean test accuracy never more than "
-        f"{cfg['guarded_max_drop']:g} points below the frozen module's): {verdict(worst <= cfg['guarded_max_drop'])}, "
-        f"worst drop {worst:.1f} points.",
+        target_line(judged, cfg["guarded_max_drop"]),
         "",
         "| stream | optimizer | adapt lr | guard | frozen acc. (%) | lowest acc. (%) | final acc. (%) | worst drop "
         "(points) | largest step | step bound | rejected by probe | stream rollbacks | skipped | memory (MiB): first, "
@@ -288,13 +296,13 @@ def plot(report: dict, path: Path) -> None:
 
 
 def stream_runs(frozen: ARRCOC, kind: str, optimizer: str, probe: Tensor, evaluation: tuple[Tensor, Tensor],
-                config: ReliabilityConfig, target_only: bool = False) -> list[dict]:
-    """One stream with one optimizer: at its default and its aggressive lr, guarded and not (``target_only``: only
-    guarded at the default lr, the run the target judges)."""
+                config: ReliabilityConfig, which: str = "all") -> list[dict]:
+    """One stream with one optimizer: at its default and its aggressive lr, guarded and not; ``which``: ``all`` of
+    them, only the ``target`` run (guarded at the default lr, the one the target judges) or the ``rest``."""
     runs = []
     default_lr = AdaptationConfig(optimizer=optimizer).lr
     settings = list(itertools.product((default_lr, default_lr * config.aggressive_lr_scale), (True, False)))
-    for lr, guarded in settings[:1] if target_only else settings:
+    for lr, guarded in {"all": settings, "target": settings[:1], "rest": settings[1:]}[which]:
         runs.append(run_stream(frozen.fork(AdaptationConfig(optimizer=optimizer, lr=lr)), kind, guarded, probe,
                                evaluation, config))
         s = runs[-1]["summary"]
@@ -308,7 +316,8 @@ def stream_runs(frozen: ARRCOC, kind: str, optimizer: str, probe: Tensor, evalua
 
 def merged(reports: list[dict]) -> dict:
     """Runs of the same settings made in processes side by side (e.g. one per stream or optimizer), as one report:
-    their commands joined, the longest one's time, every optimizer's settings, every run."""
+    their commands joined, the longest one's time, every optimizer's settings, every run in the order of one
+    process's."""
     same = ("config", "backbone", "full_token_accuracy", "commit")
     adaptation: dict[str, dict] = {}
     for report in reports:
@@ -319,7 +328,13 @@ def merged(reports: list[dict]) -> dict:
             raise SystemExit(f"reliability runs to merge must share their settings; these differ: {differing}")
     return {**reports[0], "command": " & ".join(report["command"] for report in reports), "adaptation": adaptation,
             "seconds": max(report["seconds"] for report in reports),
-            "runs": [run for report in reports for run in report["runs"]]}
+            "runs": sorted((run for report in reports for run in report["runs"]), key=run_order)}
+
+
+def run_order(run: dict) -> tuple:
+    """Streams, then optimizers, in the command's order; the default lr before the aggressive one; guarded first."""
+    return (list(STREAMS).index(run["stream"]), list(DEFAULT_ADAPTATION_LR).index(run["optimizer"]), run["lr"],
+            not run["guarded"])
 
 
 def render(paths: list[Path], out: Path | None) -> None:
@@ -344,8 +359,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--optimizers", nargs="+", choices=tuple(DEFAULT_ADAPTATION_LR),
                         default=list(DEFAULT_ADAPTATION_LR))
     parser.add_argument("--images", type=int, help="images per stream")
-    parser.add_argument("--target-only", action="store_true",
-                        help="only the runs the target judges (guarded, at each optimizer's default lr)")
+    parser.add_argument("--runs", choices=("all", "target", "rest"), default="all",
+                        help="target: only the runs the target judges (guarded, at each optimizer's default lr); "
+                             "rest: the others (merge the two with --render)")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="canvas ViT (.safetensors)")
     parser.add_argument("--out", type=Path, help="output folder")
     parser.add_argument("--render", type=Path, nargs="+", metavar="JSON",
@@ -370,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     test = cluttered_split("test", config.eval_images, seed=config.seed + 3)
     evaluation = (test.images, test.labels)
     runs = [run for kind in args.streams for optimizer in args.optimizers
-            for run in stream_runs(frozen, kind, optimizer, probe, evaluation, config, args.target_only)]
+            for run in stream_runs(frozen, kind, optimizer, probe, evaluation, config, args.runs)]
     report = run_metadata(
         command_line("arrcoc.bench.reliability", argv), args.quick,
         config=asdict(config),
@@ -379,7 +395,6 @@ def main(argv: list[str] | None = None) -> None:
                      else args.checkpoint),
         full_token_accuracy=accuracy(frozen, *evaluation, full=True),
         device=f"cpu ({config.threads} thread)",
-        target_only=args.target_only,
         versions={"torch": torch.__version__},
         seconds=time.perf_counter() - start,
         runs=runs,
