@@ -316,9 +316,9 @@ def stream_runs(frozen: ARRCOC, kind: str, optimizer: str, probe: Tensor, evalua
 
 def merged(reports: list[dict]) -> dict:
     """Runs of the same settings made in processes side by side (e.g. one per stream or optimizer), as one report:
-    their commands joined, the longest one's time, every optimizer's settings, every run in the order of one
-    process's."""
-    same = ("config", "backbone", "full_token_accuracy", "commit")
+    their commands joined, their commits (a run made later to complete a report may be at a later one), the longest
+    one's time, every optimizer's settings, every run in the order of one process's."""
+    same = ("config", "backbone", "full_token_accuracy")
     adaptation: dict[str, dict] = {}
     for report in reports:
         differing = [key for key in same if report.get(key) != reports[0].get(key)]
@@ -326,9 +326,12 @@ def merged(reports: list[dict]) -> dict:
                       if adaptation.setdefault(name, settings) != settings]
         if differing:
             raise SystemExit(f"reliability runs to merge must share their settings; these differ: {differing}")
+    commits = dict.fromkeys(report.get("commit") or "not recorded" for report in reports)
     return {**reports[0], "command": " & ".join(report["command"] for report in reports), "adaptation": adaptation,
+            "commit": " and ".join(commits),
             "seconds": max(report["seconds"] for report in reports),
-            "runs": sorted((run for report in reports for run in report["runs"]), key=run_order)}
+            "runs": sorted(({"commit": report.get("commit"), **run} for report in reports for run in report["runs"]),
+                           key=run_order)}
 
 
 def run_order(run: dict) -> tuple:
