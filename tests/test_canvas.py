@@ -172,6 +172,35 @@ def test_configs_change_canvases(sources):
         query_split("train", 4, sources=sources, config=QueryConfig(colors=("red", "green")))
 
 
+def test_the_held_out_layout_puts_digits_anywhere_some_beside_another_and_asks_by_a_unique_colour(sources):
+    """The ``anywhere`` split (issue 36's held-out regime for grouping): 2-5 digits that overlap little, about half
+    placed beside an earlier one, the queried one the only one of its colour, asked with held-out phrasings."""
+    canvases = query_split("anywhere", 200, seed=5, sources=sources)
+    count = canvases.present.sum(1)
+    assert int(count.min()) >= 2 and int(count.max()) == 5 and canvases.present.shape[1] == 5
+    rows = torch.arange(200)
+    assert bool(canvases.present[rows, canvases.target_slot].all())
+    assert torch.equal(canvases.labels, canvases.slot_labels[rows, canvases.target_slot])
+    assert set(canvases.query_kind) == {"color"}
+    assert set(canvases.queries) <= {t.format(c=c) for t in query_phrasings("color", True) for c in COLORS}
+    beside = 0
+    for i in range(200):
+        queried = int(canvases.slot_colors[i, canvases.target_slot[i]])
+        assert list(COLORS)[queried] in canvases.queries[i]
+        assert int((canvases.slot_colors[i] == queried).sum()) == 1  # the only digit of that colour
+        boxes = canvases.all_boxes[i][canvases.present[i]]
+        # ink boxes sit inside their squares: two of them apart by less than 4 px are neighbours
+        gaps = torch.maximum(boxes[:, None, :2] - boxes[None, :, 2:], boxes[None, :, :2] - boxes[:, None, 2:]).amax(-1)
+        beside += int(bool((gaps.fill_diagonal_(1e9) < 4).any()))
+    assert beside >= 80  # half the digits after the first are placed beside another
+    again = query_split("anywhere", 200, seed=5, sources=sources)
+    assert torch.equal(again.images, canvases.images) and again.queries == canvases.queries
+    with pytest.raises(ValueError, match="a layout of the query canvases"):
+        cluttered_split("anywhere", 4, sources=sources)
+    with pytest.raises(ValueError, match="query layout must be one of"):
+        QueryConfig(layout="scattered")
+
+
 def test_conv_stem_vit_works_with_adapter_keep_all_exact():
     model = build_canvas_vit(TINY).eval()
     images = torch.rand(3, 3, 64, 64)

@@ -47,7 +47,7 @@ def test_benchmark_runs_every_method_and_writes_results_report_and_plots(checkpo
         "train": {"steps": {"cluttered": 2, "query": 3}, "batch_size": 6},
         "baselines": ["random", "evit", "tome"], "base": "configs/arrcoc.yaml",
         "tasks": {"cluttered": {"budget": 0.25, "relevance": {"target": "box"}},
-                  "query": {"budget": 0.25, "relevance": {"target": "box"}}},
+                  "query": {"budget": 0.25, "relevance": {"target": "box"}, "held_out_layout": [0.25, 0.125]}},
         "variants": {"field: frozen": {"rules.field": {"name": "frozen"}},
                      "no participatory": {"ablate.participatory": False, "tasks": ["query"]}},
         "throughput": {"batch": 4, "repeats": 3}, "training_cost": {"batch": 4, "steps": 1},
@@ -78,6 +78,11 @@ def test_benchmark_runs_every_method_and_writes_results_report_and_plots(checkpo
         assert set(cluttered[method]["shift_accuracy"]) == {"0.25"}
         assert all(0 <= a <= 100 for a in cluttered[method]["shift_accuracy"]["0.25"])
     assert "shift_accuracy" not in query["ARR-COC"] and "shift_accuracy" not in cluttered["random"]
+    # every method of the query task also on its held-out layout, at that layout's budgets (all tokens at 1.0)
+    for method in ("ARR-COC", "ARR-COC / field: frozen", "random", "tome", "box oracle"):
+        assert set(query[method]["layout_accuracy"]) == {"0.25", "0.125"}, method
+        assert all(0 <= a <= 100 for a in query[method]["layout_accuracy"]["0.125"])
+    assert set(query["full"]["layout_accuracy"]) == {"1.0"} and "layout_accuracy" not in cluttered["ARR-COC"]
     assert 0 <= results["accuracy"]["query"]["ARR-COC"]["query_overlap"][0] <= 100
     assert results["training_cost"]["local"]["step_ms"] > 0 and results["adaptation"]["stream_images"] == 8
     assert {row["method"] for row in results["throughput"]["rows"]} >= {"evit (early)", "ARR-COC relevance module"}
@@ -97,6 +102,7 @@ def test_benchmark_runs_every_method_and_writes_results_report_and_plots(checkpo
     assert "Over the 2 seeds' modules, on the unseen shift canvases" in report
     assert "## Accuracy at measured cost" in report and "paired difference to the default" in report
     assert "| variant | accuracy at 25% | paired difference | shift at 25% | paired difference |" in report
+    assert "**On the held-out layout**" in report and "| field: frozen | " in report
     for plot in ("canvas_accuracy.png", "canvas_pareto.png", "canvas_training_cost.png", "canvas_adaptation.png",
                  "canvas_heatmaps.png"):
         assert (out / plot).stat().st_size > 1000

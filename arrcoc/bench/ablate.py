@@ -8,9 +8,10 @@ The base (the task's relevance config in the benchmark config, plus ``--base``'s
 (``--variants``: name -> dotted overrides on top of the base, as JSON or a YAML file; or ``--grid``: dotted key ->
 values, every combination a variant and the first the base) are trained and scored as
 ``arrcoc bench canvas`` trains and scores its ARR-COC ablations (the same job, steps and test canvases per seed): at
-the task's budget, the hard regime's where it is this task, the task's ``ablation_budgets`` and ``--budgets``, and
-on the shift split where the task has one. Writes ``ablate.json``, ``ablate.md`` (each variant's paired difference
-to the base with its 95% interval) and ``ablate.png``. The canvas benchmark's ablation table stays the committed
+the task's budget, the hard regime's where it is this task, the task's ``ablation_budgets`` and ``--budgets``, on
+the shift split where the task has one, and on its held-out layout at its ``held_out_layout`` budgets. Writes
+``ablate.json``, ``ablate.md`` (each variant's paired difference to the base with its 95% interval) and
+``ablate.png``. The canvas benchmark's ablation table stays the committed
 measurement; this is how a redesign is tried first (docs/decisions.md names the probes it ran).
 """
 
@@ -38,7 +39,7 @@ from .canvas import RunPaths, run_job
 from .canvas_settings import BenchSettings, load_bench
 
 BASE = "base"
-SCORES = {"accuracy": "test", "shift_accuracy": "shift"}  # run_job's keys -> column prefixes
+SCORES = {"accuracy": "test", "shift_accuracy": "shift", "layout_accuracy": "layout"}  # run_job's keys -> columns
 
 
 def overrides_arg(text: str, what: str) -> dict[str, Any]:

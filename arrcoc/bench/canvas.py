@@ -68,7 +68,7 @@ from arrcoc.training import train_arrcoc
 from arrcoc.visualize import canvas_queries, demo_canvases, explain, queries_figure
 
 from .canvas_report import ALL_BACKPROP, ablation_budgets, earlier_runs, write_report
-from .canvas_settings import AdaptationSettings, BenchSettings, TrainingCostSettings, load_bench
+from .canvas_settings import LAYOUT_SPLITS, AdaptationSettings, BenchSettings, TrainingCostSettings, load_bench
 
 EVAL_BATCH = 250
 SMALL_BATCH = 16  # the relevance module's share of a forward is also measured at this batch
@@ -126,23 +126,31 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     test = task_data(task, "test", bench.test_images, seed)
     backbone = load_canvas_vit(paths.backbone)
     result: dict[str, Any] = {"kind": kind, "task": task, "seed": seed, "method": job["method"], "accuracy": {}}
+    layout_budgets = bench.tasks[task].held_out_layout
+    layout = task_data(task, LAYOUT_SPLITS[task], bench.test_images, seed) if layout_budgets else None
     if kind == "full":
         adapter = adapt_backbone(backbone)
         result["accuracy"] = {"1.0": accuracy(lambda b: adapter(b.images), test)}
+        if layout is not None:
+            result["layout_accuracy"] = {"1.0": accuracy(lambda b: adapter(b.images), layout)}
         return result
     if kind == "baseline":
         adapter = adapt_backbone(backbone)
-        for budget in (b for b in bench.budgets if b < 1):
+        for budget in sorted({b for b in bench.budgets if b < 1} | set(layout_budgets), reverse=True):
             for schedule in (None, *SCHEDULES) if job["method"] in PROGRESSIVE else (None,):
                 predict, mean_tokens = baseline_predict(adapter, job["method"], budget, schedule)
                 if predict is not None:
                     key = job["method"] + (f" ({schedule})" if schedule else "")
-                    result.setdefault("rows", {}).setdefault(key, {})[str(budget)] = {
+                    cell = result.setdefault("rows", {}).setdefault(key, {})[str(budget)] = {
                         "accuracy": accuracy(predict, test), "mean_tokens": mean_tokens}
+                    if budget in layout_budgets and schedule is None:
+                        cell["layout_accuracy"] = accuracy(predict, layout)
         return result
     if kind == "oracle":
         adapter = adapt_backbone(backbone)
         result["accuracy"] = {str(b): accuracy(oracle_predict(adapter, b), test) for b in bench.budgets if b < 1}
+        if layout is not None:
+            result["layout_accuracy"] = {str(b): accuracy(oracle_predict(adapter, b), layout) for b in layout_budgets}
         return result
     # ARR-COC (local rules, a variant of them, or the global-backprop allocator)
     config = relevance_config(bench, task, job["overrides"])
@@ -160,6 +168,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     scored = {"accuracy": (test, everywhere if job["all_budgets"] else budgets_of_ablations)}
     if task in SHIFT_TASKS:
         scored["shift_accuracy"] = task_data(task, "shift", bench.test_images, seed), budgets_of_ablations
+    if layout is not None:
+        scored["layout_accuracy"] = layout, layout_budgets
     for key, (canvases, budgets) in scored.items():
         for budget in budgets:
             if not tiers_fit(model.set_budget(budget)) and budget != config.budget:
@@ -231,11 +241,14 @@ def collect(results: list[dict[str, Any]], tasks: list[str]) -> dict[str, Any]:
                 entry["accuracy"].setdefault(budget, []).append(cell["accuracy"])
                 if "mean_tokens" in cell:
                     entry["mean_tokens"][budget] = cell["mean_tokens"]
+                if "layout_accuracy" in cell:
+                    entry.setdefault("layout_accuracy", {}).setdefault(budget, []).append(cell["layout_accuracy"])
             for metric in ("step_ms", "box_coverage", "query_overlap"):
                 if metric in r:
                     entry.setdefault(metric, []).append(r[metric])
-            for budget, value in r.get("shift_accuracy", {}).items():
-                entry.setdefault("shift_accuracy", {}).setdefault(budget, []).append(value)
+            for key in ("shift_accuracy", "layout_accuracy"):
+                for budget, value in r.get(key, {}).items():
+                    entry.setdefault(key, {}).setdefault(budget, []).append(value)
     return table
 
 

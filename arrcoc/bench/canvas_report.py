@@ -15,7 +15,7 @@ import numpy as np
 from arrcoc.metrics import interval, paired_interval
 from arrcoc.reporting import pyplot, read_json, save_figure, verdict
 
-from .canvas_settings import TargetThresholds
+from .canvas_settings import LAYOUT_SPLITS, TargetThresholds
 
 TASK_TITLES = {"cluttered": "Cluttered canvases (vision only)", "query": "Query canvases (vision-language)"}
 DYNAMIC_VIT = "DynamicViT-style (global backprop)"
@@ -487,7 +487,8 @@ def write_report(results: dict[str, Any], out: Path, report: Path) -> Path:
     module_share = TargetThresholds.of_run(meta).module_share
     lines = [*_header(meta), *_targets_section(results, link, files)]
     for task in table:
-        lines += [*_task_section(table, meta, task, budgets), *_ablations_section(table, meta, task), ""]
+        lines += [*_task_section(table, meta, task, budgets), *_ablations_section(table, meta, task),
+                  *_layout_section(table, meta, task), ""]
     if "ablations" in files:
         lines += [f"![paired differences of the ablations]({link}/{files['ablations']})", ""]
     if results.get("throughput"):
@@ -592,6 +593,32 @@ def _ablations_section(table: dict[str, Any], meta: dict[str, Any], task: str) -
         seeds = f" ({runs} of {all_runs} seeds)" if runs < all_runs else ""
         lines.append(f"| {method.removeprefix('ARR-COC / ')}{seeds} | " + " | ".join(cells)
                      + f" | {_cell(entry.get('box_coverage'))} | {_cell(entry.get('step_ms'))} |")
+    return lines
+
+
+def _layout_section(table: dict[str, Any], meta: dict[str, Any], task: str) -> list[str]:
+    """Every method on the task's held-out layout (digits anywhere, some beside another), the modules trained on the
+    usual layout; ARR-COC's ablations with their paired difference to the default."""
+    budgets = [str(b) for b in meta["tasks"][task].get("held_out_layout", [])]
+    if not budgets:
+        return []
+    default = table[task].get("ARR-COC", {}).get("layout_accuracy", {})
+    lines = ["", f"**On the held-out layout** (`{LAYOUT_SPLITS[task]}` split: 2-5 digits anywhere, half of them "
+             "beside another one, asked for by colour; every module trained on the usual layout at "
+             f"{meta['tasks'][task]['budget']:.1%}; all tokens: "
+             f"{_cell(table[task].get('full', {}).get('layout_accuracy', {}).get('1.0'))}). An ablation's "
+             "paired difference to the default is in brackets.", "",
+             "| method | " + " | ".join(f"{100 * float(b):g}%" for b in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
+    for method, entry in table[task].items():
+        scores = entry.get("layout_accuracy", {})
+        if not any(b in scores for b in budgets):
+            continue
+        cells = []
+        for b in budgets:
+            d = _versus_default(scores.get(b), default.get(b)) if method.startswith("ARR-COC /") else None
+            cells.append(_cell(scores.get(b)) + ("" if d is None else f" ({_diff(d)})"))
+        lines.append(f"| {method.removeprefix('ARR-COC / ')} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -11,6 +11,8 @@ from arrcoc.config import load_yaml_mapping
 from arrcoc.data.tasks import TASKS
 from arrcoc.relevance import AdaptationConfig
 
+LAYOUT_SPLITS = {"query": "anywhere"}  # task -> its held-out layout's split
+
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -37,11 +39,15 @@ class TaskSettings:
         budget: the token fraction ARR-COC trains at and its ablations are scored at.
         relevance: dotted overrides of the base relevance config for this task.
         ablation_budgets: more token fractions the ablations are scored at.
+        held_out_layout: token fractions at which every method is also scored on the task's held-out layout (the
+            query canvases' ``anywhere`` split: digits anywhere, some beside another), with the modules trained on
+            the usual layout; empty: not scored there.
     """
 
     budget: float
     relevance: dict[str, Any] = field(default_factory=dict)
     ablation_budgets: list[float] = field(default_factory=list)
+    held_out_layout: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -249,6 +255,11 @@ def task_settings(name: str, data: Any) -> TaskSettings:
     extra = data.get("ablation_budgets", [])
     _require(_is_list(extra, float) and all(_is_fraction(b) and b < 1 for b in extra), f"tasks.{name}.ablation_budgets",
              "a list of token fractions in (0, 1)", extra)
+    layout = data.get("held_out_layout", [])
+    _require(_is_list(layout, float) and all(_is_fraction(b) and b < 1 for b in layout),
+             f"tasks.{name}.held_out_layout", "a list of token fractions in (0, 1)", layout)
+    _require(not layout or name in LAYOUT_SPLITS, f"tasks.{name}.held_out_layout",
+             f"only for a task with a held-out layout ({sorted(LAYOUT_SPLITS)})", layout)
     _require(isinstance(data.get("relevance", {}), dict), f"tasks.{name}.relevance",
              "a mapping of dotted relevance-config keys", data.get("relevance"))
     return TaskSettings(**data)

