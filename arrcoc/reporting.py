@@ -7,6 +7,7 @@ A benchmark is a command that measures and writes ``NAME.json`` (machine-readabl
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -28,13 +29,15 @@ def output_dir(out: str | Path | None, quick: bool) -> Path:
     """``out`` if given, else the committed results folder (or ``runs/quick`` for a quick run); created."""
     folder = Path(out) if out is not None else (QUICK if quick else RESULTS)
     folder.mkdir(parents=True, exist_ok=True)
+    source_commit()  # read now, as the run starts: the checkout may move on while it runs
     return folder
 
 
+@functools.cache
 def source_commit() -> str | None:
-    """The git commit of the source checkout the benchmark ran from: ``git rev-parse HEAD``, else the
-    ``ARRCOC_SOURCE_COMMIT`` environment variable (a copy without its .git, as benchmarks/gpu.sh ships it),
-    else None."""
+    """The git commit of the source checkout the benchmark ran from: ``git rev-parse HEAD`` at the first call of
+    the process (a benchmark calls :func:`output_dir` as it starts), else the ``ARRCOC_SOURCE_COMMIT`` environment
+    variable (a copy without its .git, as benchmarks/gpu.sh ships it), else None."""
     try:
         done = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10)

@@ -95,3 +95,23 @@ def test_the_benchmark_command_runs_the_target_runs_alone_and_merges_runs_made_s
         ("adversarial", 0.05, True)]
     assert "`--runs target`" not in (tmp_path / "all" / "reliability.md").read_text()
     assert (tmp_path / "both" / "reliability.png").stat().st_size > 0
+
+
+def test_a_run_records_the_commit_it_started_at_not_the_one_it_ended_at(tmp_path, monkeypatch):
+    """A long benchmark reads the commit as it starts (:func:`output_dir`): the checkout may move on meanwhile (a
+    reliability run recorded the commit made while it ran)."""
+    from arrcoc import reporting
+
+    reporting.source_commit.cache_clear()
+    reporting.output_dir(tmp_path / "run", quick=False)
+    started = reporting.source_commit()
+
+    run = reporting.subprocess.run
+
+    def moved(command, *args, **kwargs):
+        if "rev-parse" in command:
+            raise AssertionError("the commit is read again after the run started")
+        return run(command, *args, **kwargs)
+
+    monkeypatch.setattr(reporting.subprocess, "run", moved)
+    assert reporting.run_metadata("python -m x", False)["commit"] == started
