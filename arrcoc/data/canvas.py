@@ -124,6 +124,11 @@ class QueryConfig:
     # anywhere: the chance that a digit is placed beside an earlier one (a gap of at most ``adjacent_gap`` px)
     adjacent: float = 0.5
     adjacent_gap: float = 3.0
+    backgrounds: tuple[str, ...] = TRAIN_BACKGROUNDS
+    background_brightness: tuple[float, float] = (0.05, 0.2)
+    shifted_colors: bool = False
+    held_out_phrasings: bool = False  # test queries use phrasings never seen in training
+    colors: tuple[str, ...] = field(default=tuple(COLORS))
 
     def __post_init__(self) -> None:
         if self.layout not in QUERY_LAYOUTS:
@@ -133,11 +138,6 @@ class QueryConfig:
                              f"{self.adjacent!r} and {self.adjacent_gap!r}")
         if not 1 <= self.num_digits[0] <= self.num_digits[1]:
             raise ValueError(f"num_digits must be (low, high) with 1 <= low <= high, got {self.num_digits!r}")
-    backgrounds: tuple[str, ...] = TRAIN_BACKGROUNDS
-    background_brightness: tuple[float, float] = (0.05, 0.2)
-    shifted_colors: bool = False
-    held_out_phrasings: bool = False  # test queries use phrasings never seen in training
-    colors: tuple[str, ...] = field(default=tuple(COLORS))
 
 
 # Three times the clutter and larger digits: the backbone with all tokens keeps most of its accuracy, while a
@@ -390,7 +390,6 @@ def _query_chunk(digits: Tensor, labels: Tensor, n: int, generator: torch.Genera
     order = torch.rand(n, slots, generator=generator).argsort(dim=1)
     present = torch.zeros(n, slots, dtype=torch.bool).scatter(1, order, torch.arange(slots) < count[:, None])
     color_index = torch.rand(n, len(config.colors), generator=generator).argsort(dim=1)[:, :slots]
-    palette = torch.tensor([(_SHIFTED_COLORS if config.shifted_colors else COLORS)[c] for c in config.colors])
 
     chosen = torch.randint(len(sources), (n, slots), generator=generator)
     side = _uniform(generator, n, config.digit_scale, slots)
@@ -400,15 +399,8 @@ def _query_chunk(digits: Tensor, labels: Tensor, n: int, generator: torch.Genera
     quadrant = torch.tensor([[0.0, 0.0], [half, 0.0], [0.0, half], [half, half]])  # (x, y) of each corner
     corner = quadrant + room[..., None] * (0.5 + shift)
     scale = side / SOURCE_DIGIT
-    flat = lambda t: rearrange(t, "n s ... -> (n s) ...")  # noqa: E731
-    layers = _place(sources[flat(chosen)], flat(corner[..., 0]), flat(corner[..., 1]), flat(scale), size)
-    layers = rearrange(layers, "(n s) 1 h w -> n s 1 h w", s=slots) * present[..., None, None, None]
-    colors = palette[color_index] * _uniform(generator, n, (0.8, 1.0), slots, 1)
-    for slot in range(slots):
-        canvas = _over(canvas, layers[:, slot], colors[:, slot])
-
-    ink = rearrange(_ink_boxes(digits[flat(chosen)]), "(n s) c -> n s c", s=slots)
-    all_boxes = (corner.repeat(1, 1, 2) + ink * scale[..., None]) * present[..., None]
+    canvas = _paint(canvas, sources, chosen, corner, scale, present, color_index, generator, config)
+    all_boxes = (corner.repeat(1, 1, 2) + _slot_ink(digits, chosen, scale)) * present[..., None]
     slot_labels = torch.where(present, labels[chosen], -1)
     slot_colors = torch.where(present, color_index, -1)
 
@@ -441,6 +433,26 @@ def _query_chunk(digits: Tensor, labels: Tensor, n: int, generator: torch.Genera
         slot_colors=slot_colors,
         target_slot=target_slot,
     )
+
+
+def _slot_ink(digits: Tensor, chosen: Tensor, scale: Tensor) -> Tensor:
+    """(n, slots, 4) the ink box of each slot's digit ``chosen`` (n, slots), in canvas px from its square's corner."""
+    return rearrange(_ink_boxes(digits[chosen.flatten()]), "(n s) c -> n s c", s=chosen.shape[1]) * scale[..., None]
+
+
+def _paint(canvas: Tensor, sources: Tensor, chosen: Tensor, corner: Tensor, scale: Tensor, present: Tensor,
+           color_index: Tensor, generator: torch.Generator, config: QueryConfig) -> Tensor:
+    """``canvas`` with each present slot's digit (``sources[chosen]``) drawn at its ``corner``, magnified by
+    ``scale``, in its named colour ``color_index`` at a random brightness."""
+    n, slots = chosen.shape
+    flat = lambda t: rearrange(t, "n s ... -> (n s) ...")  # noqa: E731
+    layers = _place(sources[flat(chosen)], flat(corner[..., 0]), flat(corner[..., 1]), flat(scale), config.size)
+    layers = rearrange(layers, "(n s) 1 h w -> n s 1 h w", s=slots) * present[..., None, None, None]
+    palette = torch.tensor([(_SHIFTED_COLORS if config.shifted_colors else COLORS)[c] for c in config.colors])
+    colors = palette[color_index] * _uniform(generator, n, (0.8, 1.0), slots, 1)
+    for slot in range(slots):
+        canvas = _over(canvas, layers[:, slot], colors[:, slot])
+    return canvas
 
 
 def _anywhere_corners(side: Tensor, ink: Tensor, count: Tensor, generator: torch.Generator, config: QueryConfig
@@ -489,9 +501,8 @@ def _anywhere_chunk(digits: Tensor, labels: Tensor, n: int, generator: torch.Gen
     count = torch.randint(config.num_digits[0], config.num_digits[1] + 1, (n,), generator=generator)
     side = _uniform(generator, n, config.digit_scale, slots)
     chosen = torch.randint(len(sources), (n, slots), generator=generator)
-    flat = lambda t: rearrange(t, "n s ... -> (n s) ...")  # noqa: E731
     scale = side / SOURCE_DIGIT
-    ink = rearrange(_ink_boxes(digits[flat(chosen)]), "(n s) c -> n s c", s=slots) * scale[..., None]
+    ink = _slot_ink(digits, chosen, scale)
     corner, present = _anywhere_corners(side, ink, count, generator, config)
     target_slot = torch.multinomial(present.float(), 1, generator=generator)[:, 0]
     # the queried digit's colour is unique; the others draw from the rest, repeats allowed
@@ -499,13 +510,7 @@ def _anywhere_chunk(digits: Tensor, labels: Tensor, n: int, generator: torch.Gen
     other = (target_colour[:, None] + 1 + torch.randint(colours - 1, (n, slots), generator=generator)) % colours
     rows = torch.arange(n)
     color_index = other.scatter(1, target_slot[:, None], target_colour[:, None])
-    palette = torch.tensor([(_SHIFTED_COLORS if config.shifted_colors else COLORS)[c] for c in config.colors])
-
-    layers = _place(sources[flat(chosen)], flat(corner[..., 0]), flat(corner[..., 1]), flat(scale), config.size)
-    layers = rearrange(layers, "(n s) 1 h w -> n s 1 h w", s=slots) * present[..., None, None, None]
-    colors = palette[color_index] * _uniform(generator, n, (0.8, 1.0), slots, 1)
-    for slot in range(slots):
-        canvas = _over(canvas, layers[:, slot], colors[:, slot])
+    canvas = _paint(canvas, sources, chosen, corner, scale, present, color_index, generator, config)
     all_boxes = (corner.repeat(1, 1, 2) + ink) * present[..., None]
     slot_labels = torch.where(present, labels[chosen], -1)
     templates = query_phrasings("color", config.held_out_phrasings)
