@@ -139,12 +139,13 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         for budget in sorted({b for b in bench.budgets if b < 1} | set(layout_budgets), reverse=True):
             for schedule in (None, *SCHEDULES) if job["method"] in PROGRESSIVE else (None,):
                 predict, mean_tokens = baseline_predict(adapter, job["method"], budget, schedule)
-                if predict is not None:
+                scored = {"accuracy": test} if budget in bench.budgets else {}
+                if budget in layout_budgets and schedule is None:
+                    scored["layout_accuracy"] = layout
+                if predict is not None and scored:
                     key = job["method"] + (f" ({schedule})" if schedule else "")
-                    cell = result.setdefault("rows", {}).setdefault(key, {})[str(budget)] = {
-                        "accuracy": accuracy(predict, test), "mean_tokens": mean_tokens}
-                    if budget in layout_budgets and schedule is None:
-                        cell["layout_accuracy"] = accuracy(predict, layout)
+                    result.setdefault("rows", {}).setdefault(key, {})[str(budget)] = {
+                        "mean_tokens": mean_tokens, **{k: accuracy(predict, data) for k, data in scored.items()}}
         return result
     if kind == "oracle":
         adapter = adapt_backbone(backbone)
@@ -238,11 +239,11 @@ def collect(results: list[dict[str, Any]], tasks: list[str]) -> dict[str, Any]:
         for method, per_budget in rows.items():
             entry = table[r["task"]].setdefault(method, {"kind": r["kind"], "accuracy": {}, "mean_tokens": {}})
             for budget, cell in per_budget.items():
-                entry["accuracy"].setdefault(budget, []).append(cell["accuracy"])
                 if "mean_tokens" in cell:
                     entry["mean_tokens"][budget] = cell["mean_tokens"]
-                if "layout_accuracy" in cell:
-                    entry.setdefault("layout_accuracy", {}).setdefault(budget, []).append(cell["layout_accuracy"])
+                for key in ("accuracy", "layout_accuracy"):
+                    if key in cell:
+                        entry.setdefault(key, {}).setdefault(budget, []).append(cell[key])
             for metric in ("step_ms", "box_coverage", "query_overlap"):
                 if metric in r:
                     entry.setdefault(metric, []).append(r[metric])
