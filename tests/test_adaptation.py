@@ -39,7 +39,7 @@ def test_online_adaptation_improves_ranking_without_labels(backbone):
     probe, _, where = coloured_patch_stream(200, torch.Generator().manual_seed(99))
     frozen = ranking(wrapped, probe, where)
     g = torch.Generator().manual_seed(7)
-    for _ in range(40):
+    for _ in range(80):
         images, _, _ = coloured_patch_stream(32, g)  # labels are never used
         report = wrapped.adapt(images)
         assert not report.rolled_back
@@ -65,7 +65,7 @@ def test_adam_updates_move_each_weight_a_bounded_step_and_help(backbone):
     frozen = ranking(wrapped, probe, where)
     g = torch.Generator().manual_seed(3)
     largest = 0.0
-    for _ in range(40):
+    for _ in range(80):
         before = torch.cat([p.detach().flatten().clone() for p in wrapped.relevance.parameters()])
         wrapped.adapt(coloured_patch_stream(32, g)[0])
         after = torch.cat([p.detach().flatten() for p in wrapped.relevance.parameters()])
@@ -138,7 +138,7 @@ def test_the_probe_guard_keeps_updates_that_lose_nothing_on_clean_images(backbon
     harm. With no loss allowed at all, each of the same updates would have to show a gain, and none is kept."""
     g = torch.Generator().manual_seed(3)
     wrapped = arrcoc.attach(backbone, budget=0.25, adaptation=AdaptationConfig(optimizer="adam"))
-    for _ in range(20):  # unguarded, until the module agrees with the full-token predictions
+    for _ in range(80):  # unguarded, until the module agrees with the full-token predictions
         wrapped.adapt(coloured_patch_stream(32, g)[0])
     strict = wrapped.fork(AdaptationConfig(optimizer="adam", probe_max_drop=0.0))
     probe = coloured_patch_stream(128, torch.Generator().manual_seed(11))[0]

@@ -412,20 +412,22 @@ def test_ablate_grid_pairs_every_combination_with_the_first(checkpoints, tmp_pat
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(bench))
     grid = tmp_path / "grid.yaml"
-    grid.write_text(yaml.safe_dump({"neighbourhood": [0, 1.5], "ablate.propositional": [True, False]}))
+    grid.write_text(yaml.safe_dump({"ablate.kept_set": [True, False], "ablate.propositional": [True, False]}))
     out = tmp_path / "out"
     ablate.main(["--task", "cluttered", "--config", str(path), "--backbone", str(checkpoints[0]), "--seeds", "0", "1",
                  "--grid", str(grid), "--workers", "1", "--out", str(out)])
     results = json.loads((out / "ablate.json").read_text())
     assert [row["variant"] for row in results["rows"]] == [
-        "base", "neighbourhood: 1.5", "ablate.propositional: False", "ablate.propositional: False, neighbourhood: 1.5"]
-    assert results["meta"]["base"] == {"neighbourhood": 0, "ablate.propositional": True}
-    assert results["meta"]["variants"]["neighbourhood: 1.5"] == {"neighbourhood": 1.5, "ablate.propositional": True}
+        "base", "ablate.kept_set: False", "ablate.propositional: False",
+        "ablate.kept_set: False, ablate.propositional: False"]
+    assert results["meta"]["base"] == {"ablate.kept_set": True, "ablate.propositional": True}
+    assert results["meta"]["variants"]["ablate.kept_set: False"] == {"ablate.kept_set": False,
+                                                                     "ablate.propositional": True}
     assert all(len(values) == 2 for per_column in results["scores"].values() for values in per_column.values())
     with pytest.raises(ValueError, match="non-empty lists"):
-        ablate.main(["--task", "cluttered", "--config", str(path), "--grid", '{"neighbourhood": 0}'])
+        ablate.main(["--task", "cluttered", "--config", str(path), "--grid", '{"ablate.kept_set": false}'])
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text("task: query\ngrid: {neighbourhood: [0, 1.5]}\n")
+    sweep.write_text("task: query\ngrid: {ablate.kept_set: [true, false]}\n")
     with pytest.raises(SystemExit):
         main(["sweep", "--config", str(sweep)])
 

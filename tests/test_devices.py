@@ -131,7 +131,7 @@ def test_torch_compile_matches_eager():
 
 def test_relax_descends_by_autograd_in_inference_mode_too():
     field = RelevanceField(8, 0.25)
-    x = RelevanceField.pack(torch.randn(2, 16, 3), grid_positions(4, 4), torch.randn(2, 8))
+    x = RelevanceField.pack(torch.randn(2, 16, 3), torch.randn(2, 16), grid_positions(4, 4), torch.randn(2, 8))
     target = torch.rand(2, 16)
     results = []
     for idiom in (torch.no_grad, torch.inference_mode):

@@ -51,7 +51,9 @@ def test_two_processes_make_the_one_process_update(tmp_path):
             # The float32 perturbation target is the KL change of nearly equal predictions: it differs at the
             # 1e-3 level between any two batch compositions, sharded or not (the float64 run above is exact).
             continue
-        assert worst["grad"] <= 1e-5 * worst["grad_scale"], (label, worst)
+        # the allocator's error is the difference of two relaxed equilibria: their float32 rounding (a few 1e-6 of
+        # states of size ~5) reaches its update (float64 above: exact)
+        assert worst["grad"] <= 5e-5 * worst["grad_scale"], (label, worst)
 
     # every process raises together when one shard overflows or the relaxation diverges; nothing is written
     for rank in (0, 1):

@@ -114,7 +114,7 @@ def test_injected_divergence_is_reported_and_changes_nothing(injected):
     first, second = batches(2)
     model.learn(first.images, first.query, labels=first.labels)  # optimizer moments, baseline, statistics
     with torch.no_grad():
-        model.relevance.field.coherence.fill_(5.0)  # a stiff field: a large state step overshoots
+        model.relevance.field.excitation.fill_(5.0)  # a stiff field: a large state step overshoots
     if injected == "field relaxation step size":  # the relaxation every forward pass runs
         model.config.relaxation.step_size, model.config.relaxation.momentum = 50.0, 0.0
     elif injected == "field rule step size":  # only the EP rule's free and nudged phases
@@ -135,7 +135,7 @@ def test_injected_divergence_is_reported_and_changes_nothing(injected):
 def test_online_adaptation_skips_a_diverging_update_and_says_why():
     model = arrcoc.attach(toy_vit(), budget=0.25)
     with torch.no_grad():
-        model.relevance.field.coherence.fill_(5.0)
+        model.relevance.field.excitation.fill_(5.0)
     model.rules["field"].config.step_size, model.rules["field"].config.momentum = 50.0, 0.0
     before = {k: v.clone() for k, v in model.relevance.state_dict().items()}
     report = model.adapt(torch.rand(4, 3, 32, 32))

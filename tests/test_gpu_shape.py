@@ -12,14 +12,14 @@ from arrcoc.data.toy_patches import query_patch_task
 from arrcoc.metrics import count_dispatch
 from arrcoc.models.canvas_vit import load_canvas_vit
 from arrcoc.models.toy_vit import toy_vit
-from arrcoc.relevance.field import FieldRelaxation, RelevanceField, grid_kernel, grid_positions
+from arrcoc.relevance.field import FieldRelaxation, RelevanceField, grid_distances, grid_positions
 from arrcoc.rules.relaxation import Relaxation, relax
 
 
 def trained_toy(steps: int = 60) -> arrcoc.ARRCOC:
     """A toy model whose field has learned something (coupling and competition away from their start)."""
     torch.manual_seed(0)
-    model = arrcoc.attach(toy_vit(), budget=0.25, config={"target": "box", "neighbourhood": 1.0})
+    model = arrcoc.attach(toy_vit(), budget=0.25, config={"target": "box"})
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         batch = query_patch_task(16, g)
@@ -38,15 +38,17 @@ def test_the_fixed_step_relaxation_keeps_what_the_monitored_one_keeps(task):
 def test_many_fixed_steps_reach_the_monitored_equilibrium():
     field = RelevanceField(8, 0.25).double()
     with torch.no_grad():
-        field.coherence.fill_(-2.0), field.competition.fill_(1.0)
+        field.excitation.fill_(1.5), field.inhibition.fill_(0.7), field.competition.fill_(1.0)
     evidence, query = torch.randn(4, 20, 3, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    allocation = torch.randn(4, 20, dtype=torch.float64)
     positions = grid_positions(4, 5).double()
     tight = Relaxation(steps=2000, step_size=0.5, momentum=0.0, tol=1e-10, backtracks=0, gradient_only=False)
-    (monitored,), report = relax(field.as_energy(), RelevanceField.pack(evidence, positions, query), how=tight)
+    x = RelevanceField.pack(evidence, allocation, positions, query)
+    (monitored,), report = relax(field.as_energy(), x, how=tight)
     assert report.converged
-    fixed = field.equilibrium(evidence, query, grid_kernel(4, 5, evidence.device, evidence.dtype), steps=300,
-                              step_size=0.6)
-    torch.testing.assert_close(fixed, torch.sigmoid(monitored), atol=1e-8, rtol=0)
+    fixed = field.equilibrium(evidence, allocation, query, grid_distances(4, 5, evidence.device, evidence.dtype),
+                              steps=300, step_size=0.6)
+    torch.testing.assert_close(fixed, monitored, atol=1e-7, rtol=0)
 
 
 def test_inference_reads_nothing_back_and_dispatches_few_operators():

@@ -18,19 +18,20 @@ def test_implicit_gradient_of_the_field_equilibrium_equals_finite_differences():
     """d/dtheta of L(r*(theta)) by the implicit function theorem, against central differences of relaxations."""
     field = RelevanceField(query_dim=4, budget=0.25).double()
     with torch.no_grad():  # away from the initial values, where some of the terms vanish
-        field.coherence.fill_(0.5), field.competition.fill_(0.3)
+        field.excitation.fill_(0.5), field.inhibition.fill_(0.2), field.competition.fill_(0.3)
         torch.nn.init.normal_(field.balance.weight, std=0.5)
     evidence = torch.randn(2, 9, 3, dtype=torch.float64, requires_grad=True)
+    allocation = torch.randn(2, 9, dtype=torch.float64, requires_grad=True)
     query = torch.randn(2, 4, dtype=torch.float64)
     weights = torch.randn(2, 9, dtype=torch.float64)
 
     def loss(relaxation):
-        x = RelevanceField.pack(evidence, grid_positions(3, 3).double(), query)
+        x = RelevanceField.pack(evidence, allocation, grid_positions(3, 3).double(), query)
         (r,), report = relaxation(field.as_energy(), x, how=TIGHT)
         assert report.converged
         return (weights * torch.sigmoid(r)).sum()
 
-    variables = [evidence, *field.parameters()]
+    variables = [evidence, allocation, *field.parameters()]
     implicit = torch.autograd.grad(loss(relax_differentiably), variables)
     eps = 1e-6
     for variable, grad in zip(variables, implicit):
@@ -50,8 +51,8 @@ def test_implicit_gradient_of_the_field_equilibrium_equals_finite_differences():
 
 def test_differentiable_relaxation_returns_the_same_equilibrium():
     field = RelevanceField(query_dim=4, budget=0.25).double()
-    x = RelevanceField.pack(torch.randn(3, 16, 3, dtype=torch.float64), grid_positions(4, 4).double(),
-                            torch.randn(3, 4, dtype=torch.float64))
+    x = RelevanceField.pack(torch.randn(3, 16, 3, dtype=torch.float64), torch.randn(3, 16, dtype=torch.float64),
+                            grid_positions(4, 4).double(), torch.randn(3, 4, dtype=torch.float64))
     (plain,), _ = relax(field.as_energy(), x, how=TIGHT)
     (attached,), _ = relax_differentiably(field.as_energy(), x, how=TIGHT)
     assert attached.requires_grad and torch.equal(plain, attached.detach())
@@ -80,7 +81,8 @@ def test_every_subnetwork_in_use_learns_and_the_backbone_gets_no_gradient(with_q
     # the field's every energy parameter gets a gradient through its equilibrium (its balance's weight reads the
     # query: none without one)
     field = model.relevance.field
-    moved = [field.evidence_weight, field.evidence_bias, field.coherence, field.competition, field.balance.bias]
+    moved = [field.evidence_weight, field.evidence_bias, field.excitation, field.inhibition, field.excitation_width,
+             field.inhibition_width, field.competition, field.balance.bias]
     assert all(float(p.grad.abs().sum()) > 0 for p in moved + ([field.balance.weight] if with_query else []))
 
 

@@ -27,8 +27,8 @@ def random_field(budget: float = 0.25, batch: int = 4, query: bool = True) -> tu
     with torch.no_grad():  # away from the initial values, so that every term matters
         for p in field.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    x = RelevanceField.pack(torch.randn(batch, 20, 3), grid_positions(4, 5), torch.randn(batch, 8) if query else None
-                            ).double()
+    x = RelevanceField.pack(torch.randn(batch, 20, 3), torch.randn(batch, 20), grid_positions(4, 5),
+                            torch.randn(batch, 8) if query else None).double()
     return field, x
 
 
@@ -36,10 +36,15 @@ def docstring_energy(field: RelevanceField, r: torch.Tensor, x: torch.Tensor) ->
     """The field's energy as its module docstring writes it, term by term."""
     rho, n = torch.sigmoid(r), r.shape[-1]
     k = field.budget * n if field.budget <= 1 else field.budget
-    evidence, positions, query = x[..., :3], x[0, :, 3:5], (x[:, 0, 5:] if x.shape[-1] > 5 else None)
-    lateral = field.coherence * torch.exp(-0.5 * torch.cdist(positions, positions).pow(2)) * (1 - torch.eye(n))
+    evidence, allocation, positions = x[..., :3], x[..., 3], x[0, :, 4:6]
+    query = x[:, 0, 6:] if x.shape[-1] > 6 else None
+    distance2, others = torch.cdist(positions, positions).pow(2), 1 - torch.eye(n, dtype=x.dtype)
+    centre = torch.exp(-distance2 / (2 * torch.exp(field.excitation_width) ** 2))
+    surround = torch.exp(-distance2 / (2 * torch.exp(field.inhibition_width) ** 2))
+    lateral = (field.excitation * centre - field.inhibition * surround) * others
     coupling = torch.einsum("bi,ij,bj->b", rho, lateral, rho)
-    return (0.5 * r.pow(2).sum(-1) - (rho * field.drive(evidence, query)).sum(-1) - 0.5 * coupling
+    entropy = (rho * r - F.softplus(r)).sum(-1)
+    return (entropy - (rho * field.drive(evidence, allocation, query)).sum(-1) - 0.5 * coupling
             + F.softplus(field.competition) / (2 * n) * (rho.sum(-1) - k).pow(2))
 
 
@@ -118,7 +123,7 @@ def test_checking_every_few_steps_changes_nothing_but_the_syncs(monkeypatch, mom
 def test_a_divergence_is_raised_where_it_happened_however_rarely_checked():
     field, x = random_field()
     with torch.no_grad():
-        field.coherence.fill_(5.0)  # a plain step of 50 overshoots
+        field.excitation.fill_(5.0)  # a plain step of 50 overshoots
     raised = []
     for every in (1, 8):
         with pytest.raises(RelaxationDiverged) as info:
@@ -140,9 +145,10 @@ def test_a_nan_in_the_input_is_raised_at_the_first_step():
 def test_without_a_query_the_field_input_has_no_query_columns_and_the_same_energy() -> None:
     field, _ = random_field()
     evidence, positions = torch.randn(4, 20, 3, dtype=torch.float64), grid_positions(4, 5).double()
-    packed = RelevanceField.pack(evidence, positions, None)
-    zeros = RelevanceField.pack(evidence, positions, torch.zeros(4, 8, dtype=torch.float64))
-    assert packed.shape == (4, 20, 5) and zeros.shape == (4, 20, 13)
+    allocation = torch.randn(4, 20, dtype=torch.float64)
+    packed = RelevanceField.pack(evidence, allocation, positions, None)
+    zeros = RelevanceField.pack(evidence, allocation, positions, torch.zeros(4, 8, dtype=torch.float64))
+    assert packed.shape == (4, 20, 6) and zeros.shape == (4, 20, 14)
     r = torch.randn(4, 20, dtype=torch.float64)
     energy, with_zeros = field.as_energy(), field.as_energy()
     assert torch.allclose(energy.energy([r], packed), with_zeros.energy([r], zeros), atol=1e-12)
@@ -154,12 +160,12 @@ def test_without_a_query_the_field_input_has_no_query_columns_and_the_same_energ
 
 @pytest.mark.parametrize("momentum", [0.0, 0.3])
 def test_a_step_that_raises_the_energy_is_undone_at_half_the_step(momentum):
-    """A step of 2.0 overshoots this field (coherence 1.5): with backtracks the relaxation halves the step until it
+    """A step of 2.0 overshoots this field (excitation 1.5): with backtracks the relaxation halves the step until it
     descends and converges to the equilibrium a small step reaches; the same states and report however rarely the
     host checks; without backtracks, or with too few, it raises."""
     field, x = random_field()
     with torch.no_grad():
-        field.coherence.fill_(1.5)
+        field.excitation.fill_(1.5)
     reference, _ = relax(field.as_energy(), x, how=plain(steps=2000, step_size=0.05, tol=1e-9))
     runs = [relax(field.as_energy(), x, how=plain(steps=200, step_size=2.0, momentum=momentum, tol=1e-9, backtracks=6),
                   check_every=every) for every in (1, 3, 8)]
@@ -181,7 +187,7 @@ def test_a_step_that_raises_the_energy_is_undone_at_half_the_step(momentum):
 def test_the_last_step_undone_returns_the_states_before_it():
     field, x = random_field()
     with torch.no_grad():
-        field.coherence.fill_(1.5)
+        field.excitation.fill_(1.5)
     _, report = relax(field.as_energy(), x, how=plain(steps=200, step_size=2.0, tol=1e-9, backtracks=6))
     undone = next(step for step, (a, b) in enumerate(zip(report.energy_trace, report.energy_trace[1:]), 1) if b > a)
     for every in (1, 8):
@@ -240,7 +246,7 @@ def test_a_gradient_only_relaxation_that_cannot_converge_starts_over_watching_th
     the monitored one, bit for bit (backtracking included)."""
     field, x = random_field()
     with torch.no_grad():
-        field.coherence.fill_(1.5)
+        field.excitation.fill_(1.5)
     settings = {"steps": 200, "step_size": 2.0, "momentum": 0.3, "tol": 1e-9, "backtracks": 6}
     monitored, monitored_report = relax(field.as_energy(), x, how=plain(**settings))
     states, report = relax(field.as_energy(), x, how=plain(**settings, gradient_only=True))

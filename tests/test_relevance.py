@@ -18,7 +18,7 @@ from arrcoc.data.toy_patches import (
 )
 from arrcoc.models.toy_vit import toy_vit
 from arrcoc.relevance import ARRCOC, Ablations, RelevanceConfig
-from arrcoc.relevance.field import FieldRelaxation
+from arrcoc.relevance.field import FieldRelaxation, RelevanceField, grid_distances, grid_positions
 from arrcoc.rules.relaxation import Relaxation, RelaxationDiverged, relax
 
 
@@ -86,14 +86,15 @@ def test_field_relaxation_converges_on_random_evidence():
     wrapped = arrcoc.attach(toy_vit(), budget=0.25)
     field = wrapped.relevance.field
     with torch.no_grad():
-        field.coherence.fill_(0.3), field.competition.fill_(1.0)
-    evidence = torch.randn(16, GRID * GRID, 3)
-    x = field.pack(evidence, torch.rand(1, GRID * GRID, 2) * GRID, torch.randn(16, 384))
+        field.excitation.fill_(1.5), field.inhibition.fill_(0.5), field.competition.fill_(1.0)
+    evidence, allocation = torch.randn(16, GRID * GRID, 3), torch.randn(16, GRID * GRID)
+    x = field.pack(evidence, allocation, torch.rand(1, GRID * GRID, 2) * GRID, torch.randn(16, 384))
     _, report = relax(field.as_energy(), x, how=Relaxation(steps=200, step_size=0.3, momentum=0.5, tol=1e-5))
     assert report.converged and report.residual < 1e-5
 
 
 def train_on(task, steps: int, **config) -> float:
+    torch.manual_seed(0)
     wrapped = arrcoc.attach(toy_vit(), budget=0.25, config={"target": "box", **config})
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
@@ -109,16 +110,55 @@ def test_one_informative_patch_is_ranked_first():
 
 
 def test_the_query_decides_between_two_candidate_patches():
-    assert train_on(query_patch_task, 200) >= 0.90
+    assert train_on(query_patch_task, 300) >= 0.90
 
 
-def test_the_field_alone_carries_the_evidence_to_the_allocator_when_asked():
-    """``ablate.allocator_evidence: false``: the allocator sees only the field's relevance, so the query reaches the
-    ranking only through the field's equilibrium."""
-    wrapped = arrcoc.attach(toy_vit(), budget=0.25, config={"ablate": {"allocator_evidence": False}})
-    batch = query_patch_task(4, torch.Generator().manual_seed(0))
-    assert wrapped.relevance_pass(batch.images, batch.query)[0].allocator_input.shape == (4, 16, 1)
-    assert train_on(query_patch_task, 200, ablate={"allocator_evidence": False}) >= 0.90
+def test_the_kept_set_is_the_targets_top_k_ties_going_nearest_its_centre():
+    from arrcoc.relevance.targets import kept_set
+
+    target = torch.zeros(2, 8, 8)
+    target[0, 2:5, 1:5] = 1.0  # a 3 x 4 box of whole patches, its centre between rows 3 and columns 2-3
+    target[0, 1, 1:5] = 0.25  # a strip of it in the row above
+    target[1, 6, 6], target[1, 0, 0] = 0.9, 0.4
+    kept = kept_set(target.flatten(1), grid_positions(8, 8), 4).view(2, 8, 8)
+    assert kept.sum((1, 2)).tolist() == [4.0, 4.0] and set(kept.unique().tolist()) == {0.0, 1.0}
+    assert kept[0, 3, 2:4].tolist() == [1.0, 1.0] and kept[0, 2:5, 1:5].sum() == 4  # the box's middle first
+    assert kept[1, 6, 6] == 1 and kept[1, 0, 0] == 1  # then by value, whatever the distance
+
+
+def test_the_ranking_learns_the_kept_set_and_the_ways_of_knowing_the_target():
+    """The field's nudged phases and the allocator's error use the box target's kept set at the budget; the ways
+    of knowing the box itself. With ``ablate.kept_set`` off the ranking learns the box too."""
+    batch = query_patch_task(8, torch.Generator().manual_seed(0))
+    for switch in (True, False):
+        wrapped = arrcoc.attach(toy_vit(), budget=0.25, config={"target": "box", "ablate": {"kept_set": switch}})
+        out, _, _ = wrapped.relevance_pass(batch.images, batch.query)
+        box = wrapped.relevance_target(batch.images, batch.boxes).to(out.logits.dtype)
+        contexts = wrapped.rule_contexts(out, box)
+        ranking = contexts["field"].target
+        assert torch.equal(contexts["perspectival_readout"].target[..., 0], box)
+        if switch:  # the K patches with most of the box (the rest of the set: nearest to it), and only those
+            assert ranking.sum(1).tolist() == [4.0] * 8 and set(ranking.unique().tolist()) == {0.0, 1.0}
+            assert bool((box.masked_fill(ranking == 0, 2).amin(1) >= box.masked_fill(ranking == 1, -1).amax(1)).all())
+        else:
+            assert torch.equal(ranking, box)
+
+
+def test_without_lateral_terms_the_allocators_error_is_the_cross_entropy_gradient():
+    """The allocator learns from the difference of the field's nudged equilibria; with no lateral weights the
+    field's equilibrium is its drive, and that difference is sigmoid(r) - target, the BCE gradient in the logits."""
+    from arrcoc.relevance.field import nudged_error
+
+    field = RelevanceField(8, 0.25).double()
+    with torch.no_grad():
+        field.excitation.zero_(), field.inhibition.zero_(), field.competition.fill_(-30.0)
+    evidence, allocation = torch.randn(3, 16, 3, dtype=torch.float64), torch.randn(3, 16, dtype=torch.float64)
+    x = field.pack(evidence, allocation, grid_positions(4, 4).double(), torch.randn(3, 8, dtype=torch.float64))
+    target = torch.rand(3, 16, dtype=torch.float64)
+    how = Relaxation(steps=500, step_size=0.5, momentum=0.0, tol=1e-10, backtracks=0, gradient_only=False)
+    error = nudged_error(field, x, target, 1e-3, how)
+    drive = field.drive(evidence, allocation, x[:, 0, 6:]).detach()
+    torch.testing.assert_close(error, torch.sigmoid(drive) - target, atol=1e-5, rtol=0)
 
 
 def test_ablation_switches_live_under_ablate_and_old_keys_say_where_they_went():
@@ -151,28 +191,6 @@ def test_save_and_load_round_trip(tmp_path):
     assert not loaded.training and not wrapped.training
     assert torch.equal(loaded(images), wrapped(images))
     assert torch.equal(loaded.rules["allocator"].feedback_0, wrapped.rules["allocator"].feedback_0)
-
-
-def test_a_checkpoint_of_schema_1_loads_with_its_switches_under_ablate(tmp_path):
-    """Before the ablation switches moved under ``ablate`` they sat at the config's top level (schema 1): such a
-    checkpoint loads as it was trained; one trained with a probe removed since is refused, saying why."""
-    import json
-
-    model = toy_vit()
-    wrapped = arrcoc.attach(model, budget=0.5, config={"ablate": {"perspectival": False}})
-    wrapped.save_pretrained(tmp_path)
-    meta = json.loads((tmp_path / "config.json").read_text())
-    flat = {**{k: v for k, v in meta["config"].items() if k != "ablate"}, **meta["config"]["ablate"],
-            "propositional_measure": "entropy", "allocator_features": False}
-    (tmp_path / "config.json").write_text(json.dumps({**meta, "schema_version": 1, "config": flat}))
-    loaded = ARRCOC.from_pretrained(tmp_path, model)
-    assert loaded.config == wrapped.config
-    images = torch.rand(2, 3, 32, 32)
-    assert torch.equal(loaded(images), wrapped(images))
-    flat["propositional_measure"] = "self-information"
-    (tmp_path / "config.json").write_text(json.dumps({**meta, "schema_version": 1, "config": flat}))
-    with pytest.raises(ValueError, match="probe since removed"):
-        ARRCOC.from_pretrained(tmp_path, model)
 
 
 def test_loading_into_a_different_backbone_fails_clearly(tmp_path, tiny_vit):
@@ -224,8 +242,8 @@ def test_a_diverging_field_is_reported_and_changes_nothing():
                             config={"target": "attention", "relaxation": {"step_size": 50.0, "momentum": 0.0}})
     before = {k: v.clone() for k, v in wrapped.relevance.state_dict().items()}
     with torch.no_grad():
-        wrapped.relevance.field.coherence.fill_(5.0)
-    before["field.coherence"] = wrapped.relevance.field.coherence.detach().clone()
+        wrapped.relevance.field.excitation.fill_(5.0)
+    before["field.excitation"] = wrapped.relevance.field.excitation.detach().clone()
     with pytest.raises(RelaxationDiverged):
         wrapped.learn(torch.rand(4, 3, 32, 32))
     assert all(p.grad is None for p in wrapped.relevance.parameters())
@@ -374,41 +392,29 @@ def test_a_subnetwork_can_have_its_own_step_size():
     assert all(lr == (0.05 if key in field else 2e-3) for key, lr in lrs.items())
 
 
-def test_a_neighbourhood_ranks_a_compact_object_above_a_lone_confident_patch():
+def test_lateral_excitation_ranks_a_compact_object_above_a_lone_confident_patch():
+    """The field's learned difference of Gaussians does what a hand-set neighbourhood pooling did: neighbours that
+    excite each other outrank a lone, more confident fragment of a look-alike; the lateral weights are symmetric and
+    zero from a patch to itself."""
     from arrcoc.backbones import top_k
-    from arrcoc.relevance.allocator import neighbourhood_kernel, neighbourhood_support
 
     probability = torch.full((1, 8, 8), 0.05)
-    probability[0, 1, 6] = 0.99  # a lone, very confident patch: a fragment of a look-alike distractor
+    probability[0, 1, 6] = 0.95  # a lone, confident patch: a fragment of a look-alike distractor
     probability[0, 4:6, 1:3] = 0.8  # a 2 x 2 object of fairly confident patches
-    logits = torch.logit(probability).flatten(1)
-    object_patches = {33, 34, 41, 42}
-    assert 14 in top_k(logits, 4)[0].tolist()  # ranked alone, the fragment takes a token
-    pooled = neighbourhood_support(logits, neighbourhood_kernel(8, 8, 1.0, logits.device, logits.dtype))
-    assert set(top_k(pooled, 4)[0].tolist()) == object_patches
-    # the neighbours' weights of every patch sum to one, also at the border: a uniform map stays as it is
-    uniform = torch.full((2, 48), 0.3).logit()
-    kernel = neighbourhood_kernel(6, 8, 1.5, uniform.device, uniform.dtype)
-    assert torch.allclose(neighbourhood_support(uniform, kernel), uniform, atol=1e-5)
-
-
-def test_the_neighbourhood_changes_the_ranking_not_what_the_rules_learn():
-    g = torch.Generator().manual_seed(0)
-    batch = query_patch_task(8, g)
-    passes = {}
-    for width in (0.0, 1.5):
-        torch.manual_seed(0)
-        wrapped = arrcoc.attach(toy_vit(), budget=0.25, config={"target": "box", "neighbourhood": width})
-        out, _, _ = wrapped.relevance_pass(batch.images, batch.query)
-        wrapped.fill_grads(batch.images, query=batch.query, boxes=batch.boxes)
-        passes[width] = out, [p.grad.clone() for p in wrapped.relevance.parameters() if p.grad is not None]
-    (alone, alone_grads), (pooled, pooled_grads) = passes[0.0], passes[1.5]
-    assert torch.equal(alone.logits, alone.patch_logits) and torch.equal(pooled.patch_logits, alone.patch_logits)
-    assert not torch.allclose(pooled.logits, pooled.patch_logits)
-    assert len(alone_grads) == len(pooled_grads) > 0  # every rule learns per patch, as without a neighbourhood
-    assert all(torch.equal(a, b) for a, b in zip(alone_grads, pooled_grads))
-    with pytest.raises(ValueError, match="neighbourhood must be a width in patches >= 0"):
-        RelevanceConfig(neighbourhood=-1.0)
+    allocation, evidence = torch.logit(probability).flatten(1), torch.zeros(1, 64, 3)
+    field = RelevanceField(8, 4, adaptive_balance=False)
+    distance2 = grid_distances(8, 8, allocation.device, allocation.dtype)
+    kept = {}
+    with torch.no_grad():
+        field.evidence_weight.zero_(), field.competition.fill_(-30.0)
+        for excitation, inhibition in ((0.0, 0.0), (1.0, 0.0), (3.0, 1.0)):  # alone, excitation, centre-surround
+            field.excitation.fill_(excitation), field.inhibition.fill_(inhibition)
+            equilibrium = field.equilibrium(evidence, allocation, None, distance2, 30, 0.6)
+            kept[excitation, inhibition] = set(top_k(equilibrium, 4)[0].tolist())
+        lateral = field.lateral(distance2)
+    assert 14 in kept[0.0, 0.0]  # ranked alone, the fragment takes a token
+    assert kept[1.0, 0.0] == kept[3.0, 1.0] == {33, 34, 41, 42}
+    assert torch.equal(lateral, lateral.T) and bool((lateral.diagonal() == 0).all())
 
 
 def test_perspectival_gain_control_makes_each_unit_work_at_the_same_range_in_every_image():

@@ -1,13 +1,14 @@
 """ARR-COC all-backprop: the reference for the local rules.
 
 The same relevance module, target, optimizer and schedule as :meth:`~arrcoc.relevance.attach.ARRCOC.learn`, but
-every sub-network is trained by autograd on one loss instead of by its own local rule: the binary cross-entropy
-of the allocator's per-patch logits against the relevance target (the loss whose gradient the allocator's local
-rule is given). Its gradient flows end to end inside the module: allocator -> relevance field, differentiated
-through its equilibrium (:func:`~arrcoc.rules.relaxation.relax_differentiably`) -> the three ways of knowing ->
-perspectival readout and encoder, participatory coupling. The backbone's features enter detached: unlike the
-DynamicViT-style baseline (:mod:`.global_backprop`), no gradient flows through the backbone. What the local
-rules lose (or gain) against this reference is what their locality costs.
+every sub-network is trained by autograd on one loss instead of by its own local rule: the binary cross-entropy of
+the budget logits against what the local rules' ranking learns, the target's kept set
+(:meth:`~arrcoc.relevance.wrapper.RelevanceWrapper.ranking_target`). Its gradient flows end to end inside the
+module: relevance field, differentiated through its equilibrium (:func:`~arrcoc.rules.relaxation.relax_differentiably`)
+-> allocator and the three ways of knowing -> perspectival readout and encoder, participatory coupling. The
+backbone's features enter detached: unlike the DynamicViT-style baseline (:mod:`.global_backprop`), no gradient
+flows through the backbone. What the local rules lose (or gain) against this reference is what their locality
+costs.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def module_backprop_grads(model: ARRCOC, images: Tensor, query: QueryInput = Non
     """
     out, state = training_pass(model, images, query)
     target = model.training_target(out, state, images, boxes, labels).to(out.logits.dtype)
-    # the allocator's local rule descends exactly this loss's gradient in the logits: the same scale
-    loss = F.binary_cross_entropy_with_logits(out.patch_logits, target, reduction="sum") / target.shape[0]
+    target = model.ranking_target(out, target)
+    # without lateral terms the allocator's local rule descends exactly this loss's gradient in the logits
+    loss = F.binary_cross_entropy_with_logits(out.logits, target, reduction="sum") / target.shape[0]
     model.relevance.zero_grad(set_to_none=True)
     loss.backward()
     return {"loss": loss.item()}

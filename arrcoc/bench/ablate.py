@@ -1,7 +1,7 @@
 """Probe designs of the relevance module on one canvas task: variants paired against a base, before the benchmark.
 
     arrcoc bench ablate --task cluttered --variants '{"field: frozen": {"rules.field": {"name": "frozen"}}}'
-    arrcoc bench ablate --task query --base '{"ablate.allocator_evidence": false}' --variants v.yaml --budgets 0.03125
+    arrcoc bench ablate --task query --base '{"ablate.kept_set": false}' --variants v.yaml --budgets 0.03125
     arrcoc bench ablate --task query --grid configs/switches.yaml --out benchmarks/results/switches_query
 
 The base (the task's relevance config in the benchmark config, plus ``--base``'s dotted overrides) and every variant
@@ -57,7 +57,7 @@ def overrides_arg(text: str, what: str) -> dict[str, Any]:
 
 def grid_variants(grid: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Every combination of a grid's values: the first (each key's first value, the base) and the others by name,
-    each named by where it differs from the first (e.g. "neighbourhood: 0, propositional: False")."""
+    each named by where it differs from the first (e.g. "ablate.kept_set: False, ablate.propositional: False")."""
     if not (grid and all(isinstance(values, list) and values for values in grid.values())):
         raise ValueError(f"--grid must map dotted config keys to non-empty lists of values, got {grid!r}")
     first, *others = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]

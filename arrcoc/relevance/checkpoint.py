@@ -18,9 +18,9 @@ from torch import Tensor
 
 from arrcoc.storage import atomic_write, load_verified, read_json_object, sha256
 
-from .module import nest_ablation_switches
-
-SCHEMA_VERSION = 2  # 2: the relevance config's ablation switches under `ablate` (1: at its top level; still read)
+# 3: the relevance field last before top-K with a learned lateral kernel, the allocator's logit in its drive (issue
+# 36); 2: the ablation switches under `ablate`; 1: at the config's top level
+SCHEMA_VERSION = 3
 
 
 def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
@@ -46,22 +46,13 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
     weights file that is safetensors."""
     config_file = Path(directory) / "config.json"
     meta = read_json_object(config_file, "checkpoint folder")
-    if meta.get("schema_version") not in (1, SCHEMA_VERSION):
-        raise ValueError(
-            f"{config_file}: checkpoint schema version {meta.get('schema_version')!r}, expected {SCHEMA_VERSION} (or 1)"
-        )
+    version = meta.get("schema_version")
+    if version in (1, 2):
+        raise ValueError(f"{config_file}: a checkpoint of schema version {version}, written before the relevance field "
+                         f"was redesigned (schema {SCHEMA_VERSION}: a learned lateral kernel, the allocator's logit in "
+                         "the field's drive): its field and allocator weights do not fit this version; retrain it "
+                         "(`arrcoc bench canvas` writes the benchmark's models)")
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"{config_file}: checkpoint schema version {version!r}, expected {SCHEMA_VERSION}")
     weights = Path(directory) / str(meta.get("weights", ""))
-    tensors = load_verified(weights, meta.get("weights_sha256"), config_file)
-    return (_from_schema_1(meta) if meta["schema_version"] == 1 else meta), tensors
-
-
-def _from_schema_1(meta: dict[str, Any]) -> dict[str, Any]:
-    """A schema-1 ``config.json`` in today's form: the relevance config (a VLM config's ``relevance``) nested."""
-    config = meta.get("config")
-    if not isinstance(config, dict):
-        return meta  # the config's own reader says what is wrong with it
-    if isinstance(config.get("relevance"), dict):  # a VLMConfig; a relevance config has no such key
-        config = {**config, "relevance": nest_ablation_switches(config["relevance"])}
-    else:
-        config = nest_ablation_switches(config)
-    return {**meta, "config": config, "schema_version": SCHEMA_VERSION}
+    return meta, load_verified(weights, meta.get("weights_sha256"), config_file)

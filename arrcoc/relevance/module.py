@@ -2,9 +2,9 @@
 
     image, patch tokens --> features (tokens + texture stack, standardised)
         propositional (entropy), perspectival (Hebbian attention), participatory (query coupling)
-        --> evidence (B, N, 3) --> relevance field, relaxed to equilibrium (B, N) in (0, 1)
-        --> allocator --> budget logits (B, N) (optionally pooled over a neighbourhood); the top K patches
-        get tokens.
+        --> evidence (B, N, 3) --> allocator (a per-patch logit)
+        --> relevance field: balanced evidence + allocation, with learned lateral structure, relaxed to
+        equilibrium --> budget logits (B, N); the top K patches get tokens.
 
 Every sub-network has its own learning rule (see ``SUBNETWORKS`` and ``DEFAULT_RULES``); the
 backbone is only read, never trained.
@@ -27,8 +27,8 @@ from arrcoc.config import apply_override, from_mapping, load_yaml_mapping
 from arrcoc.rules.distributed import ShardedBatchNorm1d
 from arrcoc.rules.relaxation import relax, relax_differentiably
 
-from .allocator import Allocator, neighbourhood_kernel, neighbourhood_support
-from .field import FieldRelaxation, RelevanceField, grid_kernel, grid_positions
+from .allocator import Allocator
+from .field import EVIDENCE, FieldRelaxation, RelevanceField, grid_distances, grid_positions
 from .knowing import ParticipatoryKnowing, PerspectivalKnowing, standardize_per_image
 from .texture import NUM_FEATURES, TextureImage, patch_entropy, texture_features, texture_image
 
@@ -63,9 +63,9 @@ class Ablations:
     propositional: bool = True  # the three ways of knowing, each in the evidence (off: zeros)
     perspectival: bool = True
     participatory: bool = True
-    field: bool = True  # off: relevance is the sigmoid of the evidence at the field's initial weights
+    field: bool = True  # off: the budget logits are the drive at the field's initial weights, no lateral terms
     adaptive_balance: bool = True  # off: the field weighs the evidence alike for every query
-    allocator_evidence: bool = True  # off: the evidence reaches the allocator only through the field
+    kept_set: bool = True  # the field and allocator learn the target's kept set at the budget (off: the target)
 
     def __post_init__(self) -> None:
         odd = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -77,22 +77,11 @@ class Ablations:
                              "ablate.texture on")
 
 
-# keys of the flat config before the ablation switches moved under `ablate` (checkpoint schema 1), and the probes
-# that were removed: docs/decisions.md has their numbers
+# keys of the flat config before the ablation switches moved under `ablate`, and the probes that were removed:
+# docs/decisions.md has their numbers
 MOVED_TO_ABLATE = tuple(f.name for f in dataclasses.fields(Ablations))
-REMOVED = {"propositional_measure": "entropy", "allocator_features": False}  # key: the value the design kept
-
-
-def nest_ablation_switches(config: dict[str, Any]) -> dict[str, Any]:
-    """A relevance config written before the ablation switches moved under ``ablate`` (checkpoint schema 1) in
-    today's form; a removed probe is refused unless it is at the value the design kept."""
-    used = {key: config[key] for key in REMOVED if key in config and config[key] != REMOVED[key]}
-    if used:
-        raise ValueError(f"this checkpoint was trained with {used}, a probe since removed (docs/decisions.md has its "
-                         "numbers): retrain it with today's config")
-    ablate = {key: config[key] for key in MOVED_TO_ABLATE if key in config}
-    rest = {key: value for key, value in config.items() if key not in MOVED_TO_ABLATE and key not in REMOVED}
-    return {**rest, "ablate": ablate}
+REMOVED = {"propositional_measure": "entropy", "allocator_features": False,  # key: the value the design kept
+           "neighbourhood": 0, "allocator_evidence": True}
 
 
 @dataclass
@@ -113,10 +102,6 @@ class RelevanceConfig:
     # divide each perspectival unit's drive by its spread over the image (divisive normalisation; docs/decisions.md)
     perspectival_gain_control: bool = False
     allocator_hidden: int = 32
-    # Rank a patch by the allocation of its Gaussian neighbourhood (sigma, in patches) rather than its own, so that
-    # the budget goes to whole objects; 0 ranks every patch alone. It pays where objects span several patches and
-    # distractors look alike (the query task), and costs a little where digits are small (docs/decisions.md).
-    neighbourhood: float = 0.0
     relaxation: FieldRelaxation = dataclasses.field(default_factory=FieldRelaxation)  # how the field relaxes
     # learning
     target: str = "attention"  # attention | perturbation | box | reward (see arrcoc.relevance.targets)
@@ -135,9 +120,6 @@ class RelevanceConfig:
         check_budget(self.budget)
         if self.dropped not in DROPPED_MODES:
             raise ValueError(f"dropped must be one of {DROPPED_MODES}, got {self.dropped!r}")
-        if not (isinstance(self.neighbourhood, int | float) and 0 <= self.neighbourhood < float("inf")):
-            raise ValueError(f"neighbourhood must be a width in patches >= 0 (0: every patch ranked alone), "
-                             f"got {self.neighbourhood!r}")
         if self.refined_regions < 0:
             raise ValueError(f"refined_regions must be >= 0, got {self.refined_regions}")
         if self.target not in TARGETS:
@@ -172,8 +154,8 @@ class RelevanceConfig:
         removed = sorted(set(data) & set(REMOVED))
         if removed:
             kept = ", ".join(f"{key}: {REMOVED[key]!r}" for key in removed)
-            raise KeyError(f"relevance config key(s) {removed} were removed, probes that earned nothing "
-                           f"(docs/decisions.md); the design keeps {kept}")
+            raise KeyError(f"relevance config key(s) {removed} were removed "
+                           f"(docs/decisions.md says why); the design keeps {kept}")
         return from_mapping(cls, data, "relevance config")
 
     @classmethod
@@ -206,15 +188,13 @@ class RelevanceConfig:
 class RelevanceOutput:
     """Everything one pass computed; the trainer feeds its pieces to the sub-networks' rules."""
 
-    logits: Tensor  # (B, N) budget logits: the top K get tokens
-    patch_logits: Tensor  # (B, N) the allocator's own per-patch logits, what its rule learns (= logits without a
-    # neighbourhood)
-    relevance: Tensor  # (B, N) equilibrium relevance in (0, 1)
+    logits: Tensor  # (B, N) budget logits, the field's equilibrium r: the top K get tokens
+    allocation: Tensor  # (B, N) the allocator's own per-patch logits, part of the field's drive
+    relevance: Tensor  # (B, N) equilibrium relevance sigmoid(r) in (0, 1)
     evidence: Tensor  # (B, N, 3) propositional, perspectival, participatory (standardised per image)
     features: Tensor  # (B, N, F) standardised patch features
     context: Tensor  # (B, N, F) features minus their image mean (centre-surround)
     positions: Tensor  # (1, N, 2) the patches' places on the grid (in patches)
-    allocator_input: Tensor
     query: Tensor | None
 
 
@@ -233,7 +213,7 @@ class RelevanceModule(nn.Module):
         temperature = config.rules["participatory"].get("temperature", 0.1)
         self.participatory = ParticipatoryKnowing(config.query_dim, feature_dim, temperature)
         self.field = RelevanceField(config.query_dim, config.budget, ablate.adaptive_balance)
-        self.allocator = Allocator(1 + (3 if ablate.allocator_evidence else 0), config.allocator_hidden)
+        self.allocator = Allocator(EVIDENCE, config.allocator_hidden)
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(1, 3, 1, 1))
 
@@ -274,18 +254,21 @@ class RelevanceModule(nn.Module):
         ], -1)
         return standardize_per_image(raw, dim=1)
 
-    def relax_field(self, evidence: Tensor, positions: Tensor, query: Tensor | None, grid: tuple[int, int]
-                    ) -> Tensor:
-        """(B, N) the field's equilibrium relevance: at inference (eval mode, no autograd) a fixed number of steps
-        (:meth:`RelevanceField.equilibrium`); wherever the module learns the monitored relaxation, which reports a
-        divergence instead of passing it on; under autograd (the backprop references) differentiated through it."""
+    def relax_field(self, evidence: Tensor, allocation: Tensor, positions: Tensor, query: Tensor | None,
+                    grid: tuple[int, int]) -> Tensor:
+        """(B, N) the field's equilibrium logits r: at inference (eval mode, no autograd) after a fixed number of
+        steps (:meth:`RelevanceField.equilibrium`); wherever the module learns the monitored relaxation, which
+        reports a divergence instead of passing it on; under autograd (the backprop references) differentiated
+        through it."""
         how = self.config.relaxation
         if how.inference_steps and not self.training and not torch.is_grad_enabled():
-            kernel = grid_kernel(*grid, evidence.device, evidence.dtype)
-            return self.field.equilibrium(evidence, query, kernel, how.inference_steps, how.inference_step_size)
+            distance2 = grid_distances(*grid, evidence.device, evidence.dtype)
+            return self.field.equilibrium(evidence, allocation, query, distance2, how.inference_steps,
+                                          how.inference_step_size)
         relaxed = relax_differentiably if torch.is_grad_enabled() else relax
-        states, _ = relaxed(self.field.as_energy(), RelevanceField.pack(evidence, positions, query), how=how)
-        return torch.sigmoid(states[0])
+        states, _ = relaxed(self.field.as_energy(), RelevanceField.pack(evidence, allocation, positions, query),
+                            how=how)
+        return states[0]
 
     def forward(self, images: Tensor, patch_tokens: Tensor, grid: tuple[int, int], query: Tensor | None = None
                 ) -> RelevanceOutput:
@@ -302,17 +285,13 @@ class RelevanceModule(nn.Module):
         context = features - features.mean(1, keepdim=True)
         evidence = self.evidence(texture, context, query)
         positions = grid_positions(*grid, device=images.device)
+        allocation = self.allocator(evidence)
         if self.config.ablate.field:
-            relevance = self.relax_field(evidence, positions, query, grid)
+            logits = self.relax_field(evidence, allocation, positions, query, grid)
         else:
-            relevance = torch.sigmoid(evidence @ self.field.evidence_weight.detach())
-        allocator_input = Allocator.inputs(relevance, evidence if self.config.ablate.allocator_evidence else None)
-        patch_logits = self.allocator(allocator_input)
-        sigma = self.config.neighbourhood
-        logits = patch_logits if not sigma else neighbourhood_support(
-            patch_logits, neighbourhood_kernel(*grid, float(sigma), images.device, patch_logits.dtype))
-        return RelevanceOutput(logits, patch_logits, relevance, evidence, features, context, positions,
-                               allocator_input, query)
+            logits = evidence @ self.field.evidence_weight.detach() + allocation
+        return RelevanceOutput(logits, allocation, torch.sigmoid(logits), evidence, features, context, positions,
+                               query)
 
 
 def as_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:

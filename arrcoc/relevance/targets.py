@@ -6,6 +6,9 @@ perturbation   how much the backbone's prediction changes when a g x g group of 
                full-token one, or 1 - cosine for a backbone that outputs embeddings.
 box            the fraction of each patch inside a ground-truth box, where a data set has boxes.
 Each is (B, N) in [0, 1] (divided by its per-image maximum). No gradient reaches the backbone.
+
+What the field and the allocation network learn is :func:`kept_set` of the target: the K patches a perfect ranking
+of it would keep at the training budget (docs/decisions.md, "The field decides").
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ from einops import rearrange, repeat
 from torch import Tensor
 
 from arrcoc.backbones import BackboneAdapter, TokenSet, select
+
+# the kept set's tie-break: per patch of distance from the target's centre of mass, small enough to move no patch
+# past one whose target is 0.01 higher on a grid of 10 x 10 patches
+NEARNESS = 1e-3
 
 
 def _per_image_max(score: Tensor) -> Tensor:
@@ -83,3 +90,21 @@ def box_target(boxes: Tensor, grid: tuple[int, int], patch_size: tuple[int, int]
     overlap_y = (torch.minimum(y0 + ph, b[:, 3]) - torch.maximum(y0, b[:, 1])).clamp_min(0)
     overlap_x = (torch.minimum(x0 + pw, b[:, 2]) - torch.maximum(x0, b[:, 0])).clamp_min(0)
     return (overlap_y * overlap_x / (ph * pw)).flatten(1)
+
+
+def kept_set(target: Tensor, positions: Tensor, kept: int) -> Tensor:
+    """(B, N) 1 on the ``kept`` patches a perfect ranking of ``target`` (B, N) keeps, 0 elsewhere: its top K, ties
+    (e.g. the patches wholly inside a box) going to the patches nearest the target's centre of mass, so the set is
+    compact, as the box oracle's is. What the ranking (field and allocator) learns: it scores the budget's choice,
+    not each patch's relevance, which a per-patch target leaves unordered outside the object.
+
+    Args:
+        target: (B, N) per-patch relevance in [0, 1].
+        positions: (N, 2) or (1, N, 2) the patches' centres (in patches).
+        kept: K, the tokens the budget keeps.
+    """
+    positions = positions.reshape(-1, 2).to(target)
+    centre = (target @ positions) / target.sum(-1, keepdim=True).clamp_min(1e-12)
+    distance = (positions[None] - centre[:, None]).norm(dim=-1)
+    chosen = (target - NEARNESS * distance).topk(kept, dim=-1).indices
+    return torch.zeros_like(target).scatter_(1, chosen, 1.0)

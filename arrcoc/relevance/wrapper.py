@@ -21,9 +21,10 @@ from arrcoc.optim import optimizer_class
 from arrcoc.rules import RuleContext, build_rule
 
 from .checkpoint import write_checkpoint
-from .field import RelevanceField
+from .field import RelevanceField, nudged_error
 from .knowing import ParticipatoryKnowing
-from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
+from .module import DEFAULT_RULES, RelevanceConfig, RelevanceModule, RelevanceOutput
+from .targets import kept_set
 
 QueryInput = Tensor | str | Sequence[str] | None
 
@@ -170,8 +171,21 @@ class RelevanceWrapper:
         rest = [p for p in self.relevance.parameters() if id(p) not in grouped]
         return kind([{"params": rest}, *groups], lr=float(spec.get("lr", 1e-3)))
 
+    def _field_beta(self) -> float:
+        """The nudge the allocator's error is measured with: the field rule's beta (an energy rule's), else its
+        default."""
+        return float(self.config.rules["field"].get("beta", DEFAULT_RULES["field"]["beta"]))
+
+    def ranking_target(self, out: RelevanceOutput, target: Tensor) -> Tensor:
+        """(B, N) what the ranking (the field and the allocator) learns from the per-patch ``target``: its
+        :func:`~arrcoc.relevance.targets.kept_set` at the budget (the target itself with ``ablate.kept_set`` off)."""
+        if not self.config.ablate.kept_set:
+            return target
+        return kept_set(target, out.positions, num_kept(self.budget, target.shape[1]))
+
     def rule_contexts(self, out: RelevanceOutput, target: Tensor) -> dict[str, RuleContext]:
-        """What each sub-network's rule sees in one step (only the sub-networks in use)."""
+        """What each sub-network's rule sees in one step (only the sub-networks in use): the ways of knowing learn
+        the per-patch ``target``, the ranking its :meth:`ranking_target`."""
         cfg, relevance = self.config, self.relevance
         contexts: dict[str, RuleContext] = {}
         if cfg.ablate.perspectival:
@@ -185,11 +199,14 @@ class RelevanceWrapper:
             else:  # the key the query should retrieve against the batch's other queries
                 positive = ParticipatoryKnowing.queried_content(out.context, target)
             contexts["participatory"] = RuleContext(out.query, target=positive)
+        ranking = self.ranking_target(out, target)
         if cfg.ablate.field:
-            contexts["field"] = RuleContext(RelevanceField.pack(out.evidence, out.positions, out.query), target=target)
-        # d(binary cross-entropy)/d(logit) of the whole allocator output (its MLP plus the field's logit), per patch
-        error = (torch.sigmoid(out.patch_logits) - target) / target.shape[0]
-        contexts["allocator"] = RuleContext(out.allocator_input, output_error=error[..., None])
+            field_input = RelevanceField.pack(out.evidence, out.allocation, out.positions, out.query)
+            contexts["field"] = RuleContext(field_input, target=ranking)
+            error = nudged_error(relevance.field, field_input, ranking, self._field_beta(), cfg.relaxation)
+        else:  # d(binary cross-entropy)/d(logit), the nudged error without a field
+            error = torch.sigmoid(out.logits) - ranking
+        contexts["allocator"] = RuleContext(out.evidence, output_error=(error / target.shape[0])[..., None])
         return contexts
 
     def apply_rules(self, out: RelevanceOutput, target: Tensor, optimizer: torch.optim.Optimizer | None = None,

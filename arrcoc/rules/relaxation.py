@@ -151,6 +151,12 @@ class Energy(ABC):
         """dE/ds alone (a gradient-only relaxation's step); an energy may give it in fewer operations."""
         return self.energy_and_gradient(states, prepared)[1]
 
+    def precondition(self, states: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        """The direction :func:`relax` descends instead of dF/ds: ``P dF/ds`` for a positive definite ``P`` (still
+        downhill, so the energy checks hold), which an energy with badly scaled states may set; the identity by
+        default. The residual is measured on it too."""
+        return grads
+
 
 class _Objective:
     """``F = sum_b E(states; x) + beta * sum C(output(states), target)`` and dF/ds, at any states."""
@@ -164,14 +170,16 @@ class _Objective:
         self.target = target.clone() if target is not None and target.is_inference() else target
 
     def __call__(self, states: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """``F`` and the direction to descend: dF/ds, preconditioned as the energy asks."""
         if self.prepared is None:
-            return self._autograd(states, lambda s: self.model.energy(s, self.x).sum() + self._nudge(s))
+            total, grads = self._autograd(states, lambda s: self.model.energy(s, self.x).sum() + self._nudge(s))
+            return total, self.model.precondition(states, grads)
         energy, grads = self.model.energy_and_gradient(states, self.prepared)  # relax runs under no_grad
         total = energy.sum()
         if self.target is not None:  # the cost is any callable: autograd, through the read-out only
             nudge, nudge_grads = self._autograd(states, self._nudge)
             total, grads = total + nudge, [g + n for g, n in zip(grads, nudge_grads)]
-        return total, grads
+        return total, self.model.precondition(states, grads)
 
     def _nudge(self, states: list[Tensor]) -> Tensor | float:
         if self.target is None:
@@ -352,7 +360,7 @@ def _descend_gradient_only(model: Energy, prepared: Any, states: list[Tensor], h
     energy."""
     velocity = [torch.zeros_like(s) for s in states]
     for step in range(how.steps + 1):
-        grads = model.gradient(states, prepared)
+        grads = model.precondition(states, model.gradient(states, prepared))
         if step % check_every == 0 or step == how.steps:
             residual = max(float(torch.linalg.vector_norm(g, math.inf)) for g in grads)
             if not math.isfinite(residual):
