@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from arrcoc.bench import canvas, canvas_report, canvas_settings
-from arrcoc.bench.canvas_report import equal_speed, targets
+from arrcoc.bench.canvas_report import FIELD_FROZEN, equal_speed, targets
 from arrcoc.models.canvas_vit import CanvasViTConfig, build_canvas_vit, load_canvas_vit, save_canvas_vit
 from arrcoc.models.query_fusion import QueryFusionViT, load_query_fusion
 from arrcoc.storage import save_weights_atomic
@@ -153,6 +153,7 @@ def test_targets_pair_seeds_and_compare_at_equal_measured_speed():
         "box oracle": {"accuracy": {"0.0625": seeds(96, 95, 96)}, "mean_tokens": {}},
         "random": {"accuracy": {"0.5": seeds(94, 94, 94), "0.0625": seeds(60, 62, 64)}, "mean_tokens": {}},
         "evit": {"accuracy": {"0.0625": seeds(80, 82, 84)}, "mean_tokens": {}},
+        "ARR-COC / field: frozen": {"accuracy": {"0.0625": seeds(93, 92, 94)}},
     }}
     throughput = {"rows": [{"method": "ARR-COC", "budget": 0.0625, "speedup": 2.0},
                            {"method": "random", "budget": 0.5, "speedup": 1.5},
@@ -169,6 +170,19 @@ def test_targets_pair_seeds_and_compare_at_equal_measured_speed():
     assert passed is True and "paired +1.3" in numbers  # (95 - 96 + 2, 94 - 95 + 2, 96 - 96 + 2) = (1, 1, 2)
     passed, _ = next(v for k, v in rows.items() if k.startswith("Hard regime (cluttered"))
     assert passed is True  # random-K 34 points below all tokens, the oracle within 2
+    passed, numbers = rows["Freezing the relevance field costs >= 1 points on the hard regime at 6.25% (paired "
+                           "interval above 0)"]
+    assert passed is True and "paired -2.0 ± 0.0" in numbers  # (93 - 95, 92 - 94, 94 - 96)
+    # on the query task: the floor, and the field's cost on the test canvases and the held-out layout
+    query = {"ARR-COC": {"accuracy": {"0.125": seeds(86, 87, 85)}, "layout_accuracy": {"0.125": seeds(60, 61, 62)}},
+             FIELD_FROZEN: {"accuracy": {"0.125": seeds(80, 81, 79)}, "layout_accuracy": {"0.125": seeds(59, 61, 61)}}}
+    results["accuracy"]["query"], results["meta"]["tasks"]["query"] = query, {"budget": 0.125}
+    rows = {name: passed for name, passed, _ in targets(results)}
+    assert rows["Query task at 12.5%, no hand-set pooling: ARR-COC >= 86"] is True
+    assert rows["Freezing the relevance field costs >= 3 points on the query task at 12.5% (paired interval above "
+                "0)"] is True
+    assert rows["Freezing the relevance field costs >= 3 points on the held-out layout at 12.5% (paired interval "
+                "above 0)"] is False
 
 
 def test_a_progressive_baseline_is_judged_on_the_best_of_its_schedules_at_equal_speed():

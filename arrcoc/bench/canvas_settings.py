@@ -127,6 +127,10 @@ class TargetThresholds:
         adaptation_recovery: online adaptation recovers >= this share of the accuracy lost to the shift ...
         adaptation_seeds: ... as a mean over at least this many seeds.
         module_share: the relevance module's cost <= this share of a full canvas-ViT forward.
+        query_accuracy: on the query task at its budget, ARR-COC's mean accuracy >= this (the hand-set pooling it
+            replaced reached 87.0, issue 36).
+        field_cost: freezing the relevance field costs >= this on the query task and its held-out layout (points) ...
+        field_cost_hard: ... and >= this in the hard regime.
         tie: a ">=" target passes on a tie only if its paired interval's lower end is >= -this (points).
     """
 
@@ -142,6 +146,9 @@ class TargetThresholds:
     adaptation_recovery: float = 0.5
     adaptation_seeds: int = 3
     module_share: float = 0.15
+    query_accuracy: float = 86.0
+    field_cost: float = 3.0
+    field_cost_hard: float = 1.0
     tie: float = 0.5
 
     @classmethod
