@@ -172,11 +172,17 @@ class RelevanceField(nn.Module):
     @staticmethod
     def _forces(r: Tensor, terms: FieldTerms) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """rho, h + L rho, the budget surplus sum rho - K (B, 1) and dE/dr."""
+        rho, field_input, surplus, residual = RelevanceField._mean_field(r, terms)
+        return rho, field_input, surplus, residual * belief_slope(r)
+
+    @staticmethod
+    def _mean_field(r: Tensor, terms: FieldTerms) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """rho, h + L rho, the budget surplus sum rho - K (B, 1) and the mean-field residual r - (h + L rho -
+        gamma/N (sum rho - K)), zero at an equilibrium: dE/dr in the beliefs' metric."""
         rho = torch.sigmoid(r)
         field_input = torch.addmm(terms.drive, rho, terms.lateral)  # h + L rho
         surplus = rho.sum(-1, keepdim=True) - terms.tokens
-        net_input = torch.addcmul(field_input, surplus, terms.competition, value=-1)
-        return rho, field_input, surplus, (r - net_input) * belief_slope(r)
+        return rho, field_input, surplus, r - torch.addcmul(field_input, surplus, terms.competition, value=-1)
 
     def as_energy(self) -> FieldEnergy:
         return FieldEnergy(self)
@@ -213,6 +219,9 @@ class FieldEnergy(Energy):
         # where rho' underflows to 0 (|r| > ~88, far past any equilibrium of a finite drive) the direction is 0/0:
         # a state run off to infinity is reported as a divergence, never taken for an equilibrium
         return [grads[0] / belief_slope(states[0])]
+
+    def equilibrium_force(self, states: list[Tensor], x: Tensor) -> list[Tensor]:
+        return [RelevanceField._mean_field(states[0], self.module.terms(x))[3]]
 
     def output(self, states: list[Tensor]) -> Tensor:
         return torch.sigmoid(states[0])

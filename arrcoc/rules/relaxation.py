@@ -157,6 +157,13 @@ class Energy(ABC):
         default. The residual is measured on it too."""
         return grads
 
+    def equilibrium_force(self, states: list[Tensor], x: Tensor) -> list[Tensor]:
+        """``P dE/ds`` at ``states``, differentiable in the states, ``x`` and the parameters: what is zero at an
+        equilibrium (:func:`relax_differentiably` differentiates it). An energy whose ``P dE/ds`` loses precision
+        as a product (the field's, where its beliefs saturate) may compute it directly."""
+        grads = torch.autograd.grad(self.energy(states, x).sum(), states, create_graph=True)
+        return self.precondition(states, list(grads))
+
 
 class _Objective:
     """``F = sum_b E(states; x) + beta * sum C(output(states), target)`` and dF/ds, at any states."""
@@ -408,41 +415,44 @@ class _Checks:
 
 
 class _ThroughEquilibrium(torch.autograd.Function):
-    """Identity on the relaxed states s*; backward sends the incoming gradient u to the force dE/ds as
-    -H^-1 u, H = d2E/ds2 at s* (per sample): the implicit function theorem at the equilibrium dE/ds = 0."""
+    """Identity on the relaxed states s*; backward sends the incoming gradient u to the force F as -J^-T u,
+    J = dF/ds at s* (per sample): the implicit function theorem at the equilibrium F = 0."""
 
     @staticmethod
-    def forward(ctx, states: Tensor, force: Tensor, hessian: Tensor) -> Tensor:
-        ctx.save_for_backward(hessian)
+    def forward(ctx, states: Tensor, force: Tensor, jacobian: Tensor) -> Tensor:
+        ctx.save_for_backward(jacobian)
         return states.clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[None, Tensor, None]:
-        (hessian,) = ctx.saved_tensors
-        return None, -torch.linalg.solve(hessian, grad.unsqueeze(-1)).squeeze(-1), None
+        (jacobian,) = ctx.saved_tensors
+        return None, -torch.linalg.solve(jacobian.transpose(-1, -2), grad.unsqueeze(-1)).squeeze(-1), None
 
 
 @torch.compiler.disable
 def relax_differentiably(model: Energy, x: Tensor, how: Relaxation | None = None
                          ) -> tuple[list[Tensor], RelaxationReport]:
     """The free equilibrium s* of :func:`relax` (settings ``how``), differentiable in ``x`` and the energy's
-    parameters theta by implicit differentiation: at dE/ds = 0, ds*/dtheta = -H^-1 d2E/ds dtheta.
+    parameters theta by implicit differentiation: at F = P dE/ds = 0 (the force the relaxation descends,
+    :meth:`Energy.equilibrium_force`), ds*/dtheta = -J^-1 dF/dtheta with J = dF/ds = P H, the same as
+    -H^-1 d2E/ds dtheta but conditioned as the relaxation is (the field's H vanishes where its beliefs saturate; its
+    J does not).
 
-    The Hessian H (B, D, D) over each sample's D state entries is built with one batched double-backward and
+    The Jacobian J (B, D, D) over each sample's D state entries is built with one batched double-backward and
     solved directly, so it suits states of up to a few hundred entries (the relevance field's patches). The
     gradient is exact at the equilibrium, whatever path the relaxation took; the relaxation's own ``tol`` bounds
     how far s* is from it. Energies must be per sample (sample b's energy depends on its own states only).
     """
     states, report = relax(model, x, how=how)
     with torch.enable_grad():
-        fixed = [s.requires_grad_(True) for s in states]  # fresh detached tensors: the Hessian's variables
-        force = torch.autograd.grad(model.energy(fixed, x).sum(), fixed, create_graph=True)
+        fixed = [s.requires_grad_(True) for s in states]  # fresh detached tensors: the Jacobian's variables
+        force = model.equilibrium_force(fixed, x)
         flat_force = torch.cat([f.flatten(1) for f in force], 1)  # (B, D), a function of theta and x
         batch, dim = flat_force.shape
         directions = torch.eye(dim, dtype=flat_force.dtype, device=flat_force.device)[:, None].expand(dim, batch, dim)
         rows = torch.autograd.grad(flat_force, fixed, grad_outputs=directions, is_grads_batched=True,
                                    retain_graph=True)
-    hessian = torch.cat([r.flatten(2) for r in rows], 2).transpose(0, 1).detach()
-    flat = _ThroughEquilibrium.apply(torch.cat([s.detach().flatten(1) for s in states], 1), flat_force, hessian)
+    jacobian = torch.cat([r.flatten(2) for r in rows], 2).transpose(0, 1).detach()
+    flat = _ThroughEquilibrium.apply(torch.cat([s.detach().flatten(1) for s in states], 1), flat_force, jacobian)
     sizes = [s[0].numel() for s in states]
     return [part.view_as(s) for part, s in zip(flat.split(sizes, 1), states)], report
