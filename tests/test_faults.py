@@ -141,3 +141,12 @@ def test_online_adaptation_skips_a_diverging_update_and_says_why():
     report = model.adapt(torch.rand(4, 3, 32, 32))
     assert report.skipped is not None and "diverged" in report.skipped
     assert all(torch.equal(v, model.relevance.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_divergence_raised_in_a_worker_process_reaches_the_parent_whole():
+    """The canvas benchmark trains in a process pool: its errors are pickled on the way back."""
+    import pickle
+
+    error = pickle.loads(pickle.dumps(RelaxationDiverged(3, [1.0, 2.0], "energy rose")))
+    assert isinstance(error, RelaxationDiverged) and (error.step, error.energy_trace) == (3, [1.0, 2.0])
+    assert "energy rose" in str(error)

@@ -155,30 +155,24 @@ class RelevanceField(nn.Module):
 
     @staticmethod
     def energy_and_gradient(r: Tensor, terms: FieldTerms) -> tuple[Tensor, Tensor]:
-        """E(r) per sample (B,) and dE/dr (B, N) (:meth:`gradient`). Both share rho, h + L rho and the budget
-        surplus: the relaxation evaluates this at every step; autograd of E only follows the energy."""
-        rho, field_input, surplus, gradient = RelevanceField._forces(r, terms)
+        """E(r) per sample (B,) and the mean-field residual (B, N) (:meth:`gradient`). Both share rho, h + L rho and
+        the budget surplus: the relaxation evaluates this at every step; autograd of E only follows the energy."""
+        rho, field_input, surplus, residual = RelevanceField._mean_field(r, terms)
         # sum [rho r - softplus(r)] - sum rho h - 1/2 rho L rho = sum [rho (r - (h + (h + L rho)) / 2) - softplus(r)]
         entropy_and_drive = rho * (r - 0.5 * (terms.drive + field_input)) - F.softplus(r)
         energy = entropy_and_drive.sum(-1) + 0.5 * terms.competition * surplus.squeeze(-1).pow(2)
-        return energy, gradient
+        return energy, residual
 
     @staticmethod
     def gradient(r: Tensor, terms: FieldTerms) -> Tensor:
-        """dE/dr (B, N) = rho' (r - (h + L rho - gamma/N (sum rho - K))), rho' = :func:`belief_slope` (L is
-        symmetric)."""
-        return RelevanceField._forces(r, terms)[3]
-
-    @staticmethod
-    def _forces(r: Tensor, terms: FieldTerms) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """rho, h + L rho, the budget surplus sum rho - K (B, 1) and dE/dr."""
-        rho, field_input, surplus, residual = RelevanceField._mean_field(r, terms)
-        return rho, field_input, surplus, residual * belief_slope(r)
+        """(B, N) the mean-field residual r - (h + L rho - gamma/N (sum rho - K)): dE/dr = rho' times it (L is
+        symmetric), computed without the factor rho', which vanishes in float32 where a belief saturates and
+        would leave a state run off to infinity looking like an equilibrium."""
+        return RelevanceField._mean_field(r, terms)[3]
 
     @staticmethod
     def _mean_field(r: Tensor, terms: FieldTerms) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """rho, h + L rho, the budget surplus sum rho - K (B, 1) and the mean-field residual r - (h + L rho -
-        gamma/N (sum rho - K)), zero at an equilibrium: dE/dr in the beliefs' metric."""
+        """rho, h + L rho, the budget surplus sum rho - K (B, 1) and the mean-field residual."""
         rho = torch.sigmoid(r)
         field_input = torch.addmm(terms.drive, rho, terms.lateral)  # h + L rho
         surplus = rho.sum(-1, keepdim=True) - terms.tokens
@@ -216,9 +210,9 @@ class FieldEnergy(Energy):
         return [self.module.gradient(states[0], prepared)]
 
     def precondition(self, states: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-        # where rho' underflows to 0 (|r| > ~88, far past any equilibrium of a finite drive) the direction is 0/0:
-        # a state run off to infinity is reported as a divergence, never taken for an equilibrium
-        return [grads[0] / belief_slope(states[0])]
+        # a nudge's gradient is rho' (rho - target) / ...: where rho' underflows it is lost (not NaN)
+        slope = belief_slope(states[0])
+        return [grads[0] / slope.clamp_min(torch.finfo(slope.dtype).tiny)]
 
     def equilibrium_force(self, states: list[Tensor], x: Tensor) -> list[Tensor]:
         return [RelevanceField._mean_field(states[0], self.module.terms(x))[3]]

@@ -33,11 +33,14 @@ class RelaxationDiverged(FloatingPointError):
     """States became non-finite or the energy rose while relaxing; nothing was updated."""
 
     def __init__(self, step: int, energy_trace: list[float], reason: str):
-        self.step, self.energy_trace = step, energy_trace
+        self.step, self.energy_trace, self.reason = step, energy_trace, reason
         super().__init__(
             f"relaxation diverged at step {step} ({reason}); last energies "
             f"{[f'{e:.4g}' for e in energy_trace[-3:]]}. Lower the relaxation step_size."
         )
+
+    def __reduce__(self):  # raised in a worker process, it reaches the parent whole
+        return type(self), (self.step, self.energy_trace, self.reason)
 
 
 @dataclass
@@ -144,17 +147,21 @@ class Energy(ABC):
         return None
 
     def energy_and_gradient(self, states: list[Tensor], prepared: Any) -> tuple[Tensor, list[Tensor]]:
-        """Per-sample energy ``(B,)`` and dE/ds for every state, from :meth:`prepare`'s parts."""
+        """Per-sample energy ``(B,)`` and the direction the relaxation descends for every state, from
+        :meth:`prepare`'s parts: dE/ds, or ``P dE/ds`` for an energy that sets :meth:`precondition` (computed
+        directly, where the product would lose precision)."""
         raise NotImplementedError(f"{type(self).__name__} has no analytic state gradient")
 
     def gradient(self, states: list[Tensor], prepared: Any) -> list[Tensor]:
-        """dE/ds alone (a gradient-only relaxation's step); an energy may give it in fewer operations."""
+        """:meth:`energy_and_gradient`'s direction alone (a gradient-only relaxation's step); an energy may give it in
+        fewer operations."""
         return self.energy_and_gradient(states, prepared)[1]
 
     def precondition(self, states: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-        """The direction :func:`relax` descends instead of dF/ds: ``P dF/ds`` for a positive definite ``P`` (still
-        downhill, so the energy checks hold), which an energy with badly scaled states may set; the identity by
-        default. The residual is measured on it too."""
+        """``P g`` for a gradient ``g`` autograd computed (a nudge's, or the whole objective's without
+        :meth:`prepare`): :func:`relax` descends ``P dF/ds`` for a positive definite ``P`` (still downhill, so the
+        energy checks hold), which an energy with badly scaled states may set; the identity by default. The
+        residual is measured on it too."""
         return grads
 
     def equilibrium_force(self, states: list[Tensor], x: Tensor) -> list[Tensor]:
@@ -185,8 +192,9 @@ class _Objective:
         total = energy.sum()
         if self.target is not None:  # the cost is any callable: autograd, through the read-out only
             nudge, nudge_grads = self._autograd(states, self._nudge)
+            nudge_grads = self.model.precondition(states, nudge_grads)
             total, grads = total + nudge, [g + n for g, n in zip(grads, nudge_grads)]
-        return total, self.model.precondition(states, grads)
+        return total, grads
 
     def _nudge(self, states: list[Tensor]) -> Tensor | float:
         if self.target is None:
@@ -367,7 +375,7 @@ def _descend_gradient_only(model: Energy, prepared: Any, states: list[Tensor], h
     energy."""
     velocity = [torch.zeros_like(s) for s in states]
     for step in range(how.steps + 1):
-        grads = model.precondition(states, model.gradient(states, prepared))
+        grads = model.gradient(states, prepared)
         if step % check_every == 0 or step == how.steps:
             residual = max(float(torch.linalg.vector_norm(g, math.inf)) for g in grads)
             if not math.isfinite(residual):
