@@ -432,7 +432,7 @@ def test_ablate_grid_pairs_every_combination_with_the_first(checkpoints, tmp_pat
                  "--grid", str(grid), "--workers", "1", "--out", str(out)])
     results = json.loads((out / "ablate.json").read_text())
     assert [row["variant"] for row in results["rows"]] == [
-        "base", "ablate.kept_set: False", "ablate.propositional: False",
+        "base", "ablate.propositional: False", "ablate.kept_set: False",
         "ablate.kept_set: False, ablate.propositional: False"]
     assert results["meta"]["base"] == {"ablate.kept_set": True, "ablate.propositional": True}
     assert results["meta"]["variants"]["ablate.kept_set: False"] == {"ablate.kept_set": False,
