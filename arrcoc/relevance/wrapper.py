@@ -120,8 +120,9 @@ class RelevanceWrapper:
         self.set_budget(budget)
 
     def set_budget(self, budget: Budget):
-        """Keep a different share of the tokens from now on, without retraining: the allocator's ranking is
-        budget-free; the field's competition term pulls its total relevance towards the new K.
+        """Keep a different share of the tokens from now on, without retraining: the field's competition term pulls
+        its total relevance towards the new K; its ranking is the one it learned for the training budget's kept set
+        (what that costs at other budgets: the canvas benchmark's tables).
 
         Args:
             budget: a ratio in (0, 1] or a token count (validated: a bad one raises and changes nothing).
