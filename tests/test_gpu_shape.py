@@ -60,7 +60,8 @@ def test_inference_reads_nothing_back_and_dispatches_few_operators():
     with torch.no_grad():
         counts = {name: ops.dispatched(fn) for name, fn in ops.forwards(model, batch.images, batch.query).items()}
     assert counts["ARR-COC"]["syncs"] == 0 == counts["random-K"]["syncs"]
-    assert counts["ARR-COC"]["ops"] - counts["random-K"]["ops"] <= 250, counts
+    # the field's 40 mean-field steps are 120 of them (docs/decisions.md, "The field decides")
+    assert counts["ARR-COC"]["ops"] - counts["random-K"]["ops"] <= 300, counts
     model.check_values = None  # the default: images and queries checked where they are on the CPU (no sync there)
     with torch.no_grad():
         assert count_dispatch(lambda: model(batch.images, batch.query)).syncs == 2

@@ -47,8 +47,8 @@ class FieldRelaxation(Relaxation):
     on; at inference (eval mode, no autograd) ``inference_steps`` damped mean-field steps of ``inference_step_size``
     with no check and no host sync (:meth:`RelevanceField.equilibrium`; 0 steps: monitored there too)."""
 
-    inference_steps: int = 8
-    inference_step_size: float = 0.6
+    inference_steps: int = 40
+    inference_step_size: float = 0.9
 
     def __post_init__(self) -> None:
         super().__post_init__()
