@@ -140,11 +140,11 @@ def _query_target(results: dict[str, Any], limits: TargetThresholds) -> list[tup
     arr, oracle = (_seeds(results["accuracy"], "query", m, q) for m in ("ARR-COC", "box oracle"))
     d = _paired(arr, [share * y for y in oracle] if oracle else None)
     floor = limits.query_accuracy
+    judged = arr if arr and len(arr) > 1 else None  # over seeds, as the paired targets: one seed judges nothing
     return [(f"Query task at {q:.1%}: ARR-COC >= {share:.0%} of the box oracle", _at_least(d, limits.tie),
              NOT_MEASURED if d is None else f"{_cell(arr)} vs {share:g} x {_cell(oracle)}: paired {_diff(d)}"),
-            # judged over seeds, as the paired targets are: one seed of a smoke run judges nothing
-            (f"Query task at {q:.1%}, no hand-set pooling: ARR-COC >= {floor:g}", None if not arr or len(arr) < 2
-             else _mean(arr) >= floor, NOT_MEASURED if not arr or len(arr) < 2 else _cell(arr))]
+            (f"Query task at {q:.1%}, no hand-set pooling: ARR-COC >= {floor:g}",
+             None if judged is None else _mean(judged) >= floor, NOT_MEASURED if judged is None else _cell(judged))]
 
 
 def _field_targets(results: dict[str, Any], hard: dict[str, Any] | None,

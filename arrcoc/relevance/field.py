@@ -210,7 +210,7 @@ class FieldEnergy(Energy):
         return [self.module.gradient(states[0], prepared)]
 
     def precondition(self, states: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-        # a nudge's gradient is rho' (rho - target) / ...: where rho' underflows it is lost (not NaN)
+        # a nudge's autograd gradient carries the factor rho': where that underflows the nudge is lost (not NaN)
         slope = belief_slope(states[0])
         return [grads[0] / slope.clamp_min(torch.finfo(slope.dtype).tiny)]
 
@@ -250,15 +250,16 @@ def squared_distances(positions: Tensor) -> Tensor:
     return distance2.masked_fill(torch.eye(len(positions), device=positions.device, dtype=torch.bool), SELF_DISTANCE2)
 
 
-def nudged_error(field: RelevanceField, x: Tensor, target: Tensor, beta: float, how: Relaxation) -> Tensor:
+def nudged_error(field: RelevanceField, x: Tensor, free: Tensor, target: Tensor, beta: float, how: Relaxation
+                 ) -> Tensor:
     """(B, N) what the field's drive should have been: (r(-beta) - r(+beta)) / (2 beta), the difference of the
-    equilibria nudged towards and away from ``target`` (B, N) from the free one (``x`` as :meth:`RelevanceField.pack`
-    made it, relaxed as ``how`` says). Without lateral terms it is rho - target, the gradient of the binary
-    cross-entropy in the logits; with them it carries what the lateral structure does with a change of the drive,
-    from the field's own settling alone."""
-    energy = field.as_energy()
-    free, _ = relax(energy, x, how=how)
+    equilibria nudged towards and away from ``target`` (B, N), each relaxed as ``how`` says from ``free``, the free
+    equilibrium's r (the pass's budget logits: the forward relaxed it already; ``x`` as :meth:`RelevanceField.pack`
+    made it). Without lateral terms it is rho - target, the gradient of the binary cross-entropy in the logits;
+    with them it carries what the lateral structure does with a change of the drive, from the field's own settling
+    alone."""
+    energy, start = field.as_energy(), [free.detach()]
     nudged = dataclasses.replace(how, tol=how.tol * abs(beta))  # forces scale with beta (as the EP rule's)
-    plus, _ = relax(energy, x, beta, target, how=nudged, states=free)
-    minus, _ = relax(energy, x, -beta, target, how=nudged, states=free)
+    plus, _ = relax(energy, x, beta, target, how=nudged, states=start)
+    minus, _ = relax(energy, x, -beta, target, how=nudged, states=start)
     return (minus[0] - plus[0]) / (2 * beta)

@@ -204,7 +204,8 @@ class RelevanceWrapper:
         if cfg.ablate.field:
             field_input = RelevanceField.pack(out.evidence, out.allocation, out.positions, out.query)
             contexts["field"] = RuleContext(field_input, target=ranking)
-            error = nudged_error(relevance.field, field_input, ranking, self._field_beta(), cfg.relaxation)
+            error = nudged_error(relevance.field, field_input, out.logits, ranking, self._field_beta(),
+                                 cfg.relaxation)
         else:  # d(binary cross-entropy)/d(logit), the nudged error without a field
             error = torch.sigmoid(out.logits) - ranking
         contexts["allocator"] = RuleContext(out.evidence, output_error=(error / target.shape[0])[..., None])
