@@ -67,7 +67,8 @@ def test_set_budget_changes_k_without_retraining_and_validates():
 def test_learning_never_touches_the_backbone_and_each_subnetwork_follows_its_rule():
     model = toy_vit()
     backbone_before = {k: v.clone() for k, v in model.state_dict().items()}
-    config = {"target": "attention", "rules": {"perspectival_readout": {"name": "frozen"}}}
+    config = {"target": "attention", "rules": {"perspectival_readout": {"name": "frozen"},
+                                               "perspectival_encoder": {"name": "hebbian-oja", "form": "sanger"}}}
     wrapped = arrcoc.attach(model, budget=0.25, config=config)
     subnets = wrapped.relevance.subnetworks()
     before = {n: [p.detach().clone() for p in s.parameters()] for n, s in subnets.items()}

@@ -395,11 +395,14 @@ def adaptation(model: ARRCOC, settings: AdaptationSettings, test_images: int) ->
     result["held_out_accuracy"]["tent"] = accuracy(lambda b: tent.model(b.images), unseen)
     lost = result["test_accuracy"] - result["frozen"]
     result["recovered_fraction"] = (result["online"] - result["frozen"]) / lost if lost > 0 else None
+    # the label-free ceiling: agreeing with the full-token prediction on every image gives back at most this
+    ceiling = min(lost, result["full_tokens_shift"] - result["frozen"])
+    result["of_ceiling"] = (result["online"] - result["frozen"]) / ceiling if ceiling > 0 else None
     return result
 
 
 PER_SEED_ADAPTATION = ("test_accuracy", "frozen", "online", "tent", "held_out_accuracy", "coverage",
-                       "recovered_fraction")
+                       "full_tokens_shift", "recovered_fraction", "of_ceiling")
 
 
 def _adaptation_worker(bench: BenchSettings, paths: RunPaths, seed: int) -> dict[str, Any]:
@@ -532,6 +535,7 @@ def adapt_every_seed(bench: BenchSettings, paths: RunPaths, model: ARRCOC, worke
                                total=len(seeds) - 1, desc="adaptation, other seeds"))
     adapted["by_seed"] = [{key: run[key] for key in PER_SEED_ADAPTATION} for run in [adapted, *others]]
     adapted["recovered_by_seed"] = [run["recovered_fraction"] for run in adapted["by_seed"]]
+    adapted["of_ceiling_by_seed"] = [run["of_ceiling"] for run in adapted["by_seed"]]
     adapted["seeds"] = seeds
     return adapted
 

@@ -62,6 +62,9 @@ class ReliabilityConfig:
     # the target: guarded, at each optimizer's default lr, clean test accuracy never more than this below the
     # frozen module's (points)
     guarded_max_drop: float = 0.3
+    # the teacher: perturbation importance moves the module on any stream, so there is a fault to guard against
+    # (the set-level signal, the library's default, moves it little on noise)
+    target: str = "perturbation"
     seed: int = 0
     threads: int = 1
 
@@ -300,11 +303,11 @@ def stream_runs(frozen: ARRCOC, kind: str, optimizer: str, probe: Tensor, evalua
     """One stream with one optimizer: at its default and its aggressive lr, guarded and not; ``which``: ``all`` of
     them, only the ``target`` run (guarded at the default lr, the one the target judges) or the ``rest``."""
     runs = []
-    default_lr = AdaptationConfig(optimizer=optimizer).lr
+    default_lr = AdaptationConfig(optimizer=optimizer, target=config.target).lr
     settings = list(itertools.product((default_lr, default_lr * config.aggressive_lr_scale), (True, False)))
     for lr, guarded in {"all": settings, "target": settings[:1], "rest": settings[1:]}[which]:
-        runs.append(run_stream(frozen.fork(AdaptationConfig(optimizer=optimizer, lr=lr)), kind, guarded, probe,
-                               evaluation, config))
+        adaptation = AdaptationConfig(optimizer=optimizer, lr=lr, target=config.target)
+        runs.append(run_stream(frozen.fork(adaptation), kind, guarded, probe, evaluation, config))
         s = runs[-1]["summary"]
         print(f"{kind:12s} {optimizer:4s} lr={lr:<6g} guard={guarded!s:5s} frozen {100 * s['frozen_accuracy']:.1f}% "
               f"lowest {100 * s['lowest_accuracy']:.1f}% final {100 * s['final_accuracy']:.1f}% largest step "
@@ -393,7 +396,8 @@ def main(argv: list[str] | None = None) -> None:
     report = run_metadata(
         command_line("arrcoc.bench.reliability", argv), args.quick,
         config=asdict(config),
-        adaptation={optimizer: asdict(AdaptationConfig(optimizer=optimizer)) for optimizer in args.optimizers},
+        adaptation={optimizer: asdict(AdaptationConfig(optimizer=optimizer, target=config.target))
+                    for optimizer in args.optimizers},
         backbone=str(Path(args.checkpoint).relative_to(REPO_ROOT) if Path(args.checkpoint).is_relative_to(REPO_ROOT)
                      else args.checkpoint),
         full_token_accuracy=accuracy(frozen, *evaluation, full=True),

@@ -104,8 +104,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
                         help="clean unlabelled training canvases guarding every update (set_probe); 0: no probe")
     defaults = AdaptationConfig()
     parser.add_argument("--target", choices=ADAPTATION_TARGETS, default=defaults.target,
-                        help="self-supervised target: perturbation importance (reduced forwards with patch groups "
-                             "dropped) or the backbone's CLS attention (one forward, cheaper)")
+                        help="self-supervised target: the set-level signal (does each kept patch, and each next "
+                             "candidate, move the reduced prediction towards the full-token one), perturbation "
+                             "importance (reduced forwards with patch groups dropped), the backbone's CLS attention "
+                             "(one forward) or reward (does the module's choice agree with all tokens)")
     parser.add_argument("--optimizer", choices=tuple(DEFAULT_ADAPTATION_LR), default=defaults.optimizer,
                         help="sgd: every update moves the weights by at most lr * max-grad-norm; adam (lr ~3e-3): "
                              "adapts faster, each weight moves at most ~3.2 lr per update")

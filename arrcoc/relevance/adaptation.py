@@ -1,7 +1,7 @@
 """Label-free online adaptation of an attached model's relevance module: bounded updates, rollback, probe.
 
 ``model.adapt(images)`` is one step of the model's :class:`OnlineAdaptation`: it learns towards a
-self-supervised, forward-only target (perturbation importance or the backbone's CLS attention), undoes
+self-supervised, forward-only target (perturbation importance, the set-level signal, ...), undoes
 learning that lowers the running agreement of the reduced with the full-token predictions, and, with a
 clean probe (``model.set_probe``), keeps an update only if the probe shows that the module has lost at most a
 tenth of a point of the frozen module's (soft) agreement there, however long the stream. Why each default is
@@ -25,7 +25,7 @@ from arrcoc.rules.relaxation import RelaxationDiverged
 from .wrapper import QueryInput
 
 DEFAULT_ADAPTATION_LR = {"sgd": 0.05, "adam": 3e-3}  # per optimizer in arrcoc.optim.OPTIMIZERS
-ADAPTATION_TARGETS = ("perturbation", "attention")
+ADAPTATION_TARGETS = ("perturbation", "attention", "set", "reward")
 
 
 @dataclass
@@ -40,8 +40,10 @@ class AdaptationConfig:
         max_grad_norm: gradients are clipped to this norm before the step.
         proxy_momentum: of the running agreement of the reduced with the full-token prediction.
         rollback_drop: roll back when the running agreement falls this far below its best.
-        target: the self-supervised target, ``perturbation`` (reduced forwards with patch groups dropped)
-            or ``attention`` (the backbone's CLS attention: one forward).
+        target: the self-supervised target, ``perturbation`` (reduced forwards with patch groups dropped),
+            ``attention`` (the backbone's CLS attention: one forward), ``set`` (the set-level signal: does each
+            kept patch, and each next candidate, move the reduced prediction towards the full-token one; 1 + 2K
+            forwards of about K tokens) or ``reward`` (does the module's choice agree with the full-token prediction).
         probe_max_drop: with a probe, how much of the frozen module's soft agreement on it (the mean probability
             the reduced prediction gives the full-token class; 0.001: a tenth of a point) the adapting module may
             have lost, counted from the frozen module (not from the previous update) however long the stream.
@@ -58,7 +60,7 @@ class AdaptationConfig:
     max_grad_norm: float = 1.0
     proxy_momentum: float = 0.9
     rollback_drop: float = 0.15
-    target: str = "perturbation"
+    target: str = "set"
     probe_max_drop: float = 0.001
     probe_confidence: float = 1.64
     probe_chunk: int = 64
@@ -67,7 +69,7 @@ class AdaptationConfig:
 
     def __post_init__(self) -> None:
         if self.target not in ADAPTATION_TARGETS:
-            raise ValueError(f"adaptation target must be 'perturbation' or 'attention', got {self.target!r}")
+            raise ValueError(f"adaptation target must be one of {ADAPTATION_TARGETS}, got {self.target!r}")
         if self.optimizer not in DEFAULT_ADAPTATION_LR:
             raise ValueError(f"adaptation optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.lr is None:
@@ -114,9 +116,7 @@ class AdaptableModel(Protocol):
 
     def agreement(self, images: Tensor, query: QueryInput = None) -> Tensor: ...
 
-    def relevance_target(self, images: Tensor, *, kind: str | None = None) -> Tensor: ...
-
-    def learn(self, images: Tensor, query: QueryInput = None, target: Tensor | None = None, *,
+    def learn(self, images: Tensor, query: QueryInput = None, target: Tensor | str | None = None, *,
               optimizer: torch.optim.Optimizer | None = None, max_grad_norm: float | None = None
               ) -> dict[str, float]: ...
 
@@ -194,9 +194,8 @@ class OnlineAdaptation:
                 self.running_agreement, rolled_back = self.best_agreement, True
         report = AdaptReport(agreement, self.running_agreement, snapshot, rolled_back)
         if not rolled_back:
-            target = model.relevance_target(images, kind=cfg.target)
             try:
-                model.learn(images, query, target=target, optimizer=self.optimizer, max_grad_norm=cfg.max_grad_norm)
+                model.learn(images, query, target=cfg.target, optimizer=self.optimizer, max_grad_norm=cfg.max_grad_norm)
             except (RelaxationDiverged, NonFiniteUpdate) as error:  # nothing changed (fill_grads is all or nothing)
                 report.skipped = str(error)
         if self.probe is not None:

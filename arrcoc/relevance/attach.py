@@ -36,7 +36,7 @@ from .adaptation import AdaptationConfig, AdaptReport, OnlineAdaptation
 from .checkpoint import read_checkpoint
 from .graphs import GraphedForward
 from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
-from .targets import attention_target, box_target, perturbation_target
+from .targets import attention_target, box_target, perturbation_target, set_target
 from .wrapper import QueryInput, RelevanceWrapper
 
 
@@ -228,10 +228,14 @@ class ARRCOC(RelevanceWrapper, nn.Module):
     # ---- learning -----------------------------------------------------------------------------
     @torch.no_grad()
     def relevance_target(self, images: Tensor, boxes: Tensor | None = None, state: TokenSet | None = None,
-                         kind: str | None = None) -> Tensor:
+                         kind: str | None = None, query: QueryInput = None) -> Tensor:
         """(B, N) the forward-only target ``kind`` (default: the configured one; see
-        :mod:`arrcoc.relevance.targets`); ``state``: the images' embedded tokens, if already computed."""
+        :mod:`arrcoc.relevance.targets`); ``state``: the images' embedded tokens, if already computed; ``query``:
+        what the module is asked (the set target scores the module's own choice)."""
         kind = kind or self.config.target
+        if kind == "set":
+            out, state, _ = self.relevance_pass(images, query)
+            return set_target(self.adapter, state, out.logits, num_kept(self.budget, out.logits.shape[1]))
         grid = self.adapter.grid(images)
         if kind == "box":
             if boxes is None:
@@ -263,17 +267,21 @@ class ARRCOC(RelevanceWrapper, nn.Module):
         return (p + (reward - baseline)[:, None] * (mask - p)).clamp(0, 1)
 
     def training_target(self, out: RelevanceOutput, state: TokenSet, images: Tensor, boxes: Tensor | None,
-                        labels: Tensor | None) -> Tensor:
-        """(B, N) what a training step on the pass ``out`` learns towards: the configured target (the reward
-        target judges the choice ``out`` made)."""
-        if self.config.target == "reward":
+                        labels: Tensor | None, kind: str | None = None) -> Tensor:
+        """(B, N) what a training step on the pass ``out`` learns towards: the target ``kind`` (default: the
+        configured one; the reward and set targets judge the choice ``out`` made)."""
+        kind = kind or self.config.target
+        if kind == "reward":
             return self.reward_target(out, state, labels)
-        return self.relevance_target(images, boxes, state)
+        if kind == "set":
+            return set_target(self.adapter, state, out.logits, num_kept(self.budget, out.logits.shape[1]), labels)
+        return self.relevance_target(images, boxes, state, kind)
 
-    def learn(self, images: Tensor, query: QueryInput = None, target: Tensor | None = None,
+    def learn(self, images: Tensor, query: QueryInput = None, target: Tensor | str | None = None,
               boxes: Tensor | None = None, labels: Tensor | None = None,
               optimizer: torch.optim.Optimizer | None = None, max_grad_norm: float | None = None) -> dict[str, float]:
         """One step: every sub-network's rule fills its .grad (:meth:`fill_grads`), then the optimizer steps.
+        ``target``: (B, N) per patch, or the name of a target made on this step's pass (default: the configured one).
 
         If any rule fails (a diverging relaxation, a non-finite update), no weight, buffer or optimizer
         state changes; the error is raised.
@@ -282,7 +290,7 @@ class ARRCOC(RelevanceWrapper, nn.Module):
         self.step_optimizer(optimizer, max_grad_norm)
         return metrics
 
-    def fill_grads(self, images: Tensor, query: QueryInput = None, target: Tensor | None = None,
+    def fill_grads(self, images: Tensor, query: QueryInput = None, target: Tensor | str | None = None,
                    boxes: Tensor | None = None, labels: Tensor | None = None) -> dict[str, float]:
         """Clear every .grad of the relevance module, then let each sub-network's rule fill its own.
 
@@ -302,7 +310,7 @@ class ARRCOC(RelevanceWrapper, nn.Module):
             self._reward_baseline = saved[1]
             raise
 
-    def _fill_grads(self, images: Tensor, query: QueryInput, target: Tensor | None, boxes: Tensor | None,
+    def _fill_grads(self, images: Tensor, query: QueryInput, target: Tensor | str | None, boxes: Tensor | None,
                     labels: Tensor | None) -> dict[str, float]:
         was_training = self.relevance.training
         self.relevance.train()  # feature statistics follow the training stream
@@ -313,8 +321,8 @@ class ARRCOC(RelevanceWrapper, nn.Module):
         if labels is not None and (labels.shape != images.shape[:1] or labels.is_floating_point()):
             raise ValueError(f"labels must be ({images.shape[0]},) class indices (one per image), got "
                              f"{tuple(labels.shape)} {labels.dtype}")
-        if target is None:
-            target = self.training_target(out, state, images, boxes, labels)
+        if target is None or isinstance(target, str):  # a kind of target, made on this pass
+            target = self.training_target(out, state, images, boxes, labels, target)
         self.fill_rule_grads([(out, target)])
         k = num_kept(self.budget, h * w)
         chosen = torch.zeros_like(out.logits).scatter_(1, top_k(out.logits, k), 1.0)

@@ -42,14 +42,16 @@ SUBNETWORKS = {
     "field": "energy over patches: ep, chl",
     "allocator": "budget logits: fa, dfa, backprop",
 }
+# the perspectival encoder is a fixed random projection: its Hebbian rule (hebbian-oja, form sanger) stays for
+# ablation; it beat its random start by less than 2 points everywhere (docs/decisions.md, issue 36)
 DEFAULT_RULES: dict[str, dict[str, Any]] = {
-    "perspectival_encoder": {"name": "hebbian-oja", "form": "sanger"},
+    "perspectival_encoder": {"name": "frozen"},
     "perspectival_readout": {"name": "contrastive-hebbian"},
     "participatory": {"name": "infonce-hebbian", "temperature": 0.1},
     "field": {"name": "ep", "loss": "mse", "beta": 0.5, "nudge": "symmetric"},
     "allocator": {"name": "fa"},
 }
-TARGETS = ("attention", "perturbation", "box", "reward")
+TARGETS = ("attention", "perturbation", "box", "reward", "set")
 PARTICIPATORY_CONTRASTS = ("batch", "patches")
 
 
