@@ -33,6 +33,7 @@ from .digits import DigitSplit, load_mnist_5k
 
 __all__ = [
     "COLORS",
+    "MORE_COLORS",
     "POSITIONS",
     "SHIFT_CANVAS",
     "SHIFT_QUERY",
@@ -71,6 +72,10 @@ _SHIFTED_COLORS: dict[str, tuple[float, float, float]] = {
     "blue": (0.35, 0.45, 0.95),
     "yellow": (0.9, 0.8, 0.3),
 }
+# Two more named colours for canvases with more digits (the VQA canvases, :mod:`arrcoc.data.vqa`); the query
+# canvases use COLORS.
+MORE_COLORS: dict[str, tuple[float, float, float]] = {"magenta": (1.0, 0.2, 1.0), "cyan": (0.1, 1.0, 1.0)}
+_MORE_SHIFTED_COLORS: dict[str, tuple[float, float, float]] = {"magenta": (0.85, 0.4, 0.8), "cyan": (0.35, 0.85, 0.85)}
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")  # quadrant order: row-major
 
 # Several phrasings per query type; the last ones of each list are held out (test only).
@@ -138,6 +143,10 @@ class QueryConfig:
                              f"{self.adjacent!r} and {self.adjacent_gap!r}")
         if not 1 <= self.num_digits[0] <= self.num_digits[1]:
             raise ValueError(f"num_digits must be (low, high) with 1 <= low <= high, got {self.num_digits!r}")
+        unknown = set(self.colors) - set(COLORS) - set(MORE_COLORS)
+        if unknown or len(set(self.colors)) < 2:
+            raise ValueError(f"colors must be at least two distinct names of {[*COLORS, *MORE_COLORS]}, got "
+                             f"{self.colors!r}")
 
 
 # Three times the clutter and larger digits: the backbone with all tokens keeps most of its accuracy, while a
@@ -448,7 +457,8 @@ def _paint(canvas: Tensor, sources: Tensor, chosen: Tensor, corner: Tensor, scal
     flat = lambda t: rearrange(t, "n s ... -> (n s) ...")  # noqa: E731
     layers = _place(sources[flat(chosen)], flat(corner[..., 0]), flat(corner[..., 1]), flat(scale), config.size)
     layers = rearrange(layers, "(n s) 1 h w -> n s 1 h w", s=slots) * present[..., None, None, None]
-    palette = torch.tensor([(_SHIFTED_COLORS if config.shifted_colors else COLORS)[c] for c in config.colors])
+    named = {**_SHIFTED_COLORS, **_MORE_SHIFTED_COLORS} if config.shifted_colors else {**COLORS, **MORE_COLORS}
+    palette = torch.tensor([named[c] for c in config.colors])
     colors = palette[color_index] * _uniform(generator, n, (0.8, 1.0), slots, 1)
     for slot in range(slots):
         canvas = _over(canvas, layers[:, slot], colors[:, slot])

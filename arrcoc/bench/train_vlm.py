@@ -1,0 +1,310 @@
+"""Train the canvas VLM (issue 38): ``python -m arrcoc.bench.train_vlm [--quick]``.
+
+Two stages, both backprop, on VQA canvases of TRAIN source digits (:mod:`arrcoc.data.vqa`):
+
+1. **The tower, per patch.** The canvas ViT's architecture at 128 px (256 patches of 8 px), started from the
+   committed canvas ViT (its stem and blocks; the position embedding resampled from 8 x 8 to 16 x 16), learns for
+   each patch the digit and colour of the digit whose ink box holds the patch's centre (or background) and whether
+   the box's centre is in it (one patch per digit: what counting reads). Without it a language model on a small
+   tower never binds words to digits (the issue's probe: local questions at chance).
+2. **The VQA model.** The tower frozen, its features computed once; the projector and a small Llama learn the answer
+   word (cross-entropy on the answer and ``</s>``), several questions per canvas.
+
+Writes the model with ``save_pretrained`` (config, weights, tokenizer) and ``training.json`` (command, settings,
+accuracies per question kind on canvases of TEST source digits, seconds) to ``benchmarks/checkpoints/canvas_vlm/``
+(``runs/quick/canvas_vlm`` with ``--quick``). :func:`load_canvas_vlm` reads it back.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from torch import Tensor, nn
+from tqdm import tqdm
+from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
+
+from arrcoc.config import REPO_ROOT, parse_with_config
+from arrcoc.data.vqa import LOCAL_KINDS, VQABatch, VQAConfig, ask, vqa_split
+from arrcoc.models.canvas_vit import load_canvas_vit
+from arrcoc.models.canvas_vlm import (CanvasVisionConfig, CanvasVisionModel, CanvasVLMConfig, build_canvas_vlm,
+                                      canvas_prompts, canvas_tokenizer)
+from arrcoc.optim import warmup_cosine
+from arrcoc.reporting import command_line, run_metadata
+from arrcoc.storage import save_json_atomic
+
+from .pretrain import training_parser
+
+DEFAULT_DIR = REPO_ROOT / "benchmarks" / "checkpoints" / "canvas_vlm"
+BACKGROUND = -1  # a patch no digit's box holds: its own class after the digits (colours) in each head
+
+
+@dataclass(frozen=True)
+class VLMTrainConfig:
+    """Settings of both stages.
+
+    Args:
+        canvases: training canvases (drawn once; the questions are redrawn every VQA epoch).
+        tower_epochs, tower_batch, tower_lr: the tower's per-patch stage.
+        vqa_epochs, vqa_batch, vqa_lr: the VQA stage (projector and language model).
+        questions_per_canvas: questions asked of each canvas in each VQA epoch.
+        eval_canvases: test canvases (TEST source digits, held-out phrasings) the accuracies are measured on.
+        warmup: the share of each stage's steps its step size warms up over.
+    """
+
+    seed: int = 0
+    canvases: int = 8192
+    tower_epochs: int = 6
+    tower_batch: int = 64
+    tower_lr: float = 1e-3
+    vqa_epochs: int = 6
+    vqa_batch: int = 64
+    vqa_lr: float = 1e-3
+    questions_per_canvas: int = 4
+    eval_canvases: int = 1000
+    warmup: float = 0.05
+    weight_decay: float = 0.05
+    threads: int = 2
+    epochs: int | None = None  # the shared command line's --epochs: both stages' epochs
+
+    def __post_init__(self) -> None:
+        if self.epochs is not None:
+            object.__setattr__(self, "tower_epochs", self.epochs)
+            object.__setattr__(self, "vqa_epochs", self.epochs)
+
+    def overridden(self, **settings: Any) -> VLMTrainConfig:
+        return replace(self, **{key: value for key, value in settings.items() if value is not None})
+
+
+# ---- stage 1: the tower --------------------------------------------------------------------------------
+def patch_targets(batch: VQABatch, grid: int, patch: int) -> dict[str, Tensor]:
+    """Per patch (N, grid * grid): ``digit`` and ``color`` of the digit whose ink box holds the patch's centre (the
+    one painted last where boxes overlap; 10 and the colour count for none) and ``centre``, 1 on the patch holding a
+    box's centre."""
+    centres = (torch.arange(grid).float() + 0.5) * patch
+    y, x = torch.meshgrid(centres, centres, indexing="ij")
+    x, y = x.flatten(), y.flatten()
+    n, slots = batch.present.shape
+    digit, color = torch.full((n, grid * grid), 10), torch.full((n, grid * grid), BACKGROUND)
+    centre = torch.zeros(n, grid * grid)
+    for slot in range(slots):  # painting order
+        box, present = batch.boxes[:, slot], batch.present[:, slot, None]
+        inside = (x >= box[:, 0:1]) & (x < box[:, 2:3]) & (y >= box[:, 1:2]) & (y < box[:, 3:4]) & present
+        digit = torch.where(inside, batch.digits[:, slot, None], digit)
+        color = torch.where(inside, batch.colors[:, slot, None], color)
+        middle = ((box[:, :2] + box[:, 2:]) / 2 / patch).long().clamp(0, grid - 1)
+        cell = middle[:, 1] * grid + middle[:, 0]
+        centre[torch.arange(n)[present[:, 0]], cell[present[:, 0]]] = 1.0
+    return {"digit": digit, "color": color, "centre": centre}
+
+
+class TowerHeads(nn.Module):
+    """Linear read-outs of the tower's patch tokens for stage 1 (dropped afterwards)."""
+
+    def __init__(self, width: int, colors: int):
+        super().__init__()
+        self.digit, self.color, self.centre = nn.Linear(width, 11), nn.Linear(width, colors + 1), nn.Linear(width, 1)
+
+    def loss(self, patches: Tensor, targets: dict[str, Tensor]) -> Tensor:
+        colors = self.color.out_features
+        return (F.cross_entropy(self.digit(patches).flatten(0, 1), targets["digit"].flatten())
+                + F.cross_entropy(self.color(patches).flatten(0, 1), targets["color"].remainder(colors).flatten())
+                + F.binary_cross_entropy_with_logits(self.centre(patches).squeeze(-1), targets["centre"]))
+
+
+def tower_from_canvas_vit(config: CanvasVisionConfig) -> CanvasVisionModel:
+    """The tower, its weights the committed canvas ViT's (position embedding resampled to the tower's grid)."""
+    tower = CanvasVisionModel(config)
+    source = load_canvas_vit().state_dict()
+    grid = config.image_size // config.patch_size
+    source["pos_embed"] = resample_abs_pos_embed(source["pos_embed"], (grid, grid), num_prefix_tokens=1)
+    source = {k: v for k, v in source.items() if not k.startswith("head.")}
+    tower.vit.load_state_dict(source)
+    return tower
+
+
+def train_tower(tower: CanvasVisionModel, train: VQABatch, config: VLMTrainConfig, colors: int) -> list[float]:
+    """Stage 1: every patch token learns what its patch shows. Returns the loss of each epoch's last step."""
+    vision = tower.config
+    heads = TowerHeads(vision.hidden_size, colors)
+    parameters = [*tower.parameters(), *heads.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=config.tower_lr, weight_decay=config.weight_decay)
+    steps = config.tower_epochs * math.ceil(len(train) / config.tower_batch)
+    schedule = warmup_cosine(optimizer, steps, config.warmup * steps)
+    targets = patch_targets(train, vision.image_size // vision.patch_size, vision.patch_size)
+    generator = torch.Generator().manual_seed(config.seed)
+    tower.train()
+    losses = []
+    for epoch in range(config.tower_epochs):
+        order = torch.randperm(len(train), generator=generator).split(config.tower_batch)
+        for rows in tqdm(order, desc=f"tower {epoch + 1}/{config.tower_epochs}", leave=False):
+            patches = tower(train.images[rows].float() / 255).last_hidden_state[:, 1:]
+            loss = heads.loss(patches, {k: v[rows] for k, v in targets.items()})
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        losses.append(loss.item())
+        tqdm.write(f"tower epoch {epoch + 1}: loss {losses[-1]:.3f}")
+    return losses
+
+
+# ---- stage 2: the VQA model ----------------------------------------------------------------------------
+@torch.no_grad()
+def tower_features(model: LlavaForConditionalGeneration, images: Tensor, chunk: int = 128) -> Tensor:
+    """(N, T, D) what the tower gives the projector (the layer and strategy the config names), bfloat16; ``images``
+    uint8."""
+    core = model.model
+    layer, strategy = model.config.vision_feature_layer, model.config.vision_feature_select_strategy
+    out = []
+    for start in range(0, len(images), chunk):
+        hidden = core.vision_tower(images[start:start + chunk].float() / 255).hidden_states[layer]
+        out.append((hidden[:, 1:] if strategy == "default" else hidden).to(torch.bfloat16))
+    return torch.cat(out)
+
+
+def embedded_prompts(model: LlavaForConditionalGeneration, features: Tensor, prompts: dict[str, Tensor]) -> Tensor:
+    """The language model's input embeddings: the prompt's, with the projected ``features`` at the image
+    placeholders (what ``LlavaForConditionalGeneration`` builds from pixels)."""
+    embeds = model.get_input_embeddings()(prompts["input_ids"])
+    image = (prompts["input_ids"] == model.config.image_token_id)[..., None]
+    projected = model.model.multi_modal_projector(features.float())
+    return embeds.masked_scatter(image, projected.to(embeds.dtype))
+
+
+def positions(mask: Tensor) -> Tensor:
+    """Position ids of left-padded prompts: counted from each row's first token, as ``generate`` counts them."""
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def train_vqa(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, train: VQABatch,
+              features: Tensor, config: VLMTrainConfig) -> list[float]:
+    """Stage 2: the projector and the language model learn the answers (the tower frozen). Returns the loss of
+    each epoch's last step."""
+    model.model.vision_tower.requires_grad_(False)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.vqa_lr, weight_decay=config.weight_decay)
+    per_epoch = math.ceil(len(train) * config.questions_per_canvas / config.vqa_batch)
+    steps = config.vqa_epochs * per_epoch
+    schedule = warmup_cosine(optimizer, steps, config.warmup * steps)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    tokens = features.shape[1]
+    model.train()
+    losses = []
+    for epoch in range(config.vqa_epochs):
+        asked = [ask(train, config.seed * 1000 + epoch * config.questions_per_canvas + q)
+                 for q in range(config.questions_per_canvas)]
+        jobs = torch.randperm(len(train) * len(asked), generator=generator).split(config.vqa_batch)
+        for job in tqdm(jobs, desc=f"vqa {epoch + 1}/{config.vqa_epochs}", leave=False):
+            rows, which = job % len(train), job // len(train)
+            questions = [asked[int(w)].questions[int(r)] for r, w in zip(rows, which)]
+            answers = [asked[int(w)].answers[int(r)] for r, w in zip(rows, which)]
+            prompts = canvas_prompts(tokenizer, questions, tokens, answers)
+            loss = model(inputs_embeds=embedded_prompts(model, features[rows], prompts),
+                         attention_mask=prompts["attention_mask"], position_ids=positions(prompts["attention_mask"]),
+                         labels=prompts["labels"]).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        losses.append(loss.item())
+        tqdm.write(f"vqa epoch {epoch + 1}: loss {losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def answer(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, images: Tensor,
+           questions: list[str], chunk: int = 64) -> list[str]:
+    """The model's answers with all visual tokens, by ``generate`` (greedy, one word)."""
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    out = []
+    for start in range(0, len(questions), chunk):
+        prompts = canvas_prompts(tokenizer, questions[start:start + chunk], grid * grid)
+        generated = model.generate(pixel_values=images[start:start + chunk].float() / 255, **prompts,
+                                   max_new_tokens=1, do_sample=False)
+        out += tokenizer.batch_decode(generated[:, prompts["input_ids"].shape[1]:])
+    return [a.strip() for a in out]
+
+
+def accuracy_by_kind(answers: list[str], batch: VQABatch) -> dict[str, float]:
+    """Accuracy (%) per question kind, over local and global questions, and over all."""
+    right = torch.tensor([a == b for a, b in zip(answers, batch.answers)], dtype=torch.float)
+    kinds = torch.tensor([LOCAL_KINDS.__contains__(k) for k in batch.kinds])
+    result = {kind: 100 * right[[k == kind for k in batch.kinds]].mean().item() for kind in sorted(set(batch.kinds))}
+    return {**result, "local": 100 * right[kinds].mean().item(), "global": 100 * right[~kinds].mean().item(),
+            "all": 100 * right.mean().item()}
+
+
+def as_uint8(batch: VQABatch) -> VQABatch:
+    """The batch with its images as uint8 (a quarter of the memory; what the camera would give)."""
+    return replace(batch, images=(batch.images * 255).round().to(torch.uint8))
+
+
+def train_canvas_vlm(model_config: CanvasVLMConfig, config: VLMTrainConfig
+                     ) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerFast, dict[str, Any]]:
+    """Both stages; returns the model, its tokenizer and what the run measured."""
+    torch.manual_seed(config.seed)
+    start = time.perf_counter()
+    vqa = VQAConfig()
+    train = as_uint8(vqa_split("train", config.canvases, seed=config.seed))
+    test = as_uint8(vqa_split("test", config.eval_canvases, seed=config.seed))
+    tokenizer = canvas_tokenizer(vqa)
+    model = build_canvas_vlm(model_config, tokenizer, seed=config.seed)
+    vision = model.config.vision_config
+    if (vision.hidden_size, vision.num_hidden_layers) == (128, 6):  # the canvas ViT's: start from it
+        model.model.vision_tower.load_state_dict(tower_from_canvas_vit(vision).state_dict())
+    tower_losses = train_tower(model.model.vision_tower, train, config, len(vqa.canvas.colors))
+    tower_seconds = time.perf_counter() - start
+    features = tower_features(model, train.images)
+    vqa_losses = train_vqa(model, tokenizer, train, features, config)
+    seconds = time.perf_counter() - start
+    accuracy = accuracy_by_kind(answer(model, tokenizer, test.images, test.questions), test)
+    return model, tokenizer, {"tower_losses": tower_losses, "vqa_losses": vqa_losses, "test_accuracy": accuracy,
+                              "tower_seconds": round(tower_seconds, 1), "train_seconds": round(seconds, 1)}
+
+
+def load_canvas_vlm(directory: str | Path = DEFAULT_DIR) -> tuple[LlavaForConditionalGeneration,
+                                                                    PreTrainedTokenizerFast]:
+    """The trained canvas VLM (eval mode) and its tokenizer from ``directory``."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"no canvas VLM in {directory}; train it with `python -m arrcoc.bench.train_vlm`")
+    model = LlavaForConditionalGeneration.from_pretrained(directory).eval()
+    return model, PreTrainedTokenizerFast.from_pretrained(directory)
+
+
+# ---- command ------------------------------------------------------------------------------------
+QUICK_MODEL = CanvasVLMConfig(vision=CanvasVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                        stem_widths=(8, 16, 32)),
+                              text_hidden=32, text_layers=1, text_heads=2, text_kv_heads=2, text_mlp=64)
+QUICK_TRAIN = VLMTrainConfig(canvases=64, tower_epochs=1, vqa_epochs=1, tower_batch=32, vqa_batch=32,
+                             questions_per_canvas=1, eval_canvases=32)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = training_parser(__doc__, "tiny smoke run (seconds), writes to runs/quick/canvas_vlm")
+    args = parse_with_config(parser, argv)
+    model_config, config = (QUICK_MODEL, QUICK_TRAIN) if args.quick else (CanvasVLMConfig(), VLMTrainConfig())
+    config = config.overridden(seed=args.seed, epochs=args.epochs, threads=args.threads)
+    torch.set_num_threads(config.threads)
+    out = args.out or (REPO_ROOT / "runs" / "quick" / "canvas_vlm" if args.quick else DEFAULT_DIR)
+    model, tokenizer, measured = train_canvas_vlm(model_config, config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_json_atomic(out / "training.json", run_metadata(
+        command_line("arrcoc.bench.train_vlm", argv), args.quick, train=asdict(config),
+        model={k: v for k, v in asdict(model_config).items() if k != "vision"},
+        vision=model.config.vision_config.to_dict(), **measured))
+    print(f"test accuracy {measured['test_accuracy']}; {measured['train_seconds']:.0f} s; wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

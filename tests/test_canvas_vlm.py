@@ -1,0 +1,53 @@
+"""The canvas VLM (issue 38) is a real ``LlavaForConditionalGeneration`` with a tower of its own: it builds from a
+config, answers through ``generate``, saves and loads with transformers' own calls, ARR-COC attaches to it, and the
+training command runs end to end (on a tiny config)."""
+
+import torch
+
+import arrcoc
+from arrcoc.bench.train_vlm import (QUICK_MODEL, as_uint8, embedded_prompts, load_canvas_vlm, main, patch_targets,
+                                    positions, tower_features)
+from arrcoc.data.vqa import vqa_split
+from arrcoc.models.canvas_vlm import IMAGE_TOKEN, build_canvas_vlm, canvas_prompts, canvas_tokenizer
+
+
+def test_the_precomputed_features_path_is_the_pixel_path():
+    tokenizer = canvas_tokenizer()
+    model = build_canvas_vlm(QUICK_MODEL, tokenizer)
+    batch = as_uint8(vqa_split("test", 4, seed=0))
+    questions = ["is there a 3 ?", *batch.questions[1:]]  # rows of different lengths: left padding
+    prompts = canvas_prompts(tokenizer, questions, 256)
+    assert (prompts["input_ids"] == tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)).sum(1).tolist() == [256] * 4
+    with torch.no_grad():
+        pixels = model(pixel_values=batch.images.float() / 255, **prompts,
+                       position_ids=positions(prompts["attention_mask"])).logits[:, -1]
+        features = model(inputs_embeds=embedded_prompts(model, tower_features(model, batch.images), prompts),
+                         attention_mask=prompts["attention_mask"],
+                         position_ids=positions(prompts["attention_mask"])).logits[:, -1]
+        generated = model.generate(pixel_values=batch.images.float() / 255, **prompts, max_new_tokens=1,
+                                   do_sample=False, output_scores=True, return_dict_in_generate=True)
+    assert (features - pixels).abs().max() < 1e-3  # the features are stored in bfloat16
+    assert torch.allclose(generated.scores[0], pixels, atol=1e-5)
+
+
+def test_patch_targets_mark_each_digits_patches_and_one_centre():
+    batch = vqa_split("train", 8, seed=0)
+    targets = patch_targets(batch, 16, 8)
+    assert torch.equal(targets["centre"].sum(1), batch.present.sum(1).float())
+    for i in range(8):
+        shown = set(batch.digits[i][batch.present[i]].tolist())
+        assert set(targets["digit"][i].unique().tolist()) - {10} <= shown
+        assert (targets["digit"][i] == 10).sum() > 100  # most of the canvas is background
+        assert torch.equal(targets["digit"][i] == 10, targets["color"][i] == -1)
+
+
+def test_training_saves_a_model_transformers_loads_and_arrcoc_attaches_to(tmp_path):
+    out = main(["--quick", "--threads", "1", "--out", str(tmp_path / "vlm")])
+    model, tokenizer = load_canvas_vlm(out)
+    assert type(model).__name__ == "LlavaForConditionalGeneration" and len(tokenizer) > 60
+    batch = as_uint8(vqa_split("test", 2, seed=0))
+    prompts = canvas_prompts(tokenizer, batch.questions, 256)
+    wrapped = arrcoc.attach_vlm(model, budget=0.25)
+    generated = wrapped.generate(pixel_values=batch.images.float() / 255, **prompts, max_new_tokens=1,
+                                 do_sample=False)
+    assert generated.shape == (2, prompts["input_ids"].shape[1] + 1)
