@@ -127,6 +127,35 @@ def test_the_kept_set_is_the_targets_top_k_ties_going_nearest_its_centre():
     assert kept[1, 6, 6] == 1 and kept[1, 0, 0] == 1  # then by value, whatever the distance
 
 
+class _SummingBackbone:
+    """A transparent stand-in for a backbone: the prediction is the sum of the kept patch tokens (2 classes)."""
+
+    def run_blocks(self, state):
+        return state
+
+    def head(self, state):
+        return state.tokens[:, state.num_prefix:].sum(1)
+
+
+def test_the_set_target_swaps_a_useless_kept_patch_for_a_candidate_that_helps():
+    """Patches 0 and 1 carry the class (the full prediction), patch 2 nothing, patch 3 a little against it. The
+    module keeps 0 and 2 (K = 2) and would keep 1 and 3 next: the target keeps 0 and 1, drops 2 and 3 and leaves
+    every other patch at the module's own relevance."""
+    from arrcoc.backbones import TokenSet
+    from arrcoc.relevance.targets import set_target
+
+    tokens = torch.zeros(1, 6, 2)
+    tokens[0, 0], tokens[0, 1], tokens[0, 3] = torch.tensor([3.0, 0.0]), torch.tensor([2.0, 0.0]), torch.tensor(
+        [0.0, 0.5])
+    state = TokenSet(tokens, 0, torch.arange(6)[None])
+    logits = torch.tensor([[4.0, 2.0, 3.0, 1.0, -1.0, -2.0]])
+    target = set_target(_SummingBackbone(), state, logits, kept=2)
+    assert target[0, :4].tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert torch.allclose(target[0, 4:], torch.sigmoid(logits[0, 4:]))
+    with_labels = set_target(_SummingBackbone(), state, logits, kept=2, labels=torch.tensor([0]))
+    assert with_labels[0, :4].tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
 def test_the_ranking_learns_the_kept_set_and_the_ways_of_knowing_the_target():
     """The field's nudged phases and the allocator's error use the box target's kept set at the budget; the ways
     of knowing the box itself. With ``ablate.kept_set`` off the ranking learns the box too."""
