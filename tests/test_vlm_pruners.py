@@ -1,0 +1,67 @@
+"""The visual-token pruners keep K distinct tokens of each image, deterministically, and each keeps what its method
+says: the oracle the asked digit's patches, the grid an even spread, pooling the cell means, DivPrune the spread-out
+features."""
+
+import pytest
+import torch
+
+from arrcoc.backbones.vlm import adapt_vlm
+from arrcoc.baselines.vlm_pruners import PRUNERS, PruningContext, apply_selection
+from arrcoc.bench.train_vlm import QUICK_MODEL
+from arrcoc.data.vqa import vqa_split
+from arrcoc.models.canvas_vlm import build_canvas_vlm, canvas_prompts, canvas_tokenizer
+
+
+@pytest.fixture(scope="module")
+def case():
+    tokenizer = canvas_tokenizer()
+    model = build_canvas_vlm(QUICK_MODEL, tokenizer)
+    batch = vqa_split("test", 3, seed=0)
+    adapter = adapt_vlm(model)
+    prompts = canvas_prompts(tokenizer, batch.questions, 256)
+    return adapter, adapter.encode({**prompts, "pixel_values": batch.images}, "generate"), batch
+
+
+@pytest.mark.parametrize("name", sorted(PRUNERS))
+@pytest.mark.parametrize("kept", [64, 8])
+def test_every_pruner_keeps_k_distinct_tokens_and_the_model_answers(case, name, kept):
+    adapter, prompt, batch = case
+    context = PruningContext(prompt, kept, batch.boxes, batch.relevant)
+    selection = PRUNERS[name](context)
+    again = PRUNERS[name](context)
+    for keep, repeat in zip(selection.keep, again.keep):
+        assert keep.numel() == kept and keep.unique().numel() == kept and torch.equal(keep, repeat)
+        assert int(keep.min()) >= 0 and int(keep.max()) < 256
+    out = adapter.generate(apply_selection(prompt, selection), selection.keep, max_new_tokens=1, do_sample=False)
+    assert out.shape[0] == 3
+
+
+def test_the_oracle_keeps_the_asked_digits_patches(case):
+    _, prompt, batch = case
+    keep = PRUNERS["oracle"](PruningContext(prompt, 16, batch.boxes, batch.relevant)).keep
+    for i in range(3):
+        box = batch.boxes[i][batch.relevant[i]][0]  # one of the digits the answer depends on
+        centres = (torch.stack([keep[i] % 16, keep[i] // 16], -1).float() + 0.5) * 8
+        inside = ((centres >= box[:2]) & (centres < box[2:])).all(-1)
+        assert inside.any()
+
+
+def test_the_grid_spreads_evenly_and_pooling_averages_each_cell(case):
+    _, prompt, batch = case
+    grid = PRUNERS["grid"](PruningContext(prompt, 64, batch.boxes, batch.relevant)).keep[0]
+    assert sorted((grid // 16).unique().tolist()) == list(range(1, 16, 2))  # every other row and column
+    pooled = PRUNERS["pool"](PruningContext(prompt, 64, batch.boxes, batch.relevant))
+    block = prompt.features[0].view(8, 2, 8, 2, -1)[0, :, 0, :].reshape(4, -1).float().mean(0)
+    assert pooled.keep[0][0] == 0 and torch.allclose(pooled.features[0][0], block, atol=1e-5)
+
+
+def test_divprune_keeps_features_farther_apart_than_random(case):
+    _, prompt, batch = case
+    context = PruningContext(prompt, 16, batch.boxes, batch.relevant)
+
+    def spread(keep):
+        tokens = torch.nn.functional.normalize(prompt.features[0][keep].float(), dim=-1)
+        distance = 1 - tokens @ tokens.T
+        return (distance + torch.eye(len(keep)) * 9).amin().item()  # the closest pair
+
+    assert spread(PRUNERS["divprune"](context).keep[0]) > spread(PRUNERS["random"](context).keep[0])
