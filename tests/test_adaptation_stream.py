@@ -34,13 +34,15 @@ def setting():
 
 def test_without_the_guard_the_fault_costs_clean_accuracy(setting):
     frozen, probe, evaluation = setting
-    run = run_stream(frozen.fork(AdaptationConfig(lr=AGGRESSIVE_LR, target=CONFIG.target)), "noise", False, probe, evaluation, CONFIG)
+    adapting = frozen.fork(AdaptationConfig(lr=AGGRESSIVE_LR, target=CONFIG.target))
+    run = run_stream(adapting, "noise", False, probe, evaluation, CONFIG)
     assert run["summary"]["worst_drop_points"] > 1.0  # the fault is real
 
 
 def test_with_the_guard_clean_accuracy_never_falls_more_than_a_point(setting):
     frozen, probe, evaluation = setting
-    run = run_stream(frozen.fork(AdaptationConfig(lr=AGGRESSIVE_LR, target=CONFIG.target)), "noise", True, probe, evaluation, CONFIG)
+    adapting = frozen.fork(AdaptationConfig(lr=AGGRESSIVE_LR, target=CONFIG.target))
+    run = run_stream(adapting, "noise", True, probe, evaluation, CONFIG)
     summary = run["summary"]
     assert summary["worst_drop_points"] <= 1.0, run["trajectory"]["accuracy"]
     assert summary["probe_rejections"] > 0  # the guard did the work

@@ -5,8 +5,16 @@ training command runs end to end (on a tiny config)."""
 import torch
 
 import arrcoc
-from arrcoc.bench.train_vlm import (QUICK_MODEL, as_uint8, embedded_prompts, load_canvas_vlm, main, patch_targets,
-                                    positions, tower_features)
+from arrcoc.bench.train_vlm import (
+    QUICK_MODEL,
+    as_uint8,
+    embedded_prompts,
+    load_canvas_vlm,
+    main,
+    patch_targets,
+    positions,
+    tower_features,
+)
 from arrcoc.data.vqa import vqa_split
 from arrcoc.models.canvas_vlm import IMAGE_TOKEN, build_canvas_vlm, canvas_prompts, canvas_tokenizer
 

@@ -19,14 +19,19 @@ def case():
     batch = vqa_split("test", 3, seed=0)
     adapter = adapt_vlm(model)
     prompts = canvas_prompts(tokenizer, batch.questions, 256)
-    return adapter, adapter.encode({**prompts, "pixel_values": batch.images}, "generate"), batch
+    return adapter, adapter.encode({**prompts, "pixel_values": batch.images}, "generate"), batch, model
+
+
+def context_of(case, kept):
+    _, prompt, batch, model = case
+    return PruningContext(prompt, kept, batch.boxes, batch.relevant, model=model, pixels=batch.images)
 
 
 @pytest.mark.parametrize("name", sorted(PRUNERS))
 @pytest.mark.parametrize("kept", [64, 8])
 def test_every_pruner_keeps_k_distinct_tokens_and_the_model_answers(case, name, kept):
-    adapter, prompt, batch = case
-    context = PruningContext(prompt, kept, batch.boxes, batch.relevant)
+    adapter, prompt, batch, _ = case
+    context = context_of(case, kept)
     selection = PRUNERS[name](context)
     again = PRUNERS[name](context)
     for keep, repeat in zip(selection.keep, again.keep):
@@ -37,8 +42,8 @@ def test_every_pruner_keeps_k_distinct_tokens_and_the_model_answers(case, name, 
 
 
 def test_the_oracle_keeps_the_asked_digits_patches(case):
-    _, prompt, batch = case
-    keep = PRUNERS["oracle"](PruningContext(prompt, 16, batch.boxes, batch.relevant)).keep
+    _, prompt, batch, _ = case
+    keep = PRUNERS["oracle"](context_of(case, 16)).keep
     for i in range(3):
         box = batch.boxes[i][batch.relevant[i]][0]  # one of the digits the answer depends on
         centres = (torch.stack([keep[i] % 16, keep[i] // 16], -1).float() + 0.5) * 8
@@ -47,17 +52,17 @@ def test_the_oracle_keeps_the_asked_digits_patches(case):
 
 
 def test_the_grid_spreads_evenly_and_pooling_averages_each_cell(case):
-    _, prompt, batch = case
-    grid = PRUNERS["grid"](PruningContext(prompt, 64, batch.boxes, batch.relevant)).keep[0]
+    _, prompt, batch, _ = case
+    grid = PRUNERS["grid"](context_of(case, 64)).keep[0]
     assert sorted((grid // 16).unique().tolist()) == list(range(1, 16, 2))  # every other row and column
-    pooled = PRUNERS["pool"](PruningContext(prompt, 64, batch.boxes, batch.relevant))
+    pooled = PRUNERS["pool"](context_of(case, 64))
     block = prompt.features[0].view(8, 2, 8, 2, -1)[0, :, 0, :].reshape(4, -1).float().mean(0)
     assert pooled.keep[0][0] == 0 and torch.allclose(pooled.features[0][0], block, atol=1e-5)
 
 
 def test_divprune_keeps_features_farther_apart_than_random(case):
-    _, prompt, batch = case
-    context = PruningContext(prompt, 16, batch.boxes, batch.relevant)
+    _, prompt, _, _ = case
+    context = context_of(case, 16)
 
     def spread(keep):
         tokens = torch.nn.functional.normalize(prompt.features[0][keep].float(), dim=-1)
@@ -65,3 +70,26 @@ def test_divprune_keeps_features_farther_apart_than_random(case):
         return (distance + torch.eye(len(keep)) * 9).amin().item()  # the closest pair
 
     assert spread(PRUNERS["divprune"](context).keep[0]) > spread(PRUNERS["random"](context).keep[0])
+
+
+def test_the_greedy_dpp_picks_the_log_determinant_maximiser_step_by_step():
+    from arrcoc.baselines.vlm_pruners import greedy_dpp
+
+    features = torch.nn.functional.normalize(torch.randn(12, 5, generator=torch.Generator().manual_seed(0)), dim=-1)
+    kernel = features @ features.T + 0.1 * torch.eye(12)
+    chosen = greedy_dpp(kernel, 4).tolist()
+    picked: list[int] = []
+    for _ in range(4):  # the brute-force greedy: the index whose addition gives the largest determinant
+        best = max((j for j in range(12) if j not in picked),
+                   key=lambda j: torch.linalg.det(kernel[picked + [j]][:, picked + [j]]).item())
+        picked.append(best)
+    assert chosen == picked
+
+
+def test_visionzip_merges_the_rest_into_contextual_tokens(case):
+    _, prompt, _, _ = case
+    selection = PRUNERS["visionzip"](context_of(case, 64))
+    # the dominant tokens carry their own features (projected again), the 10 contextual ones merged features
+    own = prompt.features[0][selection.keep[0][:54]].float()
+    assert torch.allclose(selection.features[0][:54], own, atol=1e-4)
+    assert not torch.allclose(selection.features[0][54:], prompt.features[0][selection.keep[0][54:]].float(), atol=1e-3)

@@ -6,8 +6,7 @@ import re
 import pytest
 import torch
 
-from arrcoc.data.vqa import (GLOBAL_KINDS, LOCAL_KINDS, VQAConfig, answer_vocabulary, phrasings, vqa_split,
-                             vqa_words)
+from arrcoc.data.vqa import GLOBAL_KINDS, LOCAL_KINDS, VQAConfig, answer_vocabulary, phrasings, vqa_split, vqa_words
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,17 @@ yet.
   oracle        the tokens of the digits the answer depends on (their ink boxes' share of each patch, ties to the
                 patches nearest the boxes' centre), then the nearest others.
   divprune      max-min diversity of the projected features (Alvar et al., CVPR 2025).
+  visionzip     the tower's CLS attention picks dominant tokens; the rest merge into a few contextual ones (Yang et
+                al. 2024).
+  prumerge+     the CLS attention's IQR outliers, spatially uniform extras, each merged with its most similar
+                tokens (Shang et al. 2024).
+  cdpruner      a determinantal point process over the projected features, conditioned on the question's relevance
+                (Zhang et al., NeurIPS 2025).
+
+Every method keeps each token's original position (the project's shortening); VisionZip, PruMerge+, DivPrune and
+CDPruner re-index the kept tokens contiguously in their code. Where a method reads the tower (VisionZip, PruMerge+)
+it reads the block that makes the features the projector takes (the canvas VLM: the last block; LLaVA-1.5: the
+penultimate), and merges before the projector, as its code does.
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from arrcoc.backbones.vlm import EncodedPrompt, TokenGrid
 from arrcoc.relevance.field import grid_positions
@@ -47,12 +58,55 @@ class PruningContext:
     boxes: Tensor | None = None
     relevant: Tensor | None = None
     seed: int = 0
+    model: nn.Module | None = None  # the VLM, for the methods that read its tower or its question embedding
+    pixels: Tensor | None = None  # (B, C, H, W) what the tower takes
+    _tower: TowerPass | None = None
 
     def grid(self, image: int) -> TokenGrid:
         grids = self.prompt.grids[image]
         if len(grids) != 1:
             raise ValueError(f"the pruners take one token grid per image (LLaVA), image {image} has {len(grids)}")
         return grids[0]
+
+
+@dataclass
+class TowerPass:
+    """What a tower-reading method sees of the block that makes the projector's features: those features ``hidden``
+    (B, 1 + N, D, CLS first), the block's attention ``attention`` (B, heads, 1 + N, 1 + N), queries ``queries`` and
+    keys ``keys`` (B, heads, 1 + N, d)."""
+
+    hidden: Tensor
+    attention: Tensor
+    queries: Tensor
+    keys: Tensor
+
+
+def tower_pass(context: PruningContext) -> TowerPass:
+    """The tower's last block, recomputed with its attention (the canvas VLM's timm tower), once per context."""
+    if context._tower is not None:
+        return context._tower
+    if context.model is None or context.pixels is None:
+        raise ValueError("this pruner reads the vision tower: give the context the model and the pixels")
+    config, core = context.model.config, context.model.model
+    vit = getattr(core.vision_tower, "vit", None)
+    if vit is None or config.vision_feature_layer != -1:
+        raise ValueError("the tower-reading pruners support the canvas VLM's tower (features from its last block)")
+    with torch.no_grad():
+        states = core.vision_tower(context.pixels.to(vit.cls_token.dtype)).hidden_states
+        block = vit.blocks[-1]
+        x = block.norm1(states[-2])
+        batch, tokens, _ = x.shape
+        qkv = block.attn.qkv(x).reshape(batch, tokens, 3, block.attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = block.attn.q_norm(qkv[0]), block.attn.k_norm(qkv[1])
+        attention = (q * block.attn.scale @ k.transpose(-2, -1)).softmax(-1)
+    context._tower = TowerPass(states[-1], attention, q, k)
+    return context._tower
+
+
+def _project(context: PruningContext, hidden: Tensor) -> Tensor:
+    """Tower features (M, D) through the model's projector, as the language model gets them."""
+    with torch.no_grad():
+        return context.model.model.multi_modal_projector(hidden)
 
 
 @dataclass
@@ -160,10 +214,136 @@ def divprune_pruner(context: PruningContext) -> Selection:
     return Selection(keep)
 
 
+def visionzip_pruner(context: PruningContext) -> Selection:
+    """Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models" (2024;
+    github.com/dvlab-research/VisionZip, ``visionzip/clip_encoder.py``): the CLS token's attention in the feature
+    block, summed over heads, picks the dominant patches; of the rest, every step-th is a target (step = rest //
+    contextual) and each other one joins the target whose key (averaged over heads) is most cosine-similar; a
+    contextual token is its target's features plus the mean of those that joined it. 64 tokens = 54 + 10 (the
+    paper's split; other budgets in the same proportion, at least one contextual token). The CLS token, one of
+    VisionZip's dominant tokens, is not a visual token of this model ("default" strategy): all K are patches."""
+    tower = tower_pass(context)
+    contextual = max(1, round(context.kept * 10 / 64))
+    dominant = context.kept - contextual
+    keep, features = [], []
+    for i in range(context.prompt.num_images):
+        index = context.grid(i).index
+        score = tower.attention[i, :, 0, 1:].sum(0)
+        top = score.topk(dominant).indices
+        rest = torch.ones_like(score, dtype=torch.bool).index_fill_(0, top, False).nonzero()[:, 0]
+        step = max(1, len(rest) // contextual)
+        target_at = torch.arange(0, len(rest), step, device=rest.device)[:contextual]
+        metric = F.normalize(tower.keys[i, :, 1:].mean(0)[rest], dim=-1)
+        others = torch.ones(len(rest), dtype=torch.bool, device=rest.device).index_fill_(0, target_at, False)
+        joins = (metric[others] @ metric[target_at].T).argmax(-1)
+        hidden = tower.hidden[i, 1:]
+        pooled = hidden.new_zeros(contextual, hidden.shape[1]).index_add_(0, joins, hidden[rest][others])
+        pooled /= torch.bincount(joins, minlength=contextual).clamp_min(1)[:, None]
+        merged = hidden[rest[target_at]] + pooled
+        keep.append(index[torch.cat([top, rest[target_at]])])
+        features.append(_project(context, torch.cat([hidden[top], merged])))
+    return Selection(keep, features)
+
+
+PRUMERGE_NEIGHBOURS = 32  # each kept token absorbs its 32 most similar tokens (the official code's k)
+
+
+def prumerge_plus_pruner(context: PruningContext) -> Selection:
+    """Shang et al., "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models" (2024;
+    github.com/42Shawn/LLaVA-PruMerge, ``clip_encoder.py``, ``token_prune_merge_advanced_plus``): the CLS attention
+    of the feature block (one head over the full width, as the code computes it) marks its IQR outliers (above Q3 +
+    1.5 IQR) as the kept tokens, spatially uniform samples (every (1 / ratio) / 3-th patch) are added, and each kept
+    token adds the attention-weighted features of its 32 most key-similar tokens to its own. At a fixed budget: the
+    outliers (at most K - 1, by attention), then the uniform samples in order, then the strongest remaining
+    patches, to K - 1 tokens; the K-th carries the attention-weighted sum of every pruned token (the code's extra
+    token) at the position of the strongest pruned patch."""
+    tower = tower_pass(context)
+    keep, features = [], []
+    for i in range(context.prompt.num_images):
+        index, hidden = context.grid(i).index, tower.hidden[i, 1:]
+        queries, keys = (t[i].transpose(0, 1).flatten(1) for t in (tower.queries, tower.keys))  # (1 + N, full width)
+        score = (queries[0] @ keys.T * keys.shape[1] ** -0.5).softmax(-1)[1:]
+        n = len(score)
+        q1, q3 = torch.quantile(score, torch.tensor([0.25, 0.75], device=score.device))
+        outliers = (score > q3 + 1.5 * (q3 - q1)).nonzero()[:, 0]
+        outliers = outliers[score[outliers].argsort(descending=True)][:context.kept - 1]
+        ratio = max(len(outliers), 1) / n
+        step = max(1, int(int(1 / ratio) / 3))
+        chosen = _first_unique(torch.cat([outliers, torch.arange(0, n - 1, step, device=score.device),
+                                          score.argsort(descending=True)]), context.kept - 1)
+        unit = F.normalize(keys[1:], dim=-1)
+        similarity = (unit[chosen] @ unit.T).index_put_((torch.arange(len(chosen)), chosen), torch.tensor(-2.0))
+        # the code's merge weights are the raw attention of each absorbed token (not renormalised)
+        near = similarity.topk(min(PRUMERGE_NEIGHBOURS, n - 1), dim=-1).indices
+        merged = hidden[chosen] + (score[near, None] * hidden[near]).sum(1)
+        pruned = torch.ones(n, dtype=torch.bool, device=score.device).index_fill_(0, chosen, False)
+        extra = (score[pruned, None] * hidden[pruned]).sum(0, keepdim=True)
+        strongest = pruned.nonzero()[:, 0][score[pruned].argmax()]
+        keep.append(index[torch.cat([chosen, strongest[None]])])
+        features.append(_project(context, torch.cat([merged, extra])))
+    return Selection(keep, features)
+
+
+def cdpruner_pruner(context: PruningContext) -> Selection:
+    """Zhang et al., "Beyond Attention or Similarity: Maximizing Conditional Diversity for Token Pruning in MLLMs"
+    (NeurIPS 2025; github.com/Theia-4869/CDPruner, ``llava/model/llava_arch.py``, ``encode_images``): the kernel
+    L = diag(r) S diag(r), S the cosine similarity of the projected visual tokens, r each token's relevance to the
+    question min-max normalised over the image; the K tokens of the greedy MAP of the DPP (Chen et al. 2018's fast
+    greedy inference). This model has no CLIP text tower: the relevance is the cosine of each projected token with
+    the question's mean language-model input embedding, with the paper's sign (the official code negates it for
+    LLaVA-1.5's CLIP, a quirk of that model its author describes)."""
+    if context.model is None:
+        raise ValueError("CDPruner reads the question's embedding: give the context the model")
+    text = context.model.get_input_embeddings()(context.prompt.input_ids).float()
+    asked = (context.prompt.attention_mask == 1) & (context.prompt.input_ids != context.model.config.image_token_id)
+    question = (text * asked[..., None]).sum(1) / asked.sum(1, keepdim=True)
+    keep = []
+    for i in range(context.prompt.num_images):
+        index = context.grid(i).index
+        tokens = F.normalize(context.prompt.features[i][index].float(), dim=-1)
+        relevance = tokens @ F.normalize(question[int(context.prompt.image_row[i])], dim=-1)
+        relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+        kernel = relevance[:, None] * (tokens @ tokens.T) * relevance[None, :]
+        keep.append(index[greedy_dpp(kernel, context.kept)])
+    return Selection(keep)
+
+
+def greedy_dpp(kernel: Tensor, count: int) -> Tensor:
+    """The greedy MAP of a DPP with kernel ``kernel`` (N, N): ``count`` indices, each the one that most raises the
+    log-determinant (Chen, Zhang and Zhou 2018, "Fast greedy MAP inference for determinantal point process":
+    incremental Cholesky rows ``rows``, marginal gains ``gains``)."""
+    n = kernel.shape[0]
+    rows = kernel.new_zeros(count, n)
+    gains = kernel.diagonal().clone()
+    chosen = []
+    for step in range(count):
+        j = int(gains.argmax())
+        chosen.append(j)
+        if gains[j] > 1e-10:  # else the kernel's rank is spent: the rest go by what is left of their gains
+            rows[step] = (kernel[j] - rows[:step, j] @ rows[:step]) / gains[j].sqrt()
+            gains = gains - rows[step].square()
+        gains[chosen] = -float("inf")
+    return torch.tensor(chosen, device=kernel.device)
+
+
+def _first_unique(candidates: Tensor, count: int) -> Tensor:
+    """The first ``count`` distinct values of ``candidates``, in order of first appearance."""
+    seen: list[int] = []
+    for value in candidates.tolist():
+        if value not in seen:
+            seen.append(value)
+            if len(seen) == count:
+                break
+    return torch.tensor(seen, device=candidates.device)
+
+
 PRUNERS: dict[str, Callable[[PruningContext], Selection]] = {
     "random": random_pruner,
     "grid": grid_pruner,
     "pool": pool_pruner,
     "oracle": oracle_pruner,
     "divprune": divprune_pruner,
+    "visionzip": visionzip_pruner,
+    "prumerge+": prumerge_plus_pruner,
+    "cdpruner": cdpruner_pruner,
 }

@@ -753,7 +753,8 @@ def _adaptation_lines(adapted: dict[str, Any], link: str, files: dict[str, str])
               f"budget {adapted['budget'] * 100:g}%; "
               "prequential accuracy (each batch is predicted before the method adapts on it), then each adapted "
               f"model on {adapted['held_out']} shift canvases no method saw. ARR-COC adapts towards "
-              f"{TEACHERS.get(settings['target'], settings['target'])} with {settings['optimizer']} (lr {settings['lr']:g}), guarded by its "
+              f"{TEACHERS.get(settings['target'], settings['target'])} with {settings['optimizer']} "
+              f"(lr {settings['lr']:g}), guarded by its "
               f"rollback. Full tokens: {adapted['full_tokens_test']:.1f}% on test, "
               f"{adapted['full_tokens_shift']:.1f}% on the shift.",
               "", _allocation_share(adapted), *_held_out_over_seeds(adapted), "",

@@ -33,8 +33,14 @@ from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 from arrcoc.config import REPO_ROOT, parse_with_config
 from arrcoc.data.vqa import LOCAL_KINDS, VQABatch, VQAConfig, ask, vqa_split
 from arrcoc.models.canvas_vit import load_canvas_vit
-from arrcoc.models.canvas_vlm import (CanvasVisionConfig, CanvasVisionModel, CanvasVLMConfig, build_canvas_vlm,
-                                      canvas_prompts, canvas_tokenizer)
+from arrcoc.models.canvas_vlm import (
+    CanvasVisionConfig,
+    CanvasVisionModel,
+    CanvasVLMConfig,
+    build_canvas_vlm,
+    canvas_prompts,
+    canvas_tokenizer,
+)
 from arrcoc.optim import warmup_cosine
 from arrcoc.reporting import command_line, run_metadata
 from arrcoc.storage import save_json_atomic

@@ -39,13 +39,17 @@ GLOBAL_KINDS = ("count", "exists")
 _PHRASINGS: dict[str, tuple[str, ...]] = {
     "color": ("which digit is {c} ?", "what is the {c} digit ?", "what number is written in {c} ?",
               "read the {c} digit .", "tell me the {c} number .", "which number is coloured {c} ?"),
-    "position": ("what digit is at the {p} ?", "which digit is nearest the {p} corner ?", "read the digit in the {p} .",
-                 "what number is closest to the {p} ?", "name the digit at the {p} .", "which number sits at the {p} ?"),
-    "digit_color": ("what colour is the {d} ?", "which colour is the {d} written in ?", "what is the colour of the {d} ?",
-                    "tell me the colour of the {d} .", "in what colour is the {d} ?", "name the colour of the {d} ."),
+    "position": ("what digit is at the {p} ?", "which digit is nearest the {p} corner ?",
+                 "read the digit in the {p} .", "what number is closest to the {p} ?",
+                 "name the digit at the {p} .", "which number sits at the {p} ?"),
+    "digit_color": ("what colour is the {d} ?", "which colour is the {d} written in ?",
+                    "what is the colour of the {d} ?", "tell me the colour of the {d} .",
+                    "in what colour is the {d} ?", "name the colour of the {d} ."),
     "count": ("how many digits are there ?", "how many numbers are on the canvas ?", "count the digits .",
-              "what is the number of digits ?", "how many digits can you see ?", "tell me how many numbers there are ."),
-    "exists": ("is there a {d} ?", "does the canvas show a {d} ?", "is a {d} written anywhere ?", "can you find a {d} ?",
+              "what is the number of digits ?",
+              "how many digits can you see ?", "tell me how many numbers there are ."),
+    "exists": ("is there a {d} ?", "does the canvas show a {d} ?", "is a {d} written anywhere ?",
+               "can you find a {d} ?",
                "is any digit a {d} ?", "do you see a {d} ?"),
 }
 _HELD_OUT = 2

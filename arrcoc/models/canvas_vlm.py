@@ -13,8 +13,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers import (AutoConfig, AutoModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                          PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast)
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from arrcoc.data.vqa import VQAConfig, vqa_words
@@ -38,7 +46,8 @@ class CanvasVisionConfig(PretrainedConfig):
                  num_attention_heads: int = 4, mlp_ratio: float = 4.0, stem_widths: tuple[int, ...] = (32, 64, 128),
                  stem_refine_from: int = 1, **kwargs):
         self.image_size, self.patch_size, self.hidden_size = image_size, patch_size, hidden_size
-        self.num_hidden_layers, self.num_attention_heads, self.mlp_ratio = num_hidden_layers, num_attention_heads, mlp_ratio
+        self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
+        self.mlp_ratio = mlp_ratio
         self.stem_widths, self.stem_refine_from = list(stem_widths), stem_refine_from
         super().__init__(**kwargs)
 
@@ -101,12 +110,12 @@ class CanvasVLMConfig:
     text_mlp: int = 512
 
 
-def canvas_tokenizer(config: VQAConfig = VQAConfig()) -> PreTrainedTokenizerFast:
+def canvas_tokenizer(config: VQAConfig | None = None) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the VQA words (:func:`~arrcoc.data.vqa.vqa_words`) and ``answer :``, splitting on
     spaces; ``<image>`` is the image placeholder."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    words = [*SPECIAL, *sorted(set(vqa_words(config)) | set(ANSWER.split()))]
+    words = [*SPECIAL, *sorted(set(vqa_words(config or VQAConfig())) | set(ANSWER.split()))]
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=UNK))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, bos_token=BOS, eos_token=EOS,
