@@ -93,3 +93,63 @@ def test_visionzip_merges_the_rest_into_contextual_tokens(case):
     own = prompt.features[0][selection.keep[0][:54]].float()
     assert torch.allclose(selection.features[0][:54], own, atol=1e-4)
     assert not torch.allclose(selection.features[0][54:], prompt.features[0][selection.keep[0][54:]].float(), atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def deep_case():
+    """A canvas VLM with a 4-layer language model, its prompts' input embeddings and positions."""
+    from arrcoc.bench.train_vlm import positions
+    from arrcoc.models.canvas_vlm import CanvasVLMConfig
+
+    tokenizer = canvas_tokenizer()
+    config = CanvasVLMConfig(vision=QUICK_MODEL.vision, text_hidden=32, text_layers=4, text_heads=2, text_kv_heads=1,
+                             text_mlp=64)
+    model = build_canvas_vlm(config, tokenizer)
+    batch = vqa_split("test", 3, seed=0)
+    prompts = canvas_prompts(tokenizer, ["is there a 3 ?", *batch.questions[1:]], 256)  # rows of different lengths
+    with torch.no_grad():
+        features = torch.cat(list(model.model.get_image_features(pixel_values=batch.images).pooler_output))
+        visual = prompts["input_ids"] == model.config.image_token_id
+        embeds = model.get_input_embeddings()(prompts["input_ids"]).masked_scatter(visual[..., None], features)
+    return model, prompts, batch, embeds, visual, positions(prompts["attention_mask"])
+
+
+def test_the_pruned_prefill_is_the_model_when_nothing_is_pruned_and_fastv_reads_its_attention(deep_case):
+    from arrcoc.baselines.vlm_pruners import fastv, layer_attention, pruned_prefill
+
+    model, prompts, batch, embeds, visual, positions = deep_case
+    mask = prompts["attention_mask"]
+    with torch.no_grad():
+        model.model.language_model.set_attn_implementation("eager")
+        out = model(pixel_values=batch.images, **prompts, position_ids=positions, output_attentions=True,
+                    output_hidden_states=True)
+        model.model.language_model.set_attn_implementation("sdpa")
+    reference = out.logits[:, -1]
+    assert torch.allclose(pruned_prefill(model, embeds, mask, positions, visual, lambda view: None), reference,
+                          atol=1e-5)
+    assert torch.allclose(pruned_prefill(model, embeds, mask, positions, visual, fastv(model, 256)), reference,
+                          atol=1e-5)
+    last = torch.full((3, 1), mask.shape[1] - 1)
+    hidden = out.hidden_states[1]  # the input of layer 1
+    attention, _ = layer_attention(model, 1, hidden, positions, mask, last)
+    assert torch.allclose(attention[:, 0], out.attentions[1][:, :, -1].mean(1), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["fastv", "dart"])
+def test_the_language_model_pruners_keep_k_visual_tokens_and_every_text_token(deep_case, method):
+    from arrcoc.baselines import vlm_pruners
+
+    model, prompts, _, embeds, visual, positions = deep_case
+    seen = {}
+    prune = getattr(vlm_pruners, method)(model, 16)
+
+    def spy(view):
+        keep = prune(view)
+        if keep is not None:
+            seen[view.layer] = (view.visual.gather(1, keep).sum(1).tolist(), (~view.visual).sum(1) == (
+                ~view.visual.gather(1, keep)).sum(1))
+        return keep
+
+    logits = vlm_pruners.pruned_prefill(model, embeds, prompts["attention_mask"], positions, visual, spy)
+    assert list(seen) == [2] and seen[2][0] == [16, 16, 16] and bool(seen[2][1].all())
+    assert torch.isfinite(logits).all()

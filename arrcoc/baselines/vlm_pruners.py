@@ -4,8 +4,8 @@ Every pruner sees what its method reads and returns, per image, the visual token
 (:class:`Selection`): positions among the image's visual tokens, which keep their RoPE positions, and, for
 methods that merge, the features those tokens carry instead of their own. The language model then runs on the
 shortened prompt through :class:`~arrcoc.backbones.vlm.VLMAdapter` (the project's precomputed-features path: the
-placeholders are never edited). Methods that prune inside the language model (FastV, PyramidDrop, DART) are not here
-yet.
+placeholders are never edited). The methods that prune inside the language model (FastV, DART; PyramidDrop not yet)
+shorten the sequence between decoder layers in :func:`pruned_prefill`.
 
   random        K tokens uniformly at random (seeded per image).
   grid          K tokens spread evenly over the token grid.
@@ -19,6 +19,8 @@ yet.
                 tokens (Shang et al. 2024).
   cdpruner      a determinantal point process over the projected features, conditioned on the question's relevance
                 (Zhang et al., NeurIPS 2025).
+  fastv         the last token's attention in the language model's layer 2 (Chen et al., ECCV 2024).
+  dart          tokens least similar to a few pivots, in the language model's layer 2 (Wen et al. 2025).
 
 Every method keeps each token's original position (the project's shortening); VisionZip, PruMerge+, DivPrune and
 CDPruner re-index the kept tokens contiguously in their code. Where a method reads the tower (VisionZip, PruMerge+)
@@ -347,3 +349,131 @@ PRUNERS: dict[str, Callable[[PruningContext], Selection]] = {
     "prumerge+": prumerge_plus_pruner,
     "cdpruner": cdpruner_pruner,
 }
+
+
+# ---- pruning inside the language model ----------------------------------------------------------------
+@dataclass
+class LayerView:
+    """The language model at the input of decoder layer ``layer``: its hidden states (B, L, D), position ids,
+    attention mask (B, L) and which columns hold visual tokens (B, L); ``before`` the input of the layer before."""
+
+    layer: int
+    hidden: Tensor
+    positions: Tensor
+    mask: Tensor
+    visual: Tensor
+    before: Tensor | None
+
+
+def layer_attention(model: nn.Module, layer: int, hidden: Tensor, positions: Tensor, mask: Tensor,
+                    rows: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, Q, L) the softmax attention of the query columns ``rows`` (B, Q) in decoder layer ``layer`` given its input
+    ``hidden``, averaged over heads (causal, padding masked), and the layer's keys (B, L, heads * d) after RoPE."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    lm = model.model.language_model
+    block = lm.layers[layer]
+    attn = block.self_attn
+    x = block.input_layernorm(hidden)
+    batch, length, _ = x.shape
+    q = attn.q_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    cos, sin = lm.rotary_emb(x, position_ids=positions)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    keys = repeat_kv(k, attn.num_key_value_groups)
+    picked = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+    scores = picked @ keys.transpose(-2, -1) * attn.scaling  # (B, H, Q, L)
+    columns = torch.arange(length, device=x.device)
+    allowed = (columns[None, None, :] <= rows[:, :, None]) & (mask[:, None, :] == 1)
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    return scores.softmax(-1).mean(1), k.transpose(1, 2).flatten(2)
+
+
+def _causal_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, 1, L, L) additive mask: causal, padding keys masked (a padding query sees itself: no NaN rows)."""
+    length = mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    allowed = causal[None] & (mask[:, None, :] == 1) | torch.eye(length, dtype=torch.bool, device=mask.device)[None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)[
+        :, None]
+
+
+@torch.no_grad()
+def pruned_prefill(model: nn.Module, embeds: Tensor, mask: Tensor, positions: Tensor, visual: Tensor,
+                   prune: Callable[[LayerView], Tensor | None]) -> Tensor:
+    """(B, V) the next-token logits of a LLaVA language model whose sequence ``prune`` may shorten before any
+    decoder layer: it gets a :class:`LayerView` and returns the columns (B, L') to keep (each row the same count), or
+    None. Kept tokens keep their positions. ``embeds`` (B, L, D) the prompts' input embeddings (visual features at
+    the placeholders), ``mask`` (B, L), ``positions`` (B, L), ``visual`` (B, L) bool."""
+    lm = model.model.language_model
+    hidden, before = embeds, None
+    for index, block in enumerate(lm.layers):
+        keep = prune(LayerView(index, hidden, positions, mask, visual, before))
+        if keep is not None:
+            hidden = hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
+            positions, mask, visual = positions.gather(1, keep), mask.gather(1, keep), visual.gather(1, keep)
+        before = hidden
+        hidden = block(hidden, attention_mask=_causal_mask(mask, hidden.dtype), position_ids=positions,
+                       position_embeddings=lm.rotary_emb(hidden, position_ids=positions))
+    return model.lm_head(lm.norm(hidden[:, -1]))
+
+
+def keep_visual(view: LayerView, score: Tensor, count: int) -> Tensor:
+    """The columns to keep (B, L'): every text column and the ``count`` visual columns of highest ``score`` (B, L),
+    in their order."""
+    ranked = score.masked_fill(~view.visual, float("-inf")).topk(count, dim=-1).indices
+    chosen = (~view.visual).scatter(1, ranked, True)
+    return chosen.nonzero()[:, 1].view(chosen.shape[0], -1)
+
+
+FASTV_LAYER = 2  # K: FastV prunes after layer K (the paper's setting)
+DART_LAYER = 2  # DART too (its ``--pruned_layer 2``)
+DART_PIVOTS = 4  # visual pivots, and as many text pivots
+
+
+def fastv(model: nn.Module, kept: int, layer: int = FASTV_LAYER) -> Callable[[LayerView], Tensor | None]:
+    """Chen et al., "An Image is Worth 1/2 Tokens After Layer 2" (ECCV 2024; github.com/pkunlp-icler/FastV,
+    ``modeling_llama.py``, the ``USE_FAST_V`` branch): before layer K the visual tokens are ranked by the attention
+    the last token paid them in layer K - 1 (averaged over heads) and the top ``kept`` stay, at their positions."""
+
+    def prune(view: LayerView) -> Tensor | None:
+        if view.layer != layer:
+            return None
+        last = torch.full((view.hidden.shape[0], 1), view.hidden.shape[1] - 1, device=view.hidden.device)
+        attention, _ = layer_attention(model, layer - 1, view.before, view.positions, view.mask, last)
+        return keep_visual(view, attention[:, 0], kept)
+
+    return prune
+
+
+def dart(model: nn.Module, kept: int, layer: int = DART_LAYER) -> Callable[[LayerView], Tensor | None]:
+    """Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters More" (2025;
+    github.com/ZichenWen1/DART): before layer K, pivots are the 4 visual and the 4 following text tokens whose keys
+    in layer K - 1 have the largest L1 norm; for each pivot in turn, the visual tokens least cosine-similar to it (on
+    the final-normed hidden states) join the kept set, (K - 4) / 8 per pivot (the remainder to the first pivots); the
+    visual pivots stay, the text pivots are never dropped. Kept tokens keep their positions."""
+    lm = model.model.language_model
+
+    def prune(view: LayerView) -> Tensor | None:
+        if view.layer != layer:
+            return None
+        batch, length = view.visual.shape
+        rows = torch.arange(length, device=view.hidden.device).expand(batch, -1)
+        _, keys = layer_attention(model, layer - 1, view.before, view.positions, view.mask, rows[:, -1:])
+        state = F.normalize(lm.norm(view.hidden).float(), dim=-1)
+        weight = keys.abs().sum(-1)
+        after = rows > (rows * view.visual).amax(1, keepdim=True)  # text after the image
+        counts = torch.full((2 * DART_PIVOTS,), (kept - DART_PIVOTS) // (2 * DART_PIVOTS))
+        counts[:(kept - DART_PIVOTS) % (2 * DART_PIVOTS)] += 1
+        chosen = torch.zeros_like(view.visual)
+        for b in range(batch):
+            visual_pivots = weight[b].masked_fill(~view.visual[b], -1).topk(DART_PIVOTS).indices
+            text_pivots = weight[b].masked_fill(~(after[b] & (view.mask[b] == 1)), -1).topk(DART_PIVOTS).indices
+            chosen[b, visual_pivots] = True
+            for pivot, count in zip(torch.cat([visual_pivots, text_pivots]).tolist(), counts.tolist()):
+                similarity = state[b] @ state[b, pivot]
+                open_ = view.visual[b] & ~chosen[b]
+                chosen[b, similarity.masked_fill(~open_, float("inf")).topk(count, largest=False).indices] = True
+        return keep_visual(view, chosen.float(), kept)
+
+    return prune
