@@ -153,3 +153,20 @@ def test_the_language_model_pruners_keep_k_visual_tokens_and_every_text_token(de
     logits = vlm_pruners.pruned_prefill(model, embeds, prompts["attention_mask"], positions, visual, spy)
     assert list(seen) == [2] and seen[2][0] == [16, 16, 16] and bool(seen[2][1].all())
     assert torch.isfinite(logits).all()
+
+
+def test_pyramid_drop_halves_the_visual_tokens_at_each_stage(deep_case):
+    from arrcoc.baselines.vlm_pruners import pruned_prefill, pyramid_drop, pyramid_tokens
+
+    model, prompts, _, embeds, visual, positions = deep_case
+    counts = {}
+    prune = pyramid_drop(model, (1, 2, 3), 0.5)
+
+    def spy(view):
+        keep = prune(view)
+        counts[view.layer] = int(view.visual.sum(1)[0]) if keep is None else int(view.visual.gather(1, keep).sum(1)[0])
+        return keep
+
+    pruned_prefill(model, embeds, prompts["attention_mask"], positions, visual, spy)
+    assert counts == {0: 256, 1: 128, 2: 64, 3: 32}
+    assert pyramid_tokens(256, 4, (1, 2, 3), 0.5) == (256 + 128 + 64 + 32) / 4

@@ -4,8 +4,8 @@ Every pruner sees what its method reads and returns, per image, the visual token
 (:class:`Selection`): positions among the image's visual tokens, which keep their RoPE positions, and, for
 methods that merge, the features those tokens carry instead of their own. The language model then runs on the
 shortened prompt through :class:`~arrcoc.backbones.vlm.VLMAdapter` (the project's precomputed-features path: the
-placeholders are never edited). The methods that prune inside the language model (FastV, DART; PyramidDrop not yet)
-shorten the sequence between decoder layers in :func:`pruned_prefill`.
+placeholders are never edited). The methods that prune inside the language model (FastV, PyramidDrop, DART) shorten
+the sequence between decoder layers in :func:`pruned_prefill`.
 
   random        K tokens uniformly at random (seeded per image).
   grid          K tokens spread evenly over the token grid.
@@ -20,6 +20,8 @@ shorten the sequence between decoder layers in :func:`pruned_prefill`.
   cdpruner      a determinantal point process over the projected features, conditioned on the question's relevance
                 (Zhang et al., NeurIPS 2025).
   fastv         the last token's attention in the language model's layer 2 (Chen et al., ECCV 2024).
+  pyramiddrop   the last instruction token's attention, at the start of each stage of the language model, keeps a
+                share of the visual tokens the stage before kept (Xing et al. 2024).
   dart          tokens least similar to a few pivots, in the language model's layer 2 (Wen et al. 2025).
 
 Every method keeps each token's original position (the project's shortening); VisionZip, PruMerge+, DivPrune and
@@ -477,3 +479,30 @@ def dart(model: nn.Module, kept: int, layer: int = DART_LAYER) -> Callable[[Laye
         return keep_visual(view, chosen.float(), kept)
 
     return prune
+
+
+def pyramid_drop(model: nn.Module, stages: tuple[int, ...], ratio: float) -> Callable[[LayerView], Tensor | None]:
+    """Xing et al., "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual Redundancy
+    Reduction" (2024; github.com/Cooperx521/PyramidDrop, ``modeling_llama_pdrop.py``, ``pdrop_rank_drop``): at the
+    first layer of each later stage (``stages``, e.g. (8, 16, 24) of 32 layers) the visual tokens are ranked by the
+    attention the last instruction token pays them, computed with that layer's own queries and keys on its input,
+    averaged over heads, and ``ratio`` ** s of the image's tokens stay after the s-th drop (the code's 0.5, 0.25,
+    0.125). Its budget is a count averaged over the layers: the first stage keeps every token."""
+
+    def prune(view: LayerView) -> Tensor | None:
+        if view.layer not in stages:
+            return None
+        stage = stages.index(view.layer) + 1
+        count = max(1, int(view.visual.sum(1)[0] / ratio ** (stage - 1) * ratio ** stage))
+        last = torch.full((view.hidden.shape[0], 1), view.hidden.shape[1] - 1, device=view.hidden.device)
+        attention, _ = layer_attention(model, view.layer, view.hidden, view.positions, view.mask, last)
+        return keep_visual(view, attention[:, 0], count)
+
+    return prune
+
+
+def pyramid_tokens(visual: int, layers: int, stages: tuple[int, ...], ratio: float) -> float:
+    """The visual tokens PyramidDrop keeps, averaged over the language model's ``layers`` (its budget)."""
+    bounds = [0, *stages, layers]
+    return sum((end - start) * int(visual * ratio ** s) for s, (start, end) in enumerate(zip(bounds, bounds[1:]))
+               ) / layers
