@@ -171,7 +171,8 @@ def test_the_prompt_is_the_query():
 def test_learning_is_local_and_forward_only(family):
     model, inputs = family_case(family)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    wrapped = arrcoc.attach_vlm(model, budget=0.25)
+    hebbian = {"perspectival_encoder": {"name": "hebbian-oja", "form": "sanger"}}  # every sub-network learns
+    wrapped = arrcoc.attach_vlm(model, budget=0.25, config={"relevance": {"target": "perturbation", "rules": hebbian}})
     subnets = wrapped.relevance.subnetworks()
     start = {n: [p.detach().clone() for p in s.parameters()] for n, s in subnets.items()}
     # the answer: the last two prompt tokens (teacher forced); -100 everywhere else

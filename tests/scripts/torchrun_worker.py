@@ -29,7 +29,9 @@ from arrcoc.training import Batch, Trainer, TrainerConfig, distributed_loader
 # (all), in-batch negatives (infonce-hebbian), the batch-mean reward baseline (reward), BCM's threshold,
 # relaxations that stop for the whole batch (ep, chl), TP's noise and inverses.
 MODULE_CONFIGS = {
-    "default rules, attention target": {"target": "attention"},
+    # the default rules but the encoder's Hebbian one (Sanger's: a batch-coupled update), not its fixed projection
+    "default rules, sanger encoder, attention target": {
+        "target": "attention", "rules": {"perspectival_encoder": {"name": "hebbian-oja", "form": "sanger"}}},
     "bcm encoder, reward target": {"target": "reward", "rules": {"perspectival_encoder": {"name": "hebbian-bcm"}}},
     "chl field, tp allocator, perturbation target": {
         "target": "perturbation",
