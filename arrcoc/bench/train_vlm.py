@@ -88,6 +88,15 @@ class VLMTrainConfig:
         return replace(self, **{key: value for key, value in settings.items() if value is not None})
 
 
+def _step(loss: Tensor, optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler) -> float:
+    """One backprop step on ``loss``; returns its value."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    return loss.item()
+
+
 # ---- stage 1: the tower --------------------------------------------------------------------------------
 def patch_targets(batch: VQABatch, grid: int, patch: int) -> dict[str, Tensor]:
     """Per patch (N, grid * grid): ``digit`` and ``color`` of the digit whose ink box holds the patch's centre (the
@@ -151,13 +160,9 @@ def train_tower(tower: CanvasVisionModel, train: VQABatch, config: VLMTrainConfi
         order = torch.randperm(len(train), generator=generator).split(config.tower_batch)
         for rows in tqdm(order, desc=f"tower {epoch + 1}/{config.tower_epochs}", leave=False):
             patches = tower(train.images[rows].float() / 255).last_hidden_state[:, 1:]
-            loss = heads.loss(patches, {k: v[rows] for k, v in targets.items()})
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        losses.append(loss.item())
-        tqdm.write(f"tower epoch {epoch + 1}: loss {losses[-1]:.3f}")
+            loss = _step(heads.loss(patches, {k: v[rows] for k, v in targets.items()}), optimizer, schedule)
+        losses.append(loss)
+        tqdm.write(f"tower epoch {epoch + 1}: loss {loss:.3f}")
     return losses
 
 
@@ -212,15 +217,12 @@ def train_vqa(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokeniz
             questions = [asked[int(w)].questions[int(r)] for r, w in zip(rows, which)]
             answers = [asked[int(w)].answers[int(r)] for r, w in zip(rows, which)]
             prompts = canvas_prompts(tokenizer, questions, tokens, answers)
-            loss = model(inputs_embeds=embedded_prompts(model, features[rows], prompts),
-                         attention_mask=prompts["attention_mask"], position_ids=positions(prompts["attention_mask"]),
-                         labels=prompts["labels"]).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        losses.append(loss.item())
-        tqdm.write(f"vqa epoch {epoch + 1}: loss {losses[-1]:.3f}")
+            loss = _step(model(inputs_embeds=embedded_prompts(model, features[rows], prompts),
+                               attention_mask=prompts["attention_mask"],
+                               position_ids=positions(prompts["attention_mask"]), labels=prompts["labels"]).loss,
+                         optimizer, schedule)
+        losses.append(loss)
+        tqdm.write(f"vqa epoch {epoch + 1}: loss {loss:.3f}")
     model.eval()
     return losses
 
