@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from arrcoc.backbones.vlm import EncodedPrompt, TokenGrid
+from arrcoc.backbones.vlm import EncodedPrompt, TokenGrid, adapt_vlm
 from arrcoc.relevance.field import grid_positions
 from arrcoc.relevance.targets import box_target, kept_set
 
@@ -298,9 +298,7 @@ def cdpruner_pruner(context: PruningContext) -> Selection:
     LLaVA-1.5's CLIP, a quirk of that model its author describes)."""
     if context.model is None:
         raise ValueError("CDPruner reads the question's embedding: give the context the model")
-    text = context.model.get_input_embeddings()(context.prompt.input_ids).float()
-    asked = (context.prompt.attention_mask == 1) & (context.prompt.input_ids != context.model.config.image_token_id)
-    question = (text * asked[..., None]).sum(1) / asked.sum(1, keepdim=True)
+    question = adapt_vlm(context.model).text_embedding(context.prompt)
     keep = []
     for i in range(context.prompt.num_images):
         index = context.grid(i).index

@@ -235,7 +235,7 @@ class ARRCOC(RelevanceWrapper, nn.Module):
         kind = kind or self.config.target
         if kind == "set":
             out, state, _ = self.relevance_pass(images, query)
-            return set_target(self.adapter, state, out.logits, num_kept(self.budget, out.logits.shape[1]))
+            return self.training_target(out, state, images, boxes, None, kind)
         grid = self.adapter.grid(images)
         if kind == "box":
             if boxes is None:
