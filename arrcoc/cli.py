@@ -15,6 +15,7 @@ BENCHMARKS = {
     "ablate": "arrcoc.bench.ablate",  # variants of the relevance module paired against a base, on one canvas task
     "sweep": "arrcoc.commands.sweep",  # the relevance module under a grid of rule assignments (= arrcoc sweep)
     "vlm": "arrcoc.bench.vlm_prefill",  # LLaVA prefill time / memory vs. kept visual tokens
+    "vqa": "arrcoc.bench.vqa",  # every visual-token pruner and ARR-COC on the trained canvas VLM (canvas VQA)
     "gpu": "arrcoc.bench.gpu",  # the one-shot GPU run: throughput, canvas timing and VLM prefill on CUDA
     "ops": "arrcoc.bench.ops",  # the relevance module's operators and host syncs per forward (a GPU's cost, on CPU)
 }

@@ -99,12 +99,9 @@ def test_visionzip_merges_the_rest_into_contextual_tokens(case):
 def deep_case():
     """A canvas VLM with a 4-layer language model, its prompts' input embeddings and positions."""
     from arrcoc.bench.train_vlm import positions
-    from arrcoc.models.canvas_vlm import CanvasVLMConfig
 
     tokenizer = canvas_tokenizer()
-    config = CanvasVLMConfig(vision=QUICK_MODEL.vision, text_hidden=32, text_layers=4, text_heads=2, text_kv_heads=1,
-                             text_mlp=64)
-    model = build_canvas_vlm(config, tokenizer)
+    model = build_canvas_vlm(QUICK_MODEL, tokenizer)
     batch = vqa_split("test", 3, seed=0)
     prompts = canvas_prompts(tokenizer, ["is there a 3 ?", *batch.questions[1:]], 256)  # rows of different lengths
     with torch.no_grad():

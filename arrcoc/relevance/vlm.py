@@ -188,17 +188,18 @@ class VLMARRCOC(RelevanceWrapper, nn.Module):
             raise ValueError(f"unexpected model input(s) {unknown}; processor outputs for {self.adapter.family}: "
                              f"{sorted(inputs) or 'none given'}, run options: {list(RUN_OPTIONS)}")
         prompt = self.adapter.encode(inputs, "forward")
-        return self.adapter.forward(prompt, self._keep(prompt, query), **options)
+        return self.adapter.forward(prompt, self.kept_tokens(prompt, query), **options)
 
     def generate(self, query: QueryInput = None, **kwargs: Any) -> Any:
         """``model.generate(**processor_outputs, **generation_settings)`` on the allocated visual tokens;
         returns the full prompt followed by the new tokens, as the model's own ``generate``."""
         inputs, settings = self._split(kwargs)
         prompt = self.adapter.encode(inputs, "generate")
-        return self.adapter.generate(prompt, self._keep(prompt, query), **settings)
+        return self.adapter.generate(prompt, self.kept_tokens(prompt, query), **settings)
 
     @torch.no_grad()
-    def _keep(self, prompt: EncodedPrompt, query: QueryInput) -> list[Tensor] | None:
+    def kept_tokens(self, prompt: EncodedPrompt, query: QueryInput = None) -> list[Tensor] | None:
+        """Per image of an encoded prompt, the visual tokens the language model gets (None: all of them)."""
         q = self.prompt_query(prompt, query)  # validated even when every token is kept
         if all(self.keeps_all(prompt.num_tokens(i)) for i in range(prompt.num_images)):
             return None  # the identity: every visual token, the model's own computation

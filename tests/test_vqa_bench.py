@@ -1,0 +1,49 @@
+"""The canvas VQA benchmark runs every method at every budget and reports what it measured (its quick mode, on a tiny
+VLM trained on the spot), and its parts measure what they say."""
+
+import json
+
+import torch
+
+from arrcoc.bench import vqa, vqa_report
+from arrcoc.data.vqa import vqa_split
+
+
+def test_kept_tokens_on_the_answers_digits_are_counted_by_their_patch_centres():
+    batch = vqa_split("test", 2, seed=0)
+    slot = batch.relevant[0].nonzero()[0, 0]
+    x0, y0, x1, y1 = (batch.boxes[0, slot] / 8).tolist()
+    inside = int(y0 + 1) * 16 + int(x0 + 1)  # a patch whose centre is well inside the box
+    corner_far = 0 if (x0 > 2 or y0 > 2) else 255
+    kept = torch.tensor([[inside, corner_far], [inside, corner_far]])
+    share = vqa.on_digits(kept, vqa.rows_of(batch, [0, 0]))
+    assert share.tolist() == [0.5, 0.5]
+
+
+def test_the_quick_benchmark_measures_every_method_at_every_budget(tmp_path):
+    out = vqa.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
+    results = json.loads((out / "vqa.json").read_text())
+    budgets = [str(b) for b in vqa.QUICK.budgets]
+    test = vqa.QUICK.test_canvases
+    assert set(results["methods"]) == {*vqa.BASELINES, "oracle"}
+    for method, by_budget in results["methods"].items():
+        assert list(by_budget) == budgets
+        for budget, runs in by_budget.items():
+            assert len(runs) == (vqa.QUICK.seeds if method == "random" else 1)
+            assert all(0 <= runs[0]["accuracy"][s] <= 100 for s in ("local", "global", "all"))
+            # every prompt keeps exactly K visual tokens, counted where they lie
+            assert sum(runs[0]["positions"]) == int(budget) * test, (method, budget)
+    arr = results["arrcoc"]["accuracy"]
+    assert list(arr) == budgets and all(len(arr[b]) == vqa.QUICK.seeds for b in budgets)
+    assert sum(arr["8"][0]["positions"]) == 8 * test
+    for size in ("1", "16"):
+        for budget in budgets:
+            ratios = results["timing"][size][budget]
+            assert set(ratios) == {"full", "ARR-COC", *vqa.BASELINES} and all(r > 0 for r in ratios.values())
+    assert len(results["adaptation"]["seeds"]) == vqa.QUICK.seeds
+    assert results["pyramiddrop"]["mean_tokens"] == (256 + 128 + 64 + 32) / 4
+    markdown = (out / "vqa.md").read_text()
+    assert markdown.count("PASS") + markdown.count("FAIL") + markdown.count("not measured") >= len(
+        vqa_report.targets(results))
+    assert (out / "vqa_accuracy.png").stat().st_size > 0 and (out / "vqa_positions.png").stat().st_size > 0
+    assert (out / "models" / "vqa").is_dir()
