@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from arrcoc.config import REPO_ROOT, parse_with_config
 from arrcoc.data.vqa import LOCAL_KINDS, VQABatch, VQAConfig, ask, vqa_split
 from arrcoc.models.canvas_vit import load_canvas_vit
 from arrcoc.models.canvas_vlm import (
+    ANSWER,
+    IMAGE_TOKEN,
     CanvasVisionConfig,
     CanvasVisionModel,
     CanvasVLMConfig,
@@ -59,21 +62,25 @@ class VLMTrainConfig:
         canvases: training canvases (drawn once; the questions are redrawn every VQA epoch).
         tower_epochs, tower_batch, tower_lr: the tower's per-patch stage.
         vqa_epochs, vqa_batch, vqa_lr: the VQA stage (projector and language model).
-        questions_per_canvas: questions asked of each canvas in each VQA epoch.
+        questions_per_canvas: questions asked of each canvas in each VQA epoch (one sequence: the image once).
+        unknown_words: the chance that a training question's word is replaced by ``<unk>``.
         eval_canvases: test canvases (TEST source digits, held-out phrasings) the accuracies are measured on.
+        probe_canvases: the first of them, answered after every VQA epoch to show progress.
         warmup: the share of each stage's steps its step size warms up over.
     """
 
     seed: int = 0
     canvases: int = 8192
-    tower_epochs: int = 6
+    tower_epochs: int = 4
     tower_batch: int = 64
     tower_lr: float = 1e-3
-    vqa_epochs: int = 6
+    vqa_epochs: int = 8
     vqa_batch: int = 64
     vqa_lr: float = 1e-3
     questions_per_canvas: int = 4
+    unknown_words: float = 0.1
     eval_canvases: int = 1000
+    probe_canvases: int = 200
     warmup: float = 0.05
     weight_decay: float = 0.05
     threads: int = 2
@@ -126,11 +133,16 @@ class TowerHeads(nn.Module):
         super().__init__()
         self.digit, self.color, self.centre = nn.Linear(width, 11), nn.Linear(width, colors + 1), nn.Linear(width, 1)
 
-    def loss(self, patches: Tensor, targets: dict[str, Tensor]) -> Tensor:
+    def loss(self, patches: Tensor, targets: dict[str, Tensor]) -> tuple[Tensor, float]:
+        """The heads' summed loss, and the digit accuracy (%) on the patches a digit's box holds."""
         colors = self.color.out_features
-        return (F.cross_entropy(self.digit(patches).flatten(0, 1), targets["digit"].flatten())
+        digit = self.digit(patches)
+        loss = (F.cross_entropy(digit.flatten(0, 1), targets["digit"].flatten())
                 + F.cross_entropy(self.color(patches).flatten(0, 1), targets["color"].remainder(colors).flatten())
                 + F.binary_cross_entropy_with_logits(self.centre(patches).squeeze(-1), targets["centre"]))
+        on_digit = targets["digit"] < 10
+        accuracy = 100 * (digit.argmax(-1) == targets["digit"])[on_digit].float().mean().item()
+        return loss, accuracy
 
 
 def tower_from_canvas_vit(config: CanvasVisionConfig) -> CanvasVisionModel:
@@ -144,8 +156,10 @@ def tower_from_canvas_vit(config: CanvasVisionConfig) -> CanvasVisionModel:
     return tower
 
 
-def train_tower(tower: CanvasVisionModel, train: VQABatch, config: VLMTrainConfig, colors: int) -> list[float]:
-    """Stage 1: every patch token learns what its patch shows. Returns the loss of each epoch's last step."""
+def train_tower(tower: CanvasVisionModel, train: VQABatch, config: VLMTrainConfig, colors: int,
+                layer: int = -1) -> list[dict[str, float]]:
+    """Stage 1: every patch token of the tower's hidden state ``layer`` (what the projector takes) learns what its
+    patch shows. Returns each epoch's last loss and digit accuracy on digit patches."""
     vision = tower.config
     heads = TowerHeads(vision.hidden_size, colors)
     parameters = [*tower.parameters(), *heads.parameters()]
@@ -155,15 +169,17 @@ def train_tower(tower: CanvasVisionModel, train: VQABatch, config: VLMTrainConfi
     targets = patch_targets(train, vision.image_size // vision.patch_size, vision.patch_size)
     generator = torch.Generator().manual_seed(config.seed)
     tower.train()
-    losses = []
+    history = []
     for epoch in range(config.tower_epochs):
         order = torch.randperm(len(train), generator=generator).split(config.tower_batch)
         for rows in tqdm(order, desc=f"tower {epoch + 1}/{config.tower_epochs}", leave=False):
-            patches = tower(train.images[rows].float() / 255).last_hidden_state[:, 1:]
-            loss = _step(heads.loss(patches, {k: v[rows] for k, v in targets.items()}), optimizer, schedule)
-        losses.append(loss)
-        tqdm.write(f"tower epoch {epoch + 1}: loss {loss:.3f}")
-    return losses
+            patches = tower(train.images[rows].float() / 255).hidden_states[layer][:, 1:]
+            loss, accuracy = heads.loss(patches, {k: v[rows] for k, v in targets.items()})
+            loss = _step(loss, optimizer, schedule)
+        history.append({"loss": loss, "digit_accuracy": accuracy})
+        tqdm.write(f"tower epoch {epoch + 1}: loss {loss:.3f}, digit accuracy on digit patches {accuracy:.1f}%")
+    tower.eval()
+    return history
 
 
 # ---- stage 2: the VQA model ----------------------------------------------------------------------------
@@ -194,36 +210,61 @@ def positions(mask: Tensor) -> Tensor:
     return (mask.cumsum(-1) - 1).clamp_min(0)
 
 
+def dialogue_prompts(tokenizer: PreTrainedTokenizerFast, turns: list[list[tuple[str, str]]], image_tokens: int,
+                     unknown: float, generator: torch.Generator) -> dict[str, Tensor]:
+    """Training sequences, one per canvas: ``<s> <image> x image_tokens`` then each (question, answer) turn as
+    ``question answer : ANSWER </s>`` (left padded), ``labels`` on each answer word and its ``</s>`` (-100
+    elsewhere); each question word becomes ``<unk>`` with probability ``unknown`` (words a test phrasing brings are
+    new to the model). The first turn is a test prompt exactly; the image is encoded once for all turns."""
+    ids_of = tokenizer.convert_tokens_to_ids
+    head = [tokenizer.bos_token_id, *[ids_of(IMAGE_TOKEN)] * image_tokens]
+    rows, labels = [], []
+    for conversation in turns:
+        ids, wanted = list(head), [-100] * len(head)
+        for question, reply in conversation:
+            words = ids_of(question.split())
+            dropped = (torch.rand(len(words), generator=generator) < unknown).tolist()
+            asked = [tokenizer.unk_token_id if d else w for w, d in zip(words, dropped)] + ids_of(ANSWER.split())
+            said = [ids_of(reply), tokenizer.eos_token_id]
+            ids, wanted = ids + asked + said, wanted + [-100] * len(asked) + said
+        rows.append(ids)
+        labels.append(wanted)
+    length = max(map(len, rows))
+    pad = [length - len(r) for r in rows]
+    return {"input_ids": torch.tensor([[tokenizer.pad_token_id] * p + r for p, r in zip(pad, rows)]),
+            "attention_mask": torch.tensor([[0] * p + [1] * len(r) for p, r in zip(pad, rows)]),
+            "labels": torch.tensor([[-100] * p + w for p, w in zip(pad, labels)])}
+
+
 def train_vqa(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, train: VQABatch,
-              features: Tensor, config: VLMTrainConfig) -> list[float]:
-    """Stage 2: the projector and the language model learn the answers (the tower frozen). Returns the loss of
-    each epoch's last step."""
+              features: Tensor, config: VLMTrainConfig, on_epoch: Callable[[int], None] | None = None) -> list[float]:
+    """Stage 2: the projector and the language model learn the answers (the tower frozen), each canvas asked
+    ``questions_per_canvas`` questions in one sequence, new ones every epoch. Returns each epoch's last loss;
+    ``on_epoch(epoch)`` runs after each epoch (in eval mode)."""
     model.model.vision_tower.requires_grad_(False)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.vqa_lr, weight_decay=config.weight_decay)
-    per_epoch = math.ceil(len(train) * config.questions_per_canvas / config.vqa_batch)
-    steps = config.vqa_epochs * per_epoch
+    steps = config.vqa_epochs * math.ceil(len(train) / config.vqa_batch)
     schedule = warmup_cosine(optimizer, steps, config.warmup * steps)
     generator = torch.Generator().manual_seed(config.seed + 1)
-    tokens = features.shape[1]
-    model.train()
     losses = []
     for epoch in range(config.vqa_epochs):
+        model.train()
         asked = [ask(train, config.seed * 1000 + epoch * config.questions_per_canvas + q)
                  for q in range(config.questions_per_canvas)]
-        jobs = torch.randperm(len(train) * len(asked), generator=generator).split(config.vqa_batch)
-        for job in tqdm(jobs, desc=f"vqa {epoch + 1}/{config.vqa_epochs}", leave=False):
-            rows, which = job % len(train), job // len(train)
-            questions = [asked[int(w)].questions[int(r)] for r, w in zip(rows, which)]
-            answers = [asked[int(w)].answers[int(r)] for r, w in zip(rows, which)]
-            prompts = canvas_prompts(tokenizer, questions, tokens, answers)
+        for rows in tqdm(torch.randperm(len(train), generator=generator).split(config.vqa_batch),
+                         desc=f"vqa {epoch + 1}/{config.vqa_epochs}", leave=False):
+            turns = [[(a.questions[r], a.answers[r]) for a in asked] for r in rows.tolist()]
+            prompts = dialogue_prompts(tokenizer, turns, features.shape[1], config.unknown_words, generator)
             loss = _step(model(inputs_embeds=embedded_prompts(model, features[rows], prompts),
                                attention_mask=prompts["attention_mask"],
                                position_ids=positions(prompts["attention_mask"]), labels=prompts["labels"]).loss,
                          optimizer, schedule)
         losses.append(loss)
+        model.eval()
         tqdm.write(f"vqa epoch {epoch + 1}: loss {loss:.3f}")
-    model.eval()
+        if on_epoch is not None:
+            on_epoch(epoch)
     return losses
 
 
@@ -268,14 +309,25 @@ def train_canvas_vlm(model_config: CanvasVLMConfig, config: VLMTrainConfig
     vision = model.config.vision_config
     if (vision.hidden_size, vision.num_hidden_layers) == (128, 6):  # the canvas ViT's: start from it
         model.model.vision_tower.load_state_dict(tower_from_canvas_vit(vision).state_dict())
-    tower_losses = train_tower(model.model.vision_tower, train, config, len(vqa.canvas.colors))
+    tower_history = train_tower(model.model.vision_tower, train, config, len(vqa.canvas.colors),
+                                model.config.vision_feature_layer)
     tower_seconds = time.perf_counter() - start
     features = tower_features(model, train.images)
-    vqa_losses = train_vqa(model, tokenizer, train, features, config)
+    probes = []
+
+    def probe(epoch: int) -> None:  # progress on a few test canvases (not a measurement: the full test set is)
+        few = slice(0, config.probe_canvases)
+        probes.append(accuracy_by_kind(answer(model, tokenizer, test.images[few], test.questions[few]),
+                                       replace(test, answers=test.answers[few], kinds=test.kinds[few])))
+        shown = ", ".join(f"{kind} {value:.0f}" for kind, value in probes[-1].items())
+        tqdm.write(f"  {config.probe_canvases} test canvases: {shown}")
+
+    vqa_losses = train_vqa(model, tokenizer, train, features, config, probe)
     seconds = time.perf_counter() - start
     accuracy = accuracy_by_kind(answer(model, tokenizer, test.images, test.questions), test)
-    return model, tokenizer, {"tower_losses": tower_losses, "vqa_losses": vqa_losses, "test_accuracy": accuracy,
-                              "tower_seconds": round(tower_seconds, 1), "train_seconds": round(seconds, 1)}
+    return model, tokenizer, {"tower": tower_history, "vqa_losses": vqa_losses, "probes": probes,
+                              "test_accuracy": accuracy, "tower_seconds": round(tower_seconds, 1),
+                              "train_seconds": round(seconds, 1)}
 
 
 def load_canvas_vlm(directory: str | Path = DEFAULT_DIR) -> tuple[LlavaForConditionalGeneration,
@@ -293,7 +345,7 @@ QUICK_MODEL = CanvasVLMConfig(vision=CanvasVisionConfig(hidden_size=32, num_hidd
                                                         stem_widths=(8, 16, 32)),
                               text_hidden=32, text_layers=4, text_heads=2, text_kv_heads=1, text_mlp=64)
 QUICK_TRAIN = VLMTrainConfig(canvases=64, tower_epochs=1, vqa_epochs=1, tower_batch=32, vqa_batch=32,
-                             questions_per_canvas=1, eval_canvases=32)
+                             questions_per_canvas=2, eval_canvases=32, probe_canvases=8)
 
 
 def main(argv: list[str] | None = None) -> Path:

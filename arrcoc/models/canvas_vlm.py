@@ -103,7 +103,7 @@ class CanvasVLMConfig:
     """
 
     vision: CanvasVisionConfig | None = None
-    text_hidden: int = 256
+    text_hidden: int = 128
     text_layers: int = 4
     text_heads: int = 4
     text_kv_heads: int = 4
