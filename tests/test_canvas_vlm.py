@@ -59,3 +59,30 @@ def test_training_saves_a_model_transformers_loads_and_arrcoc_attaches_to(tmp_pa
     generated = wrapped.generate(pixel_values=batch.images.float() / 255, **prompts, max_new_tokens=1,
                                  do_sample=False)
     assert generated.shape == (2, prompts["input_ids"].shape[1] + 1)
+
+
+def test_the_training_command_rebuilds_the_model_bit_for_bit(tmp_path):
+    first = main(["--quick", "--threads", "1", "--out", str(tmp_path / "a")])
+    second = main(["--quick", "--threads", "1", "--out", str(tmp_path / "b")])
+    weights = sorted(p.name for p in first.glob("*.safetensors"))
+    assert weights and weights == sorted(p.name for p in second.glob("*.safetensors"))
+    assert all((first / name).read_bytes() == (second / name).read_bytes() for name in weights)
+
+
+def test_a_training_sequence_asks_several_questions_and_supervises_only_the_answers():
+    from arrcoc.bench.train_vlm import dialogue_prompts
+
+    tokenizer = canvas_tokenizer()
+    turns = [[("is there a 3 ?", "yes"), ("what colour is the 7 ?", "red")], [("count the digits .", "4")] * 2]
+    prompts = dialogue_prompts(tokenizer, turns, 4, 0.0, torch.Generator().manual_seed(0))
+    rows = [tokenizer.convert_ids_to_tokens(r) for r in prompts["input_ids"]]
+    assert rows[0][:5] == ["<s>", *[IMAGE_TOKEN] * 4] and rows[0][-1] == "</s>"
+    supervised = [[t for t, label in zip(row, labels) if label != -100] for row, labels in zip(rows, prompts["labels"])]
+    assert supervised == [["yes", "</s>", "red", "</s>"], ["4", "</s>", "4", "</s>"]]
+    assert prompts["attention_mask"][1].tolist()[:2] == [0, 0]  # the shorter row is left padded
+    # the first turn is a test prompt exactly: "<s> <image> ... question answer :"
+    first = canvas_prompts(tokenizer, ["is there a 3 ?"], 4)["input_ids"][0].tolist()
+    assert prompts["input_ids"][0].tolist()[:len(first)] == first
+    dropped = dialogue_prompts(tokenizer, turns, 4, 1.0, torch.Generator().manual_seed(0))
+    words = [t for t in tokenizer.convert_ids_to_tokens(dropped["input_ids"][0]) if t not in ("<s>", IMAGE_TOKEN)]
+    assert words[:7] == ["<unk>"] * 5 + ["answer", ":"]
