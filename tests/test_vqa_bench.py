@@ -47,3 +47,9 @@ def test_the_quick_benchmark_measures_every_method_at_every_budget(tmp_path):
         vqa_report.targets(results))
     assert (out / "vqa_accuracy.png").stat().st_size > 0 and (out / "vqa_positions.png").stat().st_size > 0
     assert (out / "models" / "vqa").is_dir()
+    # the canvas benchmark's report carries these targets when it finds vqa.json beside its results
+    from arrcoc.bench.canvas_report import _vqa_section
+
+    section = "\n".join(_vqa_section(out, "results"))
+    assert "## Canvas VQA" in section and "local questions at 8/256" not in section  # the local target is at 16
+    assert section.count("- **") + section.count("- not measured") >= len(vqa_report.targets(results))

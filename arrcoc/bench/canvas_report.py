@@ -13,9 +13,11 @@ from typing import Any
 import numpy as np
 
 from arrcoc.metrics import interval, paired_interval
-from arrcoc.reporting import pyplot, read_json, save_figure, verdict
+from arrcoc.reporting import pyplot, read_json, save_figure, target_lines, verdict
 
 from .canvas_settings import LAYOUT_SPLITS, TargetThresholds
+from .vqa_report import paper_checks
+from .vqa_report import targets as vqa_targets
 
 TASK_TITLES = {"cluttered": "Cluttered canvases (vision only)", "query": "Query canvases (vision-language)"}
 DYNAMIC_VIT = "DynamicViT-style (global backprop)"
@@ -545,6 +547,7 @@ def write_report(results: dict[str, Any], out: Path, report: Path) -> Path:
         lines += [*_accuracy_at_cost_section(results, budgets, link, files), "## Throughput (cluttered canvases)", "",
                   *speed_lines(results["throughput"], budgets, module_share)]
     lines += _gpu_section(out, link, budgets, module_share)
+    lines += _vqa_section(out, link)
     if results.get("training_cost"):
         lines += _training_cost_section(results["training_cost"], link, files)
     if results.get("adaptation"):
@@ -715,6 +718,19 @@ def _gpu_section(out: Path, link: str, budgets: list[float], module_share: float
         mode = "" if "graphs" not in speed else f", ARR-COC {'graph-captured' if speed['graphs'] else 'eager'}"
         lines += [f"**{speed['dtype']}{mode}**", "", *speed_lines(speed, budgets, module_share)]
     return lines
+
+
+def _vqa_section(out: Path, link: str) -> list[str]:
+    """Issue 38's targets, where ``arrcoc bench vqa`` left its ``vqa.json`` beside the results."""
+    vqa = read_json(out / "vqa.json")
+    if not vqa:
+        return []
+    meta = vqa["meta"]
+    return ["## Canvas VQA: visual-token pruners and ARR-COC on a trained VLM", "",
+            f"`{meta['command']}` at commit {meta.get('commit') or 'unknown'}, {meta['wall_seconds'] / 60:.0f} min; "
+            f"every table in [{link}/vqa.md]({link}/vqa.md).", "", *target_lines(vqa_targets(vqa)), "",
+            "Each baseline against random (its paper's qualitative claim):", "", *target_lines(paper_checks(vqa)), "",
+            f"![accuracy vs visual tokens]({link}/vqa_accuracy.png)", ""]
 
 
 def _training_cost_section(cost: dict[str, Any], link: str, files: dict[str, str]) -> list[str]:

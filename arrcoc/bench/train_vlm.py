@@ -71,13 +71,13 @@ class VLMTrainConfig:
 
     seed: int = 0
     canvases: int = 8192
-    tower_epochs: int = 4
+    tower_epochs: int = 3
     tower_batch: int = 64
     tower_lr: float = 1e-3
     vqa_epochs: int = 8
-    vqa_batch: int = 64
-    vqa_lr: float = 1e-3
-    questions_per_canvas: int = 4
+    vqa_batch: int = 32
+    vqa_lr: float = 1.5e-3
+    questions_per_canvas: int = 1
     unknown_words: float = 0.1
     eval_canvases: int = 1000
     probe_canvases: int = 200
@@ -212,19 +212,21 @@ def positions(mask: Tensor) -> Tensor:
 
 def dialogue_prompts(tokenizer: PreTrainedTokenizerFast, turns: list[list[tuple[str, str]]], image_tokens: int,
                      unknown: float, generator: torch.Generator) -> dict[str, Tensor]:
-    """Training sequences, one per canvas: ``<s> <image> x image_tokens`` then each (question, answer) turn as
-    ``question answer : ANSWER </s>`` (left padded), ``labels`` on each answer word and its ``</s>`` (-100
-    elsewhere); each question word becomes ``<unk>`` with probability ``unknown`` (words a test phrasing brings are
-    new to the model). The first turn is a test prompt exactly; the image is encoded once for all turns."""
+    """Training sequences, one per canvas: each (question, answer) turn as ``question answer : ANSWER </s>``, the
+    image's ``<image> x image_tokens`` between the first question and its ``answer :`` (left padded, after ``<s>``),
+    ``labels`` on each answer word and its ``</s>`` (-100 elsewhere); each question word becomes ``<unk>`` with
+    probability ``unknown`` (words a test phrasing brings are new to the model). The first turn is a test prompt
+    exactly; later turns ask about the same image, encoded once."""
     ids_of = tokenizer.convert_tokens_to_ids
-    head = [tokenizer.bos_token_id, *[ids_of(IMAGE_TOKEN)] * image_tokens]
+    image, answer_ids = [ids_of(IMAGE_TOKEN)] * image_tokens, ids_of(ANSWER.split())
     rows, labels = [], []
     for conversation in turns:
-        ids, wanted = list(head), [-100] * len(head)
-        for question, reply in conversation:
+        ids, wanted = [tokenizer.bos_token_id], [-100]
+        for turn, (question, reply) in enumerate(conversation):
             words = ids_of(question.split())
             dropped = (torch.rand(len(words), generator=generator) < unknown).tolist()
-            asked = [tokenizer.unk_token_id if d else w for w, d in zip(words, dropped)] + ids_of(ANSWER.split())
+            asked = [tokenizer.unk_token_id if d else w for w, d in zip(words, dropped)]
+            asked += (image if turn == 0 else []) + answer_ids  # the image after the first question
             said = [ids_of(reply), tokenizer.eos_token_id]
             ids, wanted = ids + asked + said, wanted + [-100] * len(asked) + said
         rows.append(ids)

@@ -144,9 +144,9 @@ def build_canvas_vlm(config: CanvasVLMConfig = CanvasVLMConfig(), tokenizer: Pre
 
 def canvas_prompts(tokenizer: PreTrainedTokenizerFast, questions: list[str], image_tokens: int,
                    answers: list[str] | None = None) -> dict[str, Tensor]:
-    """Processor-shaped inputs: ``<s> <image> x image_tokens question answer :`` per question (left padded), and
+    """Processor-shaped inputs: ``<s> question <image> x image_tokens answer :`` per question (left padded), and
     with ``answers`` each answer word and ``</s>`` appended, with ``labels`` (-100 except on them) for training."""
-    texts = [" ".join([BOS, *[IMAGE_TOKEN] * image_tokens, question, ANSWER]) for question in questions]
+    texts = [" ".join([BOS, question, *[IMAGE_TOKEN] * image_tokens, ANSWER]) for question in questions]
     if answers is not None:
         texts = [f"{text} {answer} {EOS}" for text, answer in zip(texts, answers)]
     encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
