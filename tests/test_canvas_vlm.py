@@ -76,11 +76,12 @@ def test_a_training_sequence_asks_several_questions_and_supervises_only_the_answ
     turns = [[("is there a 3 ?", "yes"), ("what colour is the 7 ?", "red")], [("count the digits .", "4")] * 2]
     prompts = dialogue_prompts(tokenizer, turns, 4, 0.0, torch.Generator().manual_seed(0))
     rows = [tokenizer.convert_ids_to_tokens(r) for r in prompts["input_ids"]]
-    assert rows[0][:5] == ["<s>", *[IMAGE_TOKEN] * 4] and rows[0][-1] == "</s>"
+    assert rows[0][:10] == ["<s>", "is", "there", "a", "3", "?", *[IMAGE_TOKEN] * 4] and rows[0][-1] == "</s>"
+    assert rows[0].count(IMAGE_TOKEN) == 4  # the image once, after the first question
     supervised = [[t for t, label in zip(row, labels) if label != -100] for row, labels in zip(rows, prompts["labels"])]
     assert supervised == [["yes", "</s>", "red", "</s>"], ["4", "</s>", "4", "</s>"]]
     assert prompts["attention_mask"][1].tolist()[:2] == [0, 0]  # the shorter row is left padded
-    # the first turn is a test prompt exactly: "<s> <image> ... question answer :"
+    # the first turn is a test prompt exactly: "<s> question <image> ... answer :"
     first = canvas_prompts(tokenizer, ["is there a 3 ?"], 4)["input_ids"][0].tolist()
     assert prompts["input_ids"][0].tolist()[:len(first)] == first
     dropped = dialogue_prompts(tokenizer, turns, 4, 1.0, torch.Generator().manual_seed(0))

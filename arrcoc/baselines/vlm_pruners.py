@@ -448,8 +448,9 @@ def fastv(model: nn.Module, kept: int, layer: int = FASTV_LAYER) -> Callable[[La
 
 def dart(model: nn.Module, kept: int, layer: int = DART_LAYER) -> Callable[[LayerView], Tensor | None]:
     """Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters More" (2025;
-    github.com/ZichenWen1/DART): before layer K, pivots are the 4 visual and the 4 following text tokens whose keys
-    in layer K - 1 have the largest L1 norm; for each pivot in turn, the visual tokens least cosine-similar to it (on
+    github.com/ZichenWen1/DART): before layer K, pivots are the 4 visual and 4 text tokens whose keys in layer K - 1
+    have the largest L1 norm (the text after the image in LLaVA's prompts; here the prompt's text but ``<s>``, the
+    question coming before the image); for each pivot in turn, the visual tokens least cosine-similar to it (on
     the final-normed hidden states) join the kept set, (K - 4) / 8 per pivot (the remainder to the first pivots); the
     visual pivots stay, the text pivots are never dropped. Kept tokens keep their positions."""
     lm = model.model.language_model
@@ -462,13 +463,13 @@ def dart(model: nn.Module, kept: int, layer: int = DART_LAYER) -> Callable[[Laye
         _, keys = layer_attention(model, layer - 1, view.before, view.positions, view.mask, rows[:, -1:])
         state = F.normalize(lm.norm(view.hidden).float(), dim=-1)
         weight = keys.abs().sum(-1)
-        after = rows > (rows * view.visual).amax(1, keepdim=True)  # text after the image
+        text = ~view.visual & (view.mask == 1) & (rows > rows.masked_fill(view.mask == 0, length).amin(1, keepdim=True))
         counts = torch.full((2 * DART_PIVOTS,), (kept - DART_PIVOTS) // (2 * DART_PIVOTS))
         counts[:(kept - DART_PIVOTS) % (2 * DART_PIVOTS)] += 1
         chosen = torch.zeros_like(view.visual)
         for b in range(batch):
             visual_pivots = weight[b].masked_fill(~view.visual[b], -1).topk(DART_PIVOTS).indices
-            text_pivots = weight[b].masked_fill(~(after[b] & (view.mask[b] == 1)), -1).topk(DART_PIVOTS).indices
+            text_pivots = weight[b].masked_fill(~text[b], -1).topk(DART_PIVOTS).indices
             chosen[b, visual_pivots] = True
             for pivot, count in zip(torch.cat([visual_pivots, text_pivots]).tolist(), counts.tolist()):
                 similarity = state[b] @ state[b, pivot]
