@@ -42,6 +42,7 @@ from arrcoc.baselines.vlm_pruners import (
     pyramid_drop,
     pyramid_tokens,
 )
+from arrcoc.config import parse_with_config
 from arrcoc.data.vqa import VQABatch, ask, vqa_split
 from arrcoc.models.canvas_vlm import canvas_prompts
 from arrcoc.relevance.module import RelevanceConfig
@@ -388,7 +389,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, default=None, help=f"the canvas VLM's folder (default {DEFAULT_DIR})")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
-    return parser.parse_args(argv)
+    parser.add_argument("--config", type=Path, default=None, help="YAML file of defaults for these options")
+    return parse_with_config(parser, argv)
 
 
 def load_model(args: argparse.Namespace, out: Path) -> tuple[Any, Any]:
