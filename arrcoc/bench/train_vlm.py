@@ -197,11 +197,16 @@ def tower_features(model: LlavaForConditionalGeneration, images: Tensor, chunk: 
 
 
 def embedded_prompts(model: LlavaForConditionalGeneration, features: Tensor, prompts: dict[str, Tensor]) -> Tensor:
-    """The language model's input embeddings: the prompt's, with the projected ``features`` at the image
-    placeholders (what ``LlavaForConditionalGeneration`` builds from pixels)."""
-    embeds = model.get_input_embeddings()(prompts["input_ids"])
-    image = (prompts["input_ids"] == model.config.image_token_id)[..., None]
-    projected = model.model.multi_modal_projector(features.float())
+    """The language model's input embeddings: the prompt's, with the tower ``features`` through the projector at the
+    image placeholders (what ``LlavaForConditionalGeneration`` builds from pixels)."""
+    return input_embeddings(model, prompts["input_ids"], model.model.multi_modal_projector(features.float()))
+
+
+def input_embeddings(model: LlavaForConditionalGeneration, input_ids: Tensor, projected: Tensor) -> Tensor:
+    """The embeddings of ``input_ids`` with the ``projected`` visual tokens (in placeholder order) at the image
+    placeholders."""
+    embeds = model.get_input_embeddings()(input_ids)
+    image = (input_ids == model.config.image_token_id)[..., None]
     return embeds.masked_scatter(image, projected.to(embeds.dtype))
 
 

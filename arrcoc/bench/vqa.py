@@ -51,15 +51,12 @@ from arrcoc.relevance.vlm import VLMARRCOC, VLMConfig
 from arrcoc.reporting import RESULTS, output_dir, read_json, run_metadata
 
 from .canvas_report import write_report
-from .train_vlm import DEFAULT_DIR, accuracy_by_kind, as_uint8, load_canvas_vlm
-from .vqa_report import write_vqa_report
+from .train_vlm import DEFAULT_DIR, accuracy_by_kind, as_uint8, input_embeddings, load_canvas_vlm
+from .vqa_report import BEFORE_LM, INSIDE_LM, write_vqa_report
 
 REPORT = RESULTS.parent / "REPORT.md"
 GRID = 16  # the canvas VLM's 16 x 16 visual tokens
-BEFORE_LM = ("random", "grid", "pool", "divprune", "visionzip", "prumerge+", "cdpruner")
-INSIDE_LM = {"fastv": fastv, "dart": dart}
-QUERY_AGNOSTIC = ("random", "grid", "pool", "divprune", "visionzip", "prumerge+")  # never read the question
-BASELINES = (*BEFORE_LM, *INSIDE_LM)
+PRUNE_INSIDE = dict(zip(INSIDE_LM, (fastv, dart)))
 PYRAMID = {"stages": (1, 2, 3), "ratio": 0.5}  # the paper's lambda = 0.5 at each stage of a 4-layer language model
 
 
@@ -153,8 +150,7 @@ def _inside_lm(model: Any, make_prune: Callable[[], Callable]) -> Method:
     def run(inputs: dict[str, Any], truth: VQABatch, seed: int) -> Answered:
         prompt = adapter.encode(inputs)
         visual = prompt.input_ids == model.config.image_token_id
-        embeds = model.get_input_embeddings()(prompt.input_ids)
-        embeds = embeds.masked_scatter(visual[..., None], torch.cat(prompt.features).to(embeds.dtype))
+        embeds = input_embeddings(model, prompt.input_ids, torch.cat(prompt.features))
         prune, seen = make_prune(), []
 
         def spy(view):
@@ -202,7 +198,7 @@ def without_answer(model: Any) -> Method:
 def methods_at(model: Any, budget: int) -> dict[str, Method]:
     """Every baseline (and the box oracle) at ``budget`` visual tokens."""
     methods = {name: _before_lm(model, name, budget) for name in (*BEFORE_LM, "oracle")}
-    methods |= {name: _inside_lm(model, lambda make=make: make(model, budget)) for name, make in INSIDE_LM.items()}
+    methods |= {name: _inside_lm(model, lambda make=make: make(model, budget)) for name, make in PRUNE_INSIDE.items()}
     return methods
 
 

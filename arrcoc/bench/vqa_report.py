@@ -9,8 +9,10 @@ from typing import Any
 from arrcoc.metrics import interval, paired_interval
 from arrcoc.reporting import format_table, pyplot, save_figure, save_results, target_lines
 
-BASELINES = ("random", "grid", "pool", "divprune", "visionzip", "prumerge+", "cdpruner", "fastv", "dart")
-QUERY_AGNOSTIC = ("random", "grid", "pool", "divprune", "visionzip", "prumerge+")
+BEFORE_LM = ("random", "grid", "pool", "divprune", "visionzip", "prumerge+", "cdpruner")  # choose before the LM
+INSIDE_LM = ("fastv", "dart")  # prune between its decoder layers
+BASELINES = (*BEFORE_LM, *INSIDE_LM)
+QUERY_AGNOSTIC = BEFORE_LM[:6]  # never read the question
 PAPER_CHECKS = ("visionzip", "divprune", "cdpruner", "prumerge+", "dart")  # each paper reports beating random-like
 LOCAL_BUDGET, RELATIVE_BUDGET = "16", "64"  # the local target's budget, and the share-of-full one's
 LOCAL_MARGIN, RELATIVE_SHARE, GLOBAL_TIE, TIME_SLACK, RECOVERY = 3.0, 0.97, 2.0, 1.1, 0.5

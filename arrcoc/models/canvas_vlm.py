@@ -142,16 +142,8 @@ def build_canvas_vlm(config: CanvasVLMConfig = CanvasVLMConfig(), tokenizer: Pre
     return LlavaForConditionalGeneration(llava).eval()
 
 
-def canvas_prompts(tokenizer: PreTrainedTokenizerFast, questions: list[str], image_tokens: int,
-                   answers: list[str] | None = None) -> dict[str, Tensor]:
-    """Processor-shaped inputs: ``<s> question <image> x image_tokens answer :`` per question (left padded), and
-    with ``answers`` each answer word and ``</s>`` appended, with ``labels`` (-100 except on them) for training."""
+def canvas_prompts(tokenizer: PreTrainedTokenizerFast, questions: list[str], image_tokens: int) -> dict[str, Tensor]:
+    """Processor-shaped inputs: ``<s> question <image> x image_tokens answer :`` per question (left padded); the
+    answer is the next word (training sequences: ``train_vlm.dialogue_prompts``)."""
     texts = [" ".join([BOS, question, *[IMAGE_TOKEN] * image_tokens, ANSWER]) for question in questions]
-    if answers is not None:
-        texts = [f"{text} {answer} {EOS}" for text, answer in zip(texts, answers)]
-    encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    if answers is not None:
-        labels = torch.full_like(encoded["input_ids"], -100)
-        labels[:, -2:] = encoded["input_ids"][:, -2:]  # left padding: the answer and </s> end every row
-        encoded["labels"] = labels
-    return dict(encoded)
+    return dict(tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
