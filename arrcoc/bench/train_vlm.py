@@ -61,12 +61,13 @@ class VLMTrainConfig:
     Args:
         canvases: training canvases (drawn once; the questions are redrawn every VQA epoch).
         tower_epochs, tower_batch, tower_lr: the tower's per-patch stage.
-        vqa_epochs, vqa_batch, vqa_lr: the VQA stage (projector and language model).
+        vqa_epochs, vqa_batch, vqa_lr, vqa_weight_decay: the VQA stage (projector and language model).
         questions_per_canvas: questions asked of each canvas in each VQA epoch (one sequence: the image once).
         unknown_words: the chance that a training question's word is replaced by ``<unk>``.
         eval_canvases: test canvases (TEST source digits, held-out phrasings) the accuracies are measured on.
         probe_canvases: the first of them, answered after every VQA epoch to show progress.
         warmup: the share of each stage's steps its step size warms up over.
+        weight_decay: the tower stage's.
     """
 
     seed: int = 0
@@ -74,10 +75,11 @@ class VLMTrainConfig:
     tower_epochs: int = 3
     tower_batch: int = 64
     tower_lr: float = 1e-3
-    vqa_epochs: int = 8
+    vqa_epochs: int = 10
     vqa_batch: int = 32
-    vqa_lr: float = 1.5e-3
-    questions_per_canvas: int = 1
+    vqa_lr: float = 1e-3
+    vqa_weight_decay: float = 0.0
+    questions_per_canvas: int = 4
     unknown_words: float = 0.1
     eval_canvases: int = 1000
     probe_canvases: int = 200
@@ -250,7 +252,7 @@ def train_vqa(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokeniz
     ``on_epoch(epoch)`` runs after each epoch (in eval mode)."""
     model.model.vision_tower.requires_grad_(False)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.vqa_lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameters, lr=config.vqa_lr, weight_decay=config.vqa_weight_decay)
     steps = config.vqa_epochs * math.ceil(len(train) / config.vqa_batch)
     schedule = warmup_cosine(optimizer, steps, config.warmup * steps)
     generator = torch.Generator().manual_seed(config.seed + 1)

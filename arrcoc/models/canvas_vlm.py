@@ -133,7 +133,7 @@ def build_canvas_vlm(config: CanvasVLMConfig = CanvasVLMConfig(), tokenizer: Pre
                        num_key_value_heads=config.text_kv_heads, vocab_size=len(tokenizer),
                        max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       tie_word_embeddings=True)
+                       tie_word_embeddings=True, initializer_range=config.text_hidden ** -0.5)
     grid = vision.image_size // vision.patch_size
     llava = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(
         IMAGE_TOKEN), image_seq_length=grid * grid, vision_feature_layer=-1,
