@@ -7,8 +7,9 @@ Two stages, both backprop, on VQA canvases of TRAIN source digits (:mod:`arrcoc.
    each patch the digit and colour of the digit whose ink box holds the patch's centre (or background) and whether
    the box's centre is in it (one patch per digit: what counting reads). Without it a language model on a small
    tower never binds words to digits (the issue's probe: local questions at chance).
-2. **The VQA model.** The tower frozen, its features computed once; the projector and a small Llama learn the answer
-   word (cross-entropy on the answer and ``</s>``), several questions per canvas.
+2. **The VQA model.** The tower frozen, its features computed once; the projector (started on them:
+   :func:`start_projector`) and a small Llama learn the answer word (cross-entropy on the answer and ``</s>``),
+   several questions per canvas.
 
 Writes the model with ``save_pretrained`` (config, weights, tokenizer) and ``training.json`` (command, settings,
 accuracies per question kind on canvases of TEST source digits, seconds) to ``benchmarks/checkpoints/canvas_vlm/``
@@ -198,6 +199,22 @@ def tower_features(model: LlavaForConditionalGeneration, images: Tensor, chunk: 
     return torch.cat(out)
 
 
+@torch.no_grad()
+def start_projector(model: LlavaForConditionalGeneration, features: Tensor, sample: int = 256) -> None:
+    """A data-dependent start of the projector (as LSUV's): its first layer sees the tower's ``features``
+    standardised per channel, and its output has the word embeddings' mean norm. The tower's raw block outputs are
+    about 25 times larger than a word's embedding with a large offset shared by all patches, which leaves the
+    language model no room to mark a visual token by what the question asks."""
+    projector = model.model.multi_modal_projector
+    tokens = features[:sample].float().flatten(0, 1)
+    mean, std = tokens.mean(0), tokens.std(0).clamp_min(1e-6)
+    projector.linear_1.weight.div_(std)
+    projector.linear_1.bias.sub_(projector.linear_1.weight @ mean)
+    scale = model.get_input_embeddings().weight.norm(dim=-1).mean() / projector(tokens).norm(dim=-1).mean()
+    projector.linear_2.weight.mul_(scale)
+    projector.linear_2.bias.mul_(scale)
+
+
 def embedded_prompts(model: LlavaForConditionalGeneration, features: Tensor, prompts: dict[str, Tensor]) -> Tensor:
     """The language model's input embeddings: the prompt's, with the tower ``features`` through the projector at the
     image placeholders (what ``LlavaForConditionalGeneration`` builds from pixels)."""
@@ -322,6 +339,7 @@ def train_canvas_vlm(model_config: CanvasVLMConfig, config: VLMTrainConfig
                                 model.config.vision_feature_layer)
     tower_seconds = time.perf_counter() - start
     features = tower_features(model, train.images)
+    start_projector(model, features)
     probes = []
 
     def probe(epoch: int) -> None:  # progress on a few test canvases (not a measurement: the full test set is)
