@@ -111,7 +111,7 @@ def test_the_committed_model_reads_local_answers_off_the_asked_digits_tokens():
 def test_the_symbolic_probe_gives_each_patch_its_digit_and_colour_and_corrupts_the_share_asked():
     import importlib.util
 
-    from arrcoc.bench.train_vlm import REPO_ROOT
+    from arrcoc.config import REPO_ROOT
 
     spec = importlib.util.spec_from_file_location("probe", REPO_ROOT / "benchmarks" / "vlm_symbolic_probe.py")
     probe = importlib.util.module_from_spec(spec)
