@@ -2,8 +2,9 @@
 
 The language model and projector of :func:`~arrcoc.models.canvas_vlm.build_canvas_vlm` learn the VQA answers as
 ``train_vlm`` teaches them, from *symbolic* patch features instead of the tower's: each patch's one-hot digit,
-colour and box centre (``train_vlm.patch_targets``), optionally sum-pooled ``--pool`` x ``--pool`` into fewer
-visual tokens (cheap steps; pooling merges neighbouring digits, so local questions lose some of their answers).
+colour and box centre (``train_vlm.patch_targets``), optionally averaged ``--pool`` x ``--pool`` into fewer
+visual tokens (cheap steps; pooling merges neighbouring digits, so local questions lose some of their answers;
+several ``--pool`` sizes: a curriculum from few visual tokens to many).
 ``--noise`` replaces that share of the digit-patch labels with a wrong digit (a tower of that per-patch accuracy).
 ``--init-std`` re-draws the language model's and projector's weights at another scale (transformers' default is
 0.02). Prints answer accuracy per question kind on test canvases (training and held-out phrasings) as it goes::
@@ -26,6 +27,7 @@ from arrcoc.bench.train_vlm import (
     dialogue_prompts,
     embedded_prompts,
     patch_targets,
+    pooled_tokens,
     positions,
 )
 from arrcoc.data.vqa import VQAConfig, ask, vqa_split
@@ -33,8 +35,9 @@ from arrcoc.models.canvas_vlm import CanvasVLMConfig, build_canvas_vlm, canvas_p
 from arrcoc.optim import warmup_cosine
 
 
-def symbolic_features(batch, pool: int, noise: float, generator: torch.Generator) -> torch.Tensor:
-    """(N, (16 / pool)^2, 128): each patch's one-hot digit (10: none), colour and centre flag, sum-pooled."""
+def symbolic_features(batch, noise: float, generator: torch.Generator, where: bool = False) -> torch.Tensor:
+    """(N, 256, 128): each patch's one-hot digit (10: none), colour and centre flag (and with ``where`` its row and
+    column, one-hot, as a tower's position embedding gives them)."""
     targets = patch_targets(batch, 16, 8)
     digit = targets["digit"]
     wrong = (torch.rand(digit.shape, generator=generator) < noise) & (digit < 10)
@@ -44,13 +47,19 @@ def symbolic_features(batch, pool: int, noise: float, generator: torch.Generator
     features[..., :11] = F.one_hot(digit, 11).float()
     features[..., 11:11 + colors] = F.one_hot(targets["color"].remainder(colors), colors).float()
     features[..., 11 + colors] = targets["centre"]
-    side = 16 // pool
-    return features.view(len(batch), side, pool, side, pool, 128).sum((2, 4)).view(len(batch), side * side, 128)
+    if where:
+        cells = torch.arange(256)
+        features[:, cells, 12 + colors + cells // 16] = 1.0
+        features[:, cells, 28 + colors + cells % 16] = 1.0
+    return features
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pool", type=int, default=4, choices=(1, 2, 4, 8))
+    parser.add_argument("--pool", type=int, nargs="+", default=[4], choices=(1, 2, 4, 8),
+                        help="visual tokens averaged over pool x pool patches; several: a curriculum, in turn")
+    parser.add_argument("--shares", type=float, nargs="+", default=None,
+                        help="the share of the steps each --pool takes (default: equal)")
     parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--questions", type=int, default=1, help="questions per canvas in one training sequence")
@@ -58,6 +67,8 @@ def main() -> None:
     parser.add_argument("--init-std", type=float, default=None)
     parser.add_argument("--canvases", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rope-theta", type=float, default=CanvasVLMConfig.rope_theta)
+    parser.add_argument("--where", action="store_true", help="each patch's row and column in its features")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -66,9 +77,13 @@ def main() -> None:
     train = as_uint8(vqa_split("train", args.canvases, seed=0))
     tests = {"training phrasings": as_uint8(vqa_split("test", 300, seed=0, config=VQAConfig())),
              "held-out phrasings": as_uint8(vqa_split("test", 300, seed=0))}
-    features = symbolic_features(train, args.pool, args.noise, generator)
-    test_features = {name: symbolic_features(batch, args.pool, args.noise, generator) for name, batch in tests.items()}
-    model = build_canvas_vlm(CanvasVLMConfig(), tokenizer)
+    shares = args.shares or [1 / len(args.pool)] * len(args.pool)
+    if len(shares) != len(args.pool):
+        raise ValueError(f"give one --shares per --pool, got {shares} for {args.pool}")
+    phase_ends = [round(args.steps * sum(shares[:i + 1]) / sum(shares)) for i in range(len(shares))]
+    patches = symbolic_features(train, args.noise, generator, args.where)
+    test_patches = {name: symbolic_features(batch, args.noise, generator, args.where) for name, batch in tests.items()}
+    model = build_canvas_vlm(CanvasVLMConfig(rope_theta=args.rope_theta), tokenizer)
     if args.init_std is not None:
         for module in [*model.model.language_model.modules(), *model.model.multi_modal_projector.modules()]:
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -80,6 +95,10 @@ def main() -> None:
     schedule = warmup_cosine(optimizer, args.steps, 0.05 * args.steps)
     order, epoch, start = [], 0, time.perf_counter()
     for step in range(args.steps):
+        if step in (0, *phase_ends[:-1]):
+            pool = args.pool[[step < end for end in phase_ends].index(True)]
+            features = pooled_tokens(patches, pool)
+            test_features = {name: pooled_tokens(f, pool) for name, f in test_patches.items()}
         if not order:
             asked = [ask(train, 1000 * epoch + q) for q in range(args.questions)]
             order, epoch = list(torch.randperm(len(train), generator=generator).split(32)), epoch + 1
@@ -106,7 +125,8 @@ def main() -> None:
                 accuracy = accuracy_by_kind(tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist()), batch)
                 shown.append(f"{name}: " + ", ".join(f"{k} {v:.0f}" for k, v in accuracy.items()))
             seconds = time.perf_counter() - start
-            print(f"step {step + 1}, loss {loss.item():.3f}, {seconds:.0f} s | " + " | ".join(shown), flush=True)
+            print(f"step {step + 1} ({features.shape[1]} tokens), loss {loss.item():.3f}, {seconds:.0f} s | "
+                  + " | ".join(shown), flush=True)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from arrcoc.bench.train_vlm import (
     load_canvas_vlm,
     main,
     patch_targets,
+    pooled_tokens,
     positions,
     tower_features,
 )
@@ -78,12 +79,12 @@ def test_a_training_sequence_asks_several_questions_and_supervises_only_the_answ
     turns = [[("is there a 3 ?", "yes"), ("what colour is the 7 ?", "red")], [("count the digits .", "4")] * 2]
     prompts = dialogue_prompts(tokenizer, turns, 4, 0.0, torch.Generator().manual_seed(0))
     rows = [tokenizer.convert_ids_to_tokens(r) for r in prompts["input_ids"]]
-    assert rows[0][:10] == ["<s>", "is", "there", "a", "3", "?", *[IMAGE_TOKEN] * 4] and rows[0][-1] == "</s>"
-    assert rows[0].count(IMAGE_TOKEN) == 4  # the image once, after the first question
+    assert rows[0][:10] == ["<s>", *[IMAGE_TOKEN] * 4, "is", "there", "a", "3", "?"] and rows[0][-1] == "</s>"
+    assert rows[0].count(IMAGE_TOKEN) == 4  # the image once, before the questions
     supervised = [[t for t, label in zip(row, labels) if label != -100] for row, labels in zip(rows, prompts["labels"])]
     assert supervised == [["yes", "</s>", "red", "</s>"], ["4", "</s>", "4", "</s>"]]
     assert prompts["attention_mask"][1].tolist()[:2] == [0, 0]  # the shorter row is left padded
-    # the first turn is a test prompt exactly: "<s> question <image> ... answer :"
+    # the first turn is a test prompt exactly: "<s> <image> ... question answer :"
     first = canvas_prompts(tokenizer, ["is there a 3 ?"], 4)["input_ids"][0].tolist()
     assert prompts["input_ids"][0].tolist()[:len(first)] == first
     dropped = dialogue_prompts(tokenizer, turns, 4, 1.0, torch.Generator().manual_seed(0))
@@ -119,9 +120,11 @@ def test_the_symbolic_probe_gives_each_patch_its_digit_and_colour_and_corrupts_t
     batch = as_uint8(vqa_split("train", 4, seed=0))
     truth = patch_targets(batch, 16, 8)
     on_digit = truth["digit"] < 10
-    clean = probe.symbolic_features(batch, 1, 0.0, torch.Generator().manual_seed(0))
+    clean = probe.symbolic_features(batch, 0.0, torch.Generator().manual_seed(0))
     assert clean.shape == (4, 256, 128) and torch.equal(clean[..., :11].argmax(-1), truth["digit"])
     assert torch.equal(clean[..., 11:].sum(-1), 1 + truth["centre"])  # one colour class each, and the centre flag
-    noisy = probe.symbolic_features(batch, 1, 1.0, torch.Generator().manual_seed(0))[..., :11].argmax(-1)
+    noisy = probe.symbolic_features(batch, 1.0, torch.Generator().manual_seed(0))[..., :11].argmax(-1)
     assert (noisy[on_digit] != truth["digit"][on_digit]).all() and (noisy[~on_digit] == 10).all()
-    assert probe.symbolic_features(batch, 4, 0.0, torch.Generator()).shape == (4, 16, 128)
+    pooled = pooled_tokens(clean, 4)
+    top_left = clean.view(4, 16, 16, 128)[:, :4, :4].mean((1, 2))
+    assert pooled.shape == (4, 16, 128) and torch.allclose(pooled[:, 0], top_left)

@@ -62,11 +62,14 @@ class VLMTrainConfig:
     Args:
         canvases: training canvases (drawn once; the questions are redrawn every VQA epoch).
         tower_epochs, tower_batch, tower_lr: the tower's per-patch stage.
-        vqa_epochs, vqa_batch, vqa_lr, vqa_weight_decay: the VQA stage (projector and language model).
+        vqa_curriculum: the VQA stage's (pool, epochs) phases, in turn: ``epochs`` passes with the visual tokens
+            averaged over ``pool`` x ``pool`` patches (16 tokens, then 64, then all 256: at 256 the language model
+            does not learn to find the asked digit within the budget, at 16 it does, and it keeps that at 256).
+        vqa_batch, vqa_lr, vqa_weight_decay: the VQA stage (projector and language model).
         questions_per_canvas: questions asked of each canvas in each VQA epoch (one sequence: the image once).
         unknown_words: the chance that a training question's word is replaced by ``<unk>``.
         eval_canvases: test canvases (TEST source digits, held-out phrasings) the accuracies are measured on.
-        probe_canvases: the first of them, answered after every VQA epoch to show progress.
+        probe_canvases: the first of them, answered after each curriculum phase to show progress.
         warmup: the share of each stage's steps its step size warms up over.
         weight_decay: the tower stage's.
     """
@@ -76,7 +79,7 @@ class VLMTrainConfig:
     tower_epochs: int = 3
     tower_batch: int = 64
     tower_lr: float = 1e-3
-    vqa_epochs: int = 10
+    vqa_curriculum: tuple[tuple[int, int], ...] = ((4, 30), (2, 4), (1, 2))
     vqa_batch: int = 32
     vqa_lr: float = 1e-3
     vqa_weight_decay: float = 0.0
@@ -87,12 +90,17 @@ class VLMTrainConfig:
     warmup: float = 0.05
     weight_decay: float = 0.05
     threads: int = 2
-    epochs: int | None = None  # the shared command line's --epochs: both stages' epochs
+    epochs: int | None = None  # the shared command line's --epochs: the tower's and each curriculum phase's
 
     def __post_init__(self) -> None:
         if self.epochs is not None:
             object.__setattr__(self, "tower_epochs", self.epochs)
-            object.__setattr__(self, "vqa_epochs", self.epochs)
+            object.__setattr__(self, "vqa_curriculum", tuple((pool, self.epochs) for pool, _ in self.vqa_curriculum))
+
+    @property
+    def vqa_pools(self) -> list[int]:
+        """The pooling of each VQA epoch."""
+        return [pool for pool, epochs in self.vqa_curriculum for _ in range(epochs)]
 
     def overridden(self, **settings: Any) -> VLMTrainConfig:
         return replace(self, **{key: value for key, value in settings.items() if value is not None})
@@ -215,6 +223,16 @@ def start_projector(model: LlavaForConditionalGeneration, features: Tensor, samp
     projector.linear_2.bias.mul_(scale)
 
 
+def pooled_tokens(features: Tensor, pool: int) -> Tensor:
+    """Visual tokens (N, G * G, D) of a G x G grid averaged over ``pool`` x ``pool`` cells: (N, (G / pool)^2, D)."""
+    n, tokens, width = features.shape
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens or grid % pool:
+        raise ValueError(f"pooling {pool} x {pool} needs a square grid of tokens divisible by it, got {tokens} tokens")
+    side = grid // pool
+    return features.view(n, side, pool, side, pool, width).mean((2, 4)).view(n, side * side, width)
+
+
 def embedded_prompts(model: LlavaForConditionalGeneration, features: Tensor, prompts: dict[str, Tensor]) -> Tensor:
     """The language model's input embeddings: the prompt's, with the tower ``features`` through the projector at the
     image placeholders (what ``LlavaForConditionalGeneration`` builds from pixels)."""
@@ -236,21 +254,21 @@ def positions(mask: Tensor) -> Tensor:
 
 def dialogue_prompts(tokenizer: PreTrainedTokenizerFast, turns: list[list[tuple[str, str]]], image_tokens: int,
                      unknown: float, generator: torch.Generator) -> dict[str, Tensor]:
-    """Training sequences, one per canvas: each (question, answer) turn as ``question answer : ANSWER </s>``, the
-    image's ``<image> x image_tokens`` between the first question and its ``answer :`` (left padded, after ``<s>``),
-    ``labels`` on each answer word and its ``</s>`` (-100 elsewhere); each question word becomes ``<unk>`` with
-    probability ``unknown`` (words a test phrasing brings are new to the model). The first turn is a test prompt
-    exactly; later turns ask about the same image, encoded once."""
+    """Training sequences, one per canvas: ``<s>``, the image's ``<image> x image_tokens``, then each (question,
+    answer) turn as ``question answer : ANSWER </s>`` (left padded), ``labels`` on each answer word and its ``</s>``
+    (-100 elsewhere); each question word becomes ``<unk>`` with probability ``unknown`` (words a test phrasing brings
+    are new to the model). Every turn reads the image as a test prompt does (the first is one exactly), the image
+    encoded once."""
     ids_of = tokenizer.convert_tokens_to_ids
-    image, answer_ids = [ids_of(IMAGE_TOKEN)] * image_tokens, ids_of(ANSWER.split())
+    answer_ids = ids_of(ANSWER.split())
     rows, labels = [], []
     for conversation in turns:
-        ids, wanted = [tokenizer.bos_token_id], [-100]
-        for turn, (question, reply) in enumerate(conversation):
+        ids = [tokenizer.bos_token_id] + [ids_of(IMAGE_TOKEN)] * image_tokens
+        wanted = [-100] * len(ids)
+        for question, reply in conversation:
             words = ids_of(question.split())
             dropped = (torch.rand(len(words), generator=generator) < unknown).tolist()
-            asked = [tokenizer.unk_token_id if d else w for w, d in zip(words, dropped)]
-            asked += (image if turn == 0 else []) + answer_ids  # the image after the first question
+            asked = [tokenizer.unk_token_id if d else w for w, d in zip(words, dropped)] + answer_ids
             said = [ids_of(reply), tokenizer.eos_token_id]
             ids, wanted = ids + asked + said, wanted + [-100] * len(asked) + said
         rows.append(ids)
@@ -263,34 +281,37 @@ def dialogue_prompts(tokenizer: PreTrainedTokenizerFast, turns: list[list[tuple[
 
 
 def train_vqa(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, train: VQABatch,
-              features: Tensor, config: VLMTrainConfig, on_epoch: Callable[[int], None] | None = None) -> list[float]:
+              features: Tensor, config: VLMTrainConfig, on_phase: Callable[[int], None] | None = None) -> list[float]:
     """Stage 2: the projector and the language model learn the answers (the tower frozen), each canvas asked
-    ``questions_per_canvas`` questions in one sequence, new ones every epoch. Returns each epoch's last loss;
-    ``on_epoch(epoch)`` runs after each epoch (in eval mode)."""
+    ``questions_per_canvas`` questions in one sequence, new ones every epoch, the visual tokens pooled as the
+    curriculum says (``features`` are the tower's 256). Returns each epoch's last loss;
+    ``on_phase(epoch)`` runs after the last epoch of each curriculum phase (in eval mode)."""
     model.model.vision_tower.requires_grad_(False)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.vqa_lr, weight_decay=config.vqa_weight_decay)
-    steps = config.vqa_epochs * math.ceil(len(train) / config.vqa_batch)
+    pools = config.vqa_pools
+    steps = len(pools) * math.ceil(len(train) / config.vqa_batch)
     schedule = warmup_cosine(optimizer, steps, config.warmup * steps)
     generator = torch.Generator().manual_seed(config.seed + 1)
     losses = []
-    for epoch in range(config.vqa_epochs):
+    for epoch, pool in enumerate(pools):
         model.train()
         asked = [ask(train, config.seed * 1000 + epoch * config.questions_per_canvas + q)
                  for q in range(config.questions_per_canvas)]
         for rows in tqdm(torch.randperm(len(train), generator=generator).split(config.vqa_batch),
-                         desc=f"vqa {epoch + 1}/{config.vqa_epochs}", leave=False):
+                         desc=f"vqa {epoch + 1}/{len(pools)}", leave=False):
             turns = [[(a.questions[r], a.answers[r]) for a in asked] for r in rows.tolist()]
-            prompts = dialogue_prompts(tokenizer, turns, features.shape[1], config.unknown_words, generator)
-            loss = _step(model(inputs_embeds=embedded_prompts(model, features[rows], prompts),
+            visual = pooled_tokens(features[rows].float(), pool)
+            prompts = dialogue_prompts(tokenizer, turns, visual.shape[1], config.unknown_words, generator)
+            loss = _step(model(inputs_embeds=embedded_prompts(model, visual, prompts),
                                attention_mask=prompts["attention_mask"],
                                position_ids=positions(prompts["attention_mask"]), labels=prompts["labels"]).loss,
                          optimizer, schedule)
         losses.append(loss)
         model.eval()
-        tqdm.write(f"vqa epoch {epoch + 1}: loss {loss:.3f}")
-        if on_epoch is not None:
-            on_epoch(epoch)
+        tqdm.write(f"vqa epoch {epoch + 1} ({features.shape[1] // pool ** 2} visual tokens): loss {loss:.3f}")
+        if on_phase is not None and pools[epoch:epoch + 2] != [pool, pool]:
+            on_phase(epoch)
     return losses
 
 
@@ -371,7 +392,7 @@ def load_canvas_vlm(directory: str | Path = DEFAULT_DIR) -> tuple[LlavaForCondit
 QUICK_MODEL = CanvasVLMConfig(vision=CanvasVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                         stem_widths=(8, 16, 32)),
                               text_hidden=32, text_layers=4, text_heads=2, text_kv_heads=1, text_mlp=64)
-QUICK_TRAIN = VLMTrainConfig(canvases=64, tower_epochs=1, vqa_epochs=1, tower_batch=32, vqa_batch=32,
+QUICK_TRAIN = VLMTrainConfig(canvases=64, tower_epochs=1, vqa_curriculum=((4, 1), (1, 1)), tower_batch=32, vqa_batch=32,
                              questions_per_canvas=2, eval_canvases=32, probe_canvases=8)
 
 

@@ -100,6 +100,7 @@ class CanvasVLMConfig:
         text_layers: its decoder layers.
         text_heads: attention heads (and key-value heads: ``text_kv_heads``).
         text_mlp: its MLP's width.
+        rope_theta: the base of its rotary position embedding.
     """
 
     vision: CanvasVisionConfig | None = None
@@ -108,6 +109,7 @@ class CanvasVLMConfig:
     text_heads: int = 4
     text_kv_heads: int = 4
     text_mlp: int = 512
+    rope_theta: float = 10_000.0
 
 
 def canvas_tokenizer(config: VQAConfig | None = None) -> PreTrainedTokenizerFast:
@@ -133,7 +135,8 @@ def build_canvas_vlm(config: CanvasVLMConfig = CanvasVLMConfig(), tokenizer: Pre
                        num_key_value_heads=config.text_kv_heads, vocab_size=len(tokenizer),
                        max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       tie_word_embeddings=True, initializer_range=config.text_hidden ** -0.5)
+                       tie_word_embeddings=True, initializer_range=config.text_hidden ** -0.5,
+                       rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta})
     grid = vision.image_size // vision.patch_size
     llava = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(
         IMAGE_TOKEN), image_seq_length=grid * grid, vision_feature_layer=-1,
@@ -143,7 +146,7 @@ def build_canvas_vlm(config: CanvasVLMConfig = CanvasVLMConfig(), tokenizer: Pre
 
 
 def canvas_prompts(tokenizer: PreTrainedTokenizerFast, questions: list[str], image_tokens: int) -> dict[str, Tensor]:
-    """Processor-shaped inputs: ``<s> question <image> x image_tokens answer :`` per question (left padded); the
-    answer is the next word (training sequences: ``train_vlm.dialogue_prompts``)."""
-    texts = [" ".join([BOS, question, *[IMAGE_TOKEN] * image_tokens, ANSWER]) for question in questions]
+    """Processor-shaped inputs: ``<s> <image> x image_tokens question answer :`` per question (LLaVA's order, left
+    padded); the answer is the next word (training sequences: ``train_vlm.dialogue_prompts``)."""
+    texts = [" ".join([BOS, *[IMAGE_TOKEN] * image_tokens, question, ANSWER]) for question in questions]
     return dict(tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
