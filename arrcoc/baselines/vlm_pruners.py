@@ -451,8 +451,8 @@ def dart(model: nn.Module, kept: int, layer: int = DART_LAYER) -> Callable[[Laye
     github.com/ZichenWen1/DART): before layer K, pivots are the 4 visual and 4 text tokens whose keys in layer K - 1
     have the largest L1 norm (the prompt's text but ``<s>``: the question after the image, as in LLaVA's prompts);
     for each pivot in turn, the visual tokens least cosine-similar to it (on the final-normed hidden states) join
-    the kept set, (K - 4) / 8 per pivot (the remainder to the first pivots); the
-    visual pivots stay, the text pivots are never dropped. Kept tokens keep their positions."""
+    the kept set, (K - 4) / 8 per pivot (the remainder to the first pivots); the visual pivots stay, the text
+    pivots are never dropped. Kept tokens keep their positions."""
     lm = model.model.language_model
 
     def prune(view: LayerView) -> Tensor | None:

@@ -310,7 +310,7 @@ def train_vqa(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokeniz
         losses.append(loss)
         model.eval()
         tqdm.write(f"vqa epoch {epoch + 1} ({features.shape[1] // pool ** 2} visual tokens): loss {loss:.3f}")
-        if on_phase is not None and pools[epoch:epoch + 2] != [pool, pool]:
+        if on_phase is not None and (epoch + 1 == len(pools) or pools[epoch + 1] != pool):
             on_phase(epoch)
     return losses
 
