@@ -97,12 +97,12 @@ def test_a_training_sequence_asks_several_questions_and_supervises_only_the_answ
 def test_the_committed_model_reads_local_answers_off_the_asked_digits_tokens():
     """Pruning is measurable on the committed canvas VLM: with every visual token it answers local questions well, and
     without the tokens of the asked digit's patches it falls to near chance (answers come from where they should)."""
-    from arrcoc.bench.vqa import _full, evaluate, rows_of, without_answer
+    from arrcoc.bench.vqa import _full, evaluate, without_answer
 
     torch.manual_seed(0)
     model, tokenizer = load_canvas_vlm()
     test = as_uint8(vqa_split("test", 240, seed=0))
-    local = rows_of(test, test.local.nonzero()[:, 0].tolist())
+    local = test.rows(test.local.nonzero()[:, 0].tolist())
     full = evaluate(_full(model), tokenizer, local, 0, 60)["accuracy"]["local"]
     without = evaluate(without_answer(model), tokenizer, local, 0, 60)["accuracy"]["local"]
     assert full >= 80, full

@@ -16,7 +16,7 @@ def test_kept_tokens_on_the_answers_digits_are_counted_by_their_patch_centres():
     inside = int(y0 + 1) * 16 + int(x0 + 1)  # a patch whose centre is well inside the box
     corner_far = 0 if (x0 > 2 or y0 > 2) else 255
     kept = torch.tensor([[inside, corner_far], [inside, corner_far]])
-    share = vqa.on_digits(kept, vqa.rows_of(batch, [0, 0]))
+    share = vqa.on_digits(kept, batch.rows([0, 0]))
     assert share.tolist() == [0.5, 0.5]
 
 

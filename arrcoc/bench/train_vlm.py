@@ -76,10 +76,10 @@ class VLMTrainConfig:
 
     seed: int = 0
     canvases: int = 8192
-    tower_epochs: int = 3
+    tower_epochs: int = 10
     tower_batch: int = 64
     tower_lr: float = 1e-3
-    vqa_curriculum: tuple[tuple[int, int], ...] = ((4, 30), (2, 4), (1, 2))
+    vqa_curriculum: tuple[tuple[int, int], ...] = ((4, 30), (2, 6), (1, 2))
     vqa_batch: int = 32
     vqa_lr: float = 1e-3
     vqa_weight_decay: float = 0.0
@@ -151,9 +151,18 @@ class TowerHeads(nn.Module):
         loss = (F.cross_entropy(digit.flatten(0, 1), targets["digit"].flatten())
                 + F.cross_entropy(self.color(patches).flatten(0, 1), targets["color"].remainder(colors).flatten())
                 + F.binary_cross_entropy_with_logits(self.centre(patches).squeeze(-1), targets["centre"]))
-        on_digit = targets["digit"] < 10
-        accuracy = 100 * (digit.argmax(-1) == targets["digit"])[on_digit].float().mean().item()
-        return loss, accuracy
+        return loss, self.accuracies(patches, targets)["digit"]
+
+    @torch.no_grad()
+    def accuracies(self, patches: Tensor, targets: dict[str, Tensor]) -> dict[str, float]:
+        """Accuracy (%) of the digit read-out on the patches a digit's box holds (``digit``) and on the patch at each
+        box's centre (``centre_digit``), and of the colour read-out on the digit patches (``color``)."""
+        right = self.digit(patches).argmax(-1) == targets["digit"]
+        on_digit, centre = targets["digit"] < 10, targets["centre"] > 0
+        color_right = self.color(patches).argmax(-1) == targets["color"].remainder(self.color.out_features)
+        return {"digit": 100 * right[on_digit].float().mean().item(),
+                "centre_digit": 100 * right[centre].float().mean().item(),
+                "color": 100 * color_right[on_digit].float().mean().item()}
 
 
 def tower_from_canvas_vit(config: CanvasVisionConfig) -> CanvasVisionModel:
@@ -167,29 +176,34 @@ def tower_from_canvas_vit(config: CanvasVisionConfig) -> CanvasVisionModel:
     return tower
 
 
-def train_tower(tower: CanvasVisionModel, train: VQABatch, config: VLMTrainConfig, colors: int,
+def train_tower(tower: CanvasVisionModel, train: VQABatch, test: VQABatch, config: VLMTrainConfig, colors: int,
                 layer: int = -1) -> list[dict[str, float]]:
     """Stage 1: every patch token of the tower's hidden state ``layer`` (what the projector takes) learns what its
-    patch shows. Returns each epoch's last loss and digit accuracy on digit patches."""
+    patch shows. Returns each epoch's last loss and the read-outs' accuracies on the ``test`` canvases."""
     vision = tower.config
     heads = TowerHeads(vision.hidden_size, colors)
     parameters = [*tower.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.tower_lr, weight_decay=config.weight_decay)
     steps = config.tower_epochs * math.ceil(len(train) / config.tower_batch)
     schedule = warmup_cosine(optimizer, steps, config.warmup * steps)
-    targets = patch_targets(train, vision.image_size // vision.patch_size, vision.patch_size)
+    grid = vision.image_size // vision.patch_size
+    targets, test_targets = patch_targets(train, grid, vision.patch_size), patch_targets(test, grid, vision.patch_size)
     generator = torch.Generator().manual_seed(config.seed)
-    tower.train()
     history = []
     for epoch in range(config.tower_epochs):
+        tower.train()
         order = torch.randperm(len(train), generator=generator).split(config.tower_batch)
         for rows in tqdm(order, desc=f"tower {epoch + 1}/{config.tower_epochs}", leave=False):
             patches = tower(train.images[rows].float() / 255).hidden_states[layer][:, 1:]
-            loss, accuracy = heads.loss(patches, {k: v[rows] for k, v in targets.items()})
-            loss = _step(loss, optimizer, schedule)
-        history.append({"loss": loss, "digit_accuracy": accuracy})
-        tqdm.write(f"tower epoch {epoch + 1}: loss {loss:.3f}, digit accuracy on digit patches {accuracy:.1f}%")
-    tower.eval()
+            loss = _step(heads.loss(patches, {k: v[rows] for k, v in targets.items()})[0], optimizer, schedule)
+        tower.eval()
+        with torch.no_grad():
+            patches = torch.cat([tower(images.float() / 255).hidden_states[layer][:, 1:]
+                                 for images in test.images.split(config.tower_batch)])
+        history.append({"loss": loss, **{f"test_{k}": v for k, v in heads.accuracies(patches, test_targets).items()}})
+        tqdm.write(f"tower epoch {epoch + 1}: loss {loss:.3f}; on {len(test)} test canvases digit right on "
+                   f"{history[-1]['test_digit']:.1f}% of digit patches, {history[-1]['test_centre_digit']:.1f}% of "
+                   f"box centres; colour {history[-1]['test_color']:.1f}%")
     return history
 
 
@@ -356,17 +370,17 @@ def train_canvas_vlm(model_config: CanvasVLMConfig, config: VLMTrainConfig
     vision = model.config.vision_config
     if (vision.hidden_size, vision.num_hidden_layers) == (128, 6):  # the canvas ViT's: start from it
         model.model.vision_tower.load_state_dict(tower_from_canvas_vit(vision).state_dict())
-    tower_history = train_tower(model.model.vision_tower, train, config, len(vqa.canvas.colors),
+    few = slice(0, config.probe_canvases)  # a progress probe, not a measurement: the full test set is
+    tower_history = train_tower(model.model.vision_tower, train, test.rows(few), config, len(vqa.canvas.colors),
                                 model.config.vision_feature_layer)
     tower_seconds = time.perf_counter() - start
     features = tower_features(model, train.images)
     start_projector(model, features)
     probes = []
 
-    def probe(epoch: int) -> None:  # progress on a few test canvases (not a measurement: the full test set is)
-        few = slice(0, config.probe_canvases)
-        probes.append(accuracy_by_kind(answer(model, tokenizer, test.images[few], test.questions[few]),
-                                       replace(test, answers=test.answers[few], kinds=test.kinds[few])))
+    def probe(epoch: int) -> None:
+        probed = test.rows(few)
+        probes.append(accuracy_by_kind(answer(model, tokenizer, probed.images, probed.questions), probed))
         shown = ", ".join(f"{kind} {value:.0f}" for kind, value in probes[-1].items())
         tqdm.write(f"  {config.probe_canvases} test canvases: {shown}")
 

@@ -207,16 +207,6 @@ def pyramid_method(model: Any) -> Method:
 
 
 # ---- measuring ----------------------------------------------------------------------------------------
-def rows_of(batch: VQABatch, rows: slice | range | list[int]) -> VQABatch:
-    """Canvases ``rows`` of a batch, with their questions."""
-    index = torch.arange(len(batch))[rows] if isinstance(rows, slice) else torch.tensor(list(rows))
-    picked = index.tolist()
-    return dataclasses.replace(batch, images=batch.images[index], questions=[batch.questions[i] for i in picked],
-                               answers=[batch.answers[i] for i in picked], kinds=[batch.kinds[i] for i in picked],
-                               boxes=batch.boxes[index], present=batch.present[index], digits=batch.digits[index],
-                               colors=batch.colors[index], relevant=batch.relevant[index])
-
-
 def on_digits(kept: Tensor, truth: VQABatch) -> Tensor:
     """(B,) the share of each prompt's kept tokens whose patch centre lies in the ink box of a digit the answer
     depends on."""
@@ -232,7 +222,7 @@ def evaluate(method: Method, tokenizer: Any, batch: VQABatch, seed: int, chunk: 
     (GRID * GRID,) count)."""
     answers, share, where = [], [], torch.zeros(GRID * GRID)
     for start in range(0, len(batch), chunk):
-        part = rows_of(batch, slice(start, start + chunk))
+        part = batch.rows(slice(start, start + chunk))
         out = method(prompt_inputs(tokenizer, part), part, seed)
         answers += tokenizer.convert_ids_to_tokens(out.logits.argmax(-1).tolist())
         if out.kept is not None:
@@ -250,7 +240,7 @@ def perturbation_targets(model: Any, tokenizer: Any, batch: VQABatch, budget: in
     probe = arrcoc.attach_vlm(model, budget, arrcoc_config(budget))
     targets = []
     for start in tqdm(range(0, len(batch), chunk), desc="perturbation targets", leave=False):
-        prompt = probe.adapter.encode(prompt_inputs(tokenizer, rows_of(batch, slice(start, start + chunk))))
+        prompt = probe.adapter.encode(prompt_inputs(tokenizer, batch.rows(slice(start, start + chunk))))
         targets += probe.relevance_target(prompt)
     return targets
 
@@ -266,7 +256,7 @@ def train_arrcoc(model: Any, tokenizer: Any, batch: VQABatch, targets: list[Tens
         order.shuffle(rows)
         for start in range(0, len(rows), settings.learn_batch):
             pick = rows[start:start + settings.learn_batch]
-            part = rows_of(batch, pick)
+            part = batch.rows(pick)
             wrapped.learn(target=[targets[i] for i in pick], **prompt_inputs(tokenizer, part))
     return wrapped.eval()
 
@@ -285,7 +275,7 @@ def adapt_online(wrapped: VLMARRCOC, tokenizer: Any, stream: VQABatch, test: VQA
     optimizer = torch.optim.Adam(wrapped.relevance.parameters(), lr=ADAPTATION["lr"])
     start = time.perf_counter()
     for first in range(0, len(stream), settings.learn_batch):
-        part = rows_of(stream, range(first, min(first + settings.learn_batch, len(stream))))
+        part = stream.rows(range(first, min(first + settings.learn_batch, len(stream))))
         wrapped.learn(optimizer=optimizer, max_grad_norm=ADAPTATION["max_grad_norm"], **prompt_inputs(tokenizer, part))
     seconds = time.perf_counter() - start
     adapted = evaluate(method, tokenizer, test, 0, settings.chunk)["accuracy"]
@@ -355,7 +345,7 @@ def timing(model: Any, tokenizer: Any, test: VQABatch, wrapped: VLMARRCOC, setti
     """Prefill time ratios to the full model per batch size and budget (ARR-COC: the seed-0 module)."""
     result: dict[str, dict[str, dict[str, float]]] = {}
     for size in settings.timing_batches:
-        batch = rows_of(test, slice(0, size))
+        batch = test.rows(slice(0, size))
         result[str(size)] = {}
         for budget in settings.budgets:
             methods = {"full": _full(model), **methods_at(model, budget), "ARR-COC": _arrcoc(wrapped, budget)}

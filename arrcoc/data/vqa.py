@@ -102,6 +102,15 @@ class VQABatch:
     def __len__(self) -> int:
         return len(self.images)
 
+    def rows(self, rows: slice | range | list[int]) -> VQABatch:
+        """Canvases ``rows`` of the batch, with their questions."""
+        index = torch.arange(len(self))[rows] if isinstance(rows, slice) else torch.tensor(list(rows))
+        picked = index.tolist()
+        return replace(self, images=self.images[index], questions=[self.questions[i] for i in picked],
+                       answers=[self.answers[i] for i in picked], kinds=[self.kinds[i] for i in picked],
+                       boxes=self.boxes[index], present=self.present[index], digits=self.digits[index],
+                       colors=self.colors[index], relevant=self.relevant[index])
+
     @property
     def local(self) -> Tensor:
         """(N,) bool, the question is about one digit."""
