@@ -9,6 +9,7 @@ import arrcoc
 from arrcoc.bench.train_vlm import (
     DEFAULT_DIR,
     QUICK_MODEL,
+    TowerHeads,
     as_uint8,
     embedded_prompts,
     load_canvas_vlm,
@@ -39,6 +40,22 @@ def test_the_precomputed_features_path_is_the_pixel_path():
                                    do_sample=False, output_scores=True, return_dict_in_generate=True)
     assert (features - pixels).abs().max() < 1e-3  # the features are stored in bfloat16
     assert torch.allclose(generated.scores[0], pixels, atol=1e-5)
+
+
+def test_the_tower_heads_ask_each_token_for_its_row_and_column():
+    """Stage 1 asks every patch token where it is (token order is row-major), so the tower keeps it for the corner
+    questions: tokens that carry their position let the row and column read-outs learn it exactly."""
+    torch.manual_seed(0)
+    heads = TowerHeads(32, 6, 4)
+    patches = torch.eye(16, 32).expand(8, 16, 32)  # token t of a 4 x 4 grid says it is t
+    targets = {"digit": torch.full((8, 16), 10), "color": torch.full((8, 16), -1), "centre": torch.zeros(8, 16)}
+    assert heads.accuracies(patches, targets)["position"] < 50
+    optimizer = torch.optim.Adam(heads.parameters(), lr=0.1)
+    for _ in range(50):
+        optimizer.zero_grad()
+        heads.loss(patches, targets)[0].backward()
+        optimizer.step()
+    assert heads.accuracies(patches, targets)["position"] == 100
 
 
 def test_patch_targets_mark_each_digits_patches_and_one_centre():

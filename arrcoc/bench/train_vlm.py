@@ -5,8 +5,9 @@ Two stages, both backprop, on VQA canvases of TRAIN source digits (:mod:`arrcoc.
 1. **The tower, per patch.** The canvas ViT's architecture at 128 px (256 patches of 8 px), started from the
    committed canvas ViT (its stem and blocks; the position embedding resampled from 8 x 8 to 16 x 16), learns for
    each patch the digit and colour of the digit whose ink box holds the patch's centre (or background) and whether
-   the box's centre is in it (one patch per digit: what counting reads). Without it a language model on a small
-   tower never binds words to digits (the issue's probe: local questions at chance).
+   the box's centre is in it (one patch per digit: what counting reads), and its own row and column (so that the
+   tokens keep where they are, which corner questions read). Without it a language model on a small tower never binds
+   words to digits (the issue's probe: local questions at chance).
 2. **The VQA model.** The tower frozen, its features computed once; the projector (started on them:
    :func:`start_projector`) and a small Llama learn the answer word (cross-entropy on the answer and ``</s>``),
    several questions per canvas.
@@ -62,6 +63,8 @@ class VLMTrainConfig:
     Args:
         canvases: training canvases (drawn once; the questions are redrawn every VQA epoch).
         tower_epochs, tower_batch, tower_lr: the tower's per-patch stage.
+        tower_position_weight: the weight of its row and column read-outs' loss against the digit, colour and
+            centre ones'.
         vqa_curriculum: the VQA stage's (pool, epochs) phases, in turn: ``epochs`` passes with the visual tokens
             averaged over ``pool`` x ``pool`` patches (16 tokens, then 64, then all 256: at 256 the language model
             does not learn to find the asked digit within the budget, at 16 it does, and it keeps that at 256).
@@ -79,6 +82,7 @@ class VLMTrainConfig:
     tower_epochs: int = 10
     tower_batch: int = 64
     tower_lr: float = 1e-3
+    tower_position_weight: float = 0.1
     vqa_curriculum: tuple[tuple[int, int], ...] = ((4, 30), (2, 6), (1, 2))
     vqa_batch: int = 32
     vqa_lr: float = 1e-3
@@ -138,11 +142,19 @@ def patch_targets(batch: VQABatch, grid: int, patch: int) -> dict[str, Tensor]:
 
 
 class TowerHeads(nn.Module):
-    """Linear read-outs of the tower's patch tokens for stage 1 (dropped afterwards)."""
+    """Linear read-outs of the tower's patch tokens (row-major over a ``grid`` x ``grid`` image) for stage 1 (dropped
+    afterwards)."""
 
-    def __init__(self, width: int, colors: int):
+    def __init__(self, width: int, colors: int, grid: int, position_weight: float = 1.0):
         super().__init__()
+        self.position_weight = position_weight
         self.digit, self.color, self.centre = nn.Linear(width, 11), nn.Linear(width, colors + 1), nn.Linear(width, 1)
+        self.row, self.column = nn.Linear(width, grid), nn.Linear(width, grid)
+
+    def _where(self, patches: Tensor) -> tuple[Tensor, Tensor]:
+        """Each patch's row and column (N, T), as the token order gives them."""
+        index = torch.arange(patches.shape[1], device=patches.device).expand(patches.shape[:2])
+        return index // self.row.out_features, index % self.row.out_features
 
     def loss(self, patches: Tensor, targets: dict[str, Tensor]) -> tuple[Tensor, float]:
         """The heads' summed loss, and the digit accuracy (%) on the patches a digit's box holds."""
@@ -151,18 +163,25 @@ class TowerHeads(nn.Module):
         loss = (F.cross_entropy(digit.flatten(0, 1), targets["digit"].flatten())
                 + F.cross_entropy(self.color(patches).flatten(0, 1), targets["color"].remainder(colors).flatten())
                 + F.binary_cross_entropy_with_logits(self.centre(patches).squeeze(-1), targets["centre"]))
+        row, column = self._where(patches)
+        loss = loss + self.position_weight * (F.cross_entropy(self.row(patches).flatten(0, 1), row.flatten())
+                                              + F.cross_entropy(self.column(patches).flatten(0, 1), column.flatten()))
         return loss, self.accuracies(patches, targets)["digit"]
 
     @torch.no_grad()
     def accuracies(self, patches: Tensor, targets: dict[str, Tensor]) -> dict[str, float]:
         """Accuracy (%) of the digit read-out on the patches a digit's box holds (``digit``) and on the patch at each
-        box's centre (``centre_digit``), and of the colour read-out on the digit patches (``color``)."""
+        box's centre (``centre_digit``), of the colour read-out on the digit patches (``color``), and of the row and
+        column read-outs together on every patch (``position``)."""
         right = self.digit(patches).argmax(-1) == targets["digit"]
         on_digit, centre = targets["digit"] < 10, targets["centre"] > 0
         color_right = self.color(patches).argmax(-1) == targets["color"].remainder(self.color.out_features)
+        row, column = self._where(patches)
+        where_right = (self.row(patches).argmax(-1) == row) & (self.column(patches).argmax(-1) == column)
         return {"digit": 100 * right[on_digit].float().mean().item(),
                 "centre_digit": 100 * right[centre].float().mean().item(),
-                "color": 100 * color_right[on_digit].float().mean().item()}
+                "color": 100 * color_right[on_digit].float().mean().item(),
+                "position": 100 * where_right.float().mean().item()}
 
 
 def tower_from_canvas_vit(config: CanvasVisionConfig) -> CanvasVisionModel:
@@ -181,12 +200,12 @@ def train_tower(tower: CanvasVisionModel, train: VQABatch, test: VQABatch, confi
     """Stage 1: every patch token of the tower's hidden state ``layer`` (what the projector takes) learns what its
     patch shows. Returns each epoch's last loss and the read-outs' accuracies on the ``test`` canvases."""
     vision = tower.config
-    heads = TowerHeads(vision.hidden_size, colors)
+    grid = vision.image_size // vision.patch_size
+    heads = TowerHeads(vision.hidden_size, colors, grid, config.tower_position_weight)
     parameters = [*tower.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.tower_lr, weight_decay=config.weight_decay)
     steps = config.tower_epochs * math.ceil(len(train) / config.tower_batch)
     schedule = warmup_cosine(optimizer, steps, config.warmup * steps)
-    grid = vision.image_size // vision.patch_size
     targets, test_targets = patch_targets(train, grid, vision.patch_size), patch_targets(test, grid, vision.patch_size)
     generator = torch.Generator().manual_seed(config.seed)
     history = []
@@ -201,9 +220,10 @@ def train_tower(tower: CanvasVisionModel, train: VQABatch, test: VQABatch, confi
             patches = torch.cat([tower(images.float() / 255).hidden_states[layer][:, 1:]
                                  for images in test.images.split(config.tower_batch)])
         history.append({"loss": loss, **{f"test_{k}": v for k, v in heads.accuracies(patches, test_targets).items()}})
+        shown = history[-1]
         tqdm.write(f"tower epoch {epoch + 1}: loss {loss:.3f}; on {len(test)} test canvases digit right on "
-                   f"{history[-1]['test_digit']:.1f}% of digit patches, {history[-1]['test_centre_digit']:.1f}% of "
-                   f"box centres; colour {history[-1]['test_color']:.1f}%")
+                   f"{shown['test_digit']:.1f}% of digit patches, {shown['test_centre_digit']:.1f}% of box centres; "
+                   f"colour {shown['test_color']:.1f}%; row and column {shown['test_position']:.1f}%")
     return history
 
 
