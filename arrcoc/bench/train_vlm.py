@@ -156,17 +156,16 @@ class TowerHeads(nn.Module):
         index = torch.arange(patches.shape[1], device=patches.device).expand(patches.shape[:2])
         return index // self.row.out_features, index % self.row.out_features
 
-    def loss(self, patches: Tensor, targets: dict[str, Tensor]) -> tuple[Tensor, float]:
-        """The heads' summed loss, and the digit accuracy (%) on the patches a digit's box holds."""
+    def loss(self, patches: Tensor, targets: dict[str, Tensor]) -> Tensor:
+        """The heads' summed loss."""
         colors = self.color.out_features
-        digit = self.digit(patches)
-        loss = (F.cross_entropy(digit.flatten(0, 1), targets["digit"].flatten())
+        loss = (F.cross_entropy(self.digit(patches).flatten(0, 1), targets["digit"].flatten())
                 + F.cross_entropy(self.color(patches).flatten(0, 1), targets["color"].remainder(colors).flatten())
                 + F.binary_cross_entropy_with_logits(self.centre(patches).squeeze(-1), targets["centre"]))
         row, column = self._where(patches)
         loss = loss + self.position_weight * (F.cross_entropy(self.row(patches).flatten(0, 1), row.flatten())
                                               + F.cross_entropy(self.column(patches).flatten(0, 1), column.flatten()))
-        return loss, self.accuracies(patches, targets)["digit"]
+        return loss
 
     @torch.no_grad()
     def accuracies(self, patches: Tensor, targets: dict[str, Tensor]) -> dict[str, float]:
@@ -214,7 +213,7 @@ def train_tower(tower: CanvasVisionModel, train: VQABatch, test: VQABatch, confi
         order = torch.randperm(len(train), generator=generator).split(config.tower_batch)
         for rows in tqdm(order, desc=f"tower {epoch + 1}/{config.tower_epochs}", leave=False):
             patches = tower(train.images[rows].float() / 255).hidden_states[layer][:, 1:]
-            loss = _step(heads.loss(patches, {k: v[rows] for k, v in targets.items()})[0], optimizer, schedule)
+            loss = _step(heads.loss(patches, {k: v[rows] for k, v in targets.items()}), optimizer, schedule)
         tower.eval()
         with torch.no_grad():
             patches = torch.cat([tower(images.float() / 255).hidden_states[layer][:, 1:]
