@@ -57,6 +57,18 @@ BACKGROUND = -1  # a patch no digit's box holds: its own class after the digits 
 
 
 @dataclass(frozen=True)
+class Phase:
+    """One phase of the VQA curriculum: ``epochs`` passes with the visual tokens averaged over ``pool`` x ``pool``
+    patches, on a warmup-cosine schedule of its own that peaks at ``lr``, each training question's word replaced by
+    ``<unk>`` with chance ``unknown_words`` (so that held-out phrasings are read by their content words)."""
+
+    pool: int
+    epochs: int
+    lr: float
+    unknown_words: float = 0.1
+
+
+@dataclass(frozen=True)
 class VLMTrainConfig:
     """Settings of both stages.
 
@@ -65,12 +77,10 @@ class VLMTrainConfig:
         tower_epochs, tower_batch, tower_lr: the tower's per-patch stage.
         tower_position_weight: the weight of its row and column read-outs' loss against the digit, colour and
             centre ones'.
-        vqa_curriculum: the VQA stage's (pool, epochs) phases, in turn: ``epochs`` passes with the visual tokens
-            averaged over ``pool`` x ``pool`` patches (16 tokens, then 64, then all 256: at 256 the language model
+        vqa_curriculum: the VQA stage's phases, in turn (16 tokens, then 64, then all 256: at 256 the language model
             does not learn to find the asked digit within the budget, at 16 it does, and it keeps that at 256).
-        vqa_batch, vqa_lr, vqa_weight_decay: the VQA stage (projector and language model).
+        vqa_batch, vqa_weight_decay: the VQA stage (projector and language model).
         questions_per_canvas: questions asked of each canvas in each VQA epoch (one sequence: the image once).
-        unknown_words: the chance that a training question's word is replaced by ``<unk>``.
         eval_canvases: test canvases (TEST source digits, held-out phrasings) the accuracies are measured on.
         probe_canvases: the first of them, answered after each curriculum phase to show progress.
         warmup: the share of each stage's steps its step size warms up over.
@@ -83,12 +93,10 @@ class VLMTrainConfig:
     tower_batch: int = 64
     tower_lr: float = 1e-3
     tower_position_weight: float = 0.1
-    vqa_curriculum: tuple[tuple[int, int], ...] = ((4, 30), (2, 6), (1, 2))
+    vqa_curriculum: tuple[Phase, ...] = (Phase(4, 30, 1e-3), Phase(2, 6, 3e-4), Phase(1, 8, 3e-4, unknown_words=0.3))
     vqa_batch: int = 32
-    vqa_lr: float = 1e-3
     vqa_weight_decay: float = 0.0
     questions_per_canvas: int = 4
-    unknown_words: float = 0.1
     eval_canvases: int = 1000
     probe_canvases: int = 200
     warmup: float = 0.05
@@ -99,12 +107,8 @@ class VLMTrainConfig:
     def __post_init__(self) -> None:
         if self.epochs is not None:
             object.__setattr__(self, "tower_epochs", self.epochs)
-            object.__setattr__(self, "vqa_curriculum", tuple((pool, self.epochs) for pool, _ in self.vqa_curriculum))
-
-    @property
-    def vqa_pools(self) -> list[int]:
-        """The pooling of each VQA epoch."""
-        return [pool for pool, epochs in self.vqa_curriculum for _ in range(epochs)]
+            object.__setattr__(self, "vqa_curriculum",
+                               tuple(replace(phase, epochs=self.epochs) for phase in self.vqa_curriculum))
 
     def overridden(self, **settings: Any) -> VLMTrainConfig:
         return replace(self, **{key: value for key, value in settings.items() if value is not None})
@@ -316,36 +320,48 @@ def dialogue_prompts(tokenizer: PreTrainedTokenizerFast, turns: list[list[tuple[
 def train_vqa(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, train: VQABatch,
               features: Tensor, config: VLMTrainConfig, on_phase: Callable[[int], None] | None = None) -> list[float]:
     """Stage 2: the projector and the language model learn the answers (the tower frozen), each canvas asked
-    ``questions_per_canvas`` questions in one sequence, new ones every epoch, the visual tokens pooled as the
-    curriculum says (``features`` are the tower's 256). Returns each epoch's last loss;
-    ``on_phase(epoch)`` runs after the last epoch of each curriculum phase (in eval mode)."""
+    ``questions_per_canvas`` questions in one sequence, new ones every epoch, phase by phase of the curriculum
+    (``features`` are the tower's 256 tokens). Returns each epoch's last loss; ``on_phase(epoch)`` runs after each
+    phase (in eval mode)."""
     model.model.vision_tower.requires_grad_(False)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.vqa_lr, weight_decay=config.vqa_weight_decay)
-    pools = config.vqa_pools
-    steps = len(pools) * math.ceil(len(train) / config.vqa_batch)
-    schedule = warmup_cosine(optimizer, steps, config.warmup * steps)
     generator = torch.Generator().manual_seed(config.seed + 1)
-    losses = []
-    for epoch, pool in enumerate(pools):
-        model.train()
-        asked = [ask(train, config.seed * 1000 + epoch * config.questions_per_canvas + q)
-                 for q in range(config.questions_per_canvas)]
-        for rows in tqdm(torch.randperm(len(train), generator=generator).split(config.vqa_batch),
-                         desc=f"vqa {epoch + 1}/{len(pools)}", leave=False):
-            turns = [[(a.questions[r], a.answers[r]) for a in asked] for r in rows.tolist()]
-            visual = pooled_tokens(features[rows].float(), pool)
-            prompts = dialogue_prompts(tokenizer, turns, visual.shape[1], config.unknown_words, generator)
-            loss = _step(model(inputs_embeds=embedded_prompts(model, visual, prompts),
-                               attention_mask=prompts["attention_mask"],
-                               position_ids=positions(prompts["attention_mask"]), labels=prompts["labels"]).loss,
-                         optimizer, schedule)
-        losses.append(loss)
-        model.eval()
-        tqdm.write(f"vqa epoch {epoch + 1} ({features.shape[1] // pool ** 2} visual tokens): loss {loss:.3f}")
-        if on_phase is not None and (epoch + 1 == len(pools) or pools[epoch + 1] != pool):
-            on_phase(epoch)
+    epochs = sum(phase.epochs for phase in config.vqa_curriculum)
+    losses: list[float] = []
+    for phase in config.vqa_curriculum:
+        optimizer = torch.optim.AdamW(parameters, lr=phase.lr, weight_decay=config.vqa_weight_decay)
+        steps = phase.epochs * math.ceil(len(train) / config.vqa_batch)
+        schedule = warmup_cosine(optimizer, steps, config.warmup * steps)
+        for _ in range(phase.epochs):
+            epoch = len(losses)
+            losses.append(_vqa_epoch(model, tokenizer, train, features, config, phase, epoch, optimizer, schedule,
+                                     generator))
+            tqdm.write(f"vqa epoch {epoch + 1}/{epochs} ({features.shape[1] // phase.pool ** 2} visual tokens): "
+                       f"loss {losses[-1]:.3f}")
+        if on_phase is not None:
+            on_phase(len(losses) - 1)
     return losses
+
+
+def _vqa_epoch(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, train: VQABatch,
+               features: Tensor, config: VLMTrainConfig, phase: Phase, epoch: int, optimizer: torch.optim.Optimizer,
+               schedule: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator) -> float:
+    """One pass over the training canvases with new questions; leaves the model in eval mode, returns the last
+    step's loss."""
+    model.train()
+    asked = [ask(train, config.seed * 1000 + epoch * config.questions_per_canvas + q)
+             for q in range(config.questions_per_canvas)]
+    for rows in tqdm(torch.randperm(len(train), generator=generator).split(config.vqa_batch),
+                     desc=f"vqa {epoch + 1}", leave=False):
+        turns = [[(a.questions[r], a.answers[r]) for a in asked] for r in rows.tolist()]
+        visual = pooled_tokens(features[rows].float(), phase.pool)
+        prompts = dialogue_prompts(tokenizer, turns, visual.shape[1], phase.unknown_words, generator)
+        loss = _step(model(inputs_embeds=embedded_prompts(model, visual, prompts),
+                           attention_mask=prompts["attention_mask"],
+                           position_ids=positions(prompts["attention_mask"]), labels=prompts["labels"]).loss,
+                     optimizer, schedule)
+    model.eval()
+    return loss
 
 
 @torch.no_grad()
@@ -425,8 +441,8 @@ def load_canvas_vlm(directory: str | Path = DEFAULT_DIR) -> tuple[LlavaForCondit
 QUICK_MODEL = CanvasVLMConfig(vision=CanvasVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                         stem_widths=(8, 16, 32)),
                               text_hidden=32, text_layers=4, text_heads=2, text_kv_heads=1, text_mlp=64)
-QUICK_TRAIN = VLMTrainConfig(canvases=64, tower_epochs=1, vqa_curriculum=((4, 1), (1, 1)), tower_batch=32, vqa_batch=32,
-                             questions_per_canvas=2, eval_canvases=32, probe_canvases=8)
+QUICK_TRAIN = VLMTrainConfig(canvases=64, tower_epochs=1, vqa_curriculum=(Phase(4, 1, 1e-3), Phase(1, 1, 1e-3)),
+                             tower_batch=32, vqa_batch=32, questions_per_canvas=2, eval_canvases=32, probe_canvases=8)
 
 
 def main(argv: list[str] | None = None) -> Path:
