@@ -110,7 +110,7 @@ def test_a_training_sequence_asks_several_questions_and_supervises_only_the_answ
 
 
 @pytest.mark.skipif(not (DEFAULT_DIR / "config.json").is_file(),
-                    reason="the canvas VLM is not trained to its targets yet (issue 38, docs/decisions.md)")
+                    reason="no canvas VLM in benchmarks/checkpoints/canvas_vlm (python -m arrcoc.bench.train_vlm)")
 def test_the_committed_model_reads_local_answers_off_the_asked_digits_tokens():
     """Pruning is measurable on the committed canvas VLM: with every visual token it answers local questions well, and
     without the tokens of the asked digit's patches it falls to near chance (answers come from where they should)."""
