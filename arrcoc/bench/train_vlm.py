@@ -83,7 +83,7 @@ class VLMTrainConfig:
         questions_per_canvas: questions asked of each canvas in each VQA epoch (one sequence: the image once).
         eval_canvases: test canvases (TEST source digits, held-out phrasings) the accuracies are measured on.
         probe_canvases: the first of them, answered after each curriculum phase to show progress.
-        warmup: the share of each stage's steps its step size warms up over.
+        warmup: the share of the tower stage's steps, and of each VQA phase's, that its step size warms up over.
         weight_decay: the tower stage's.
     """
 
