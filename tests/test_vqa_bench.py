@@ -53,3 +53,16 @@ def test_the_quick_benchmark_measures_every_method_at_every_budget(tmp_path):
     section = "\n".join(_vqa_section(out, "results"))
     assert "## Canvas VQA" in section and "local questions at 8/256" not in section  # the local target is at 16
     assert section.count("- **") + section.count("- not measured") >= len(vqa_report.targets(results))
+
+
+def test_a_global_target_against_a_baseline_that_counts_at_chance_gets_no_verdict():
+    def entry(global_, count):
+        return [{"accuracy": {"global": global_, "count": count}}]
+
+    results = {"arrcoc": {"accuracy": {"8": entry(30.0, 25.0) * 5}},
+               "methods": {m: {"8": entry(40.0, 60.0)} for m in vqa_report.QUERY_AGNOSTIC}}
+    passed, text = vqa_report._global_target(results, "8")
+    assert passed is False and "no verdict" not in text  # 10 points below a baseline that counts
+    results["methods"]["random"]["8"] = entry(49.0, vqa_report.COUNT_CHANCE + 1)
+    passed, text = vqa_report._global_target(results, "8")
+    assert passed is None and "random answers count questions at chance" in text
