@@ -46,9 +46,10 @@ def test_the_tower_heads_ask_each_token_for_its_row_and_column():
     """Stage 1 asks every patch token where it is (token order is row-major), so the tower keeps it for the corner
     questions: tokens that carry their position let the row and column read-outs learn it exactly."""
     torch.manual_seed(0)
-    heads = TowerHeads(32, 6, 4)
+    heads = TowerHeads(32, 6, 4, 6)
     patches = torch.eye(16, 32).expand(8, 16, 32)  # token t of a 4 x 4 grid says it is t
-    targets = {"digit": torch.full((8, 16), 10), "color": torch.full((8, 16), -1), "centre": torch.zeros(8, 16)}
+    targets = {"digit": torch.full((8, 16), 10), "color": torch.full((8, 16), -1), "centre": torch.zeros(8, 16),
+               "count": torch.zeros(8, 16, dtype=torch.long)}
     assert heads.accuracies(patches, targets)["position"] < 50
     optimizer = torch.optim.Adam(heads.parameters(), lr=0.1)
     for _ in range(50):
@@ -62,6 +63,7 @@ def test_patch_targets_mark_each_digits_patches_and_one_centre():
     batch = vqa_split("train", 8, seed=0)
     targets = patch_targets(batch, 16, 8)
     assert torch.equal(targets["centre"].sum(1), batch.present.sum(1).float())
+    assert torch.equal(targets["count"], batch.present.sum(1, keepdim=True).expand(8, 256))  # on every patch
     for i in range(8):
         shown = set(batch.digits[i][batch.present[i]].tolist())
         assert set(targets["digit"][i].unique().tolist()) - {10} <= shown

@@ -5,8 +5,10 @@ Two stages, both backprop, on VQA canvases of TRAIN source digits (:mod:`arrcoc.
 1. **The tower, per patch.** The canvas ViT's architecture at 128 px (256 patches of 8 px), started from the
    committed canvas ViT (its stem and blocks; the position embedding resampled from 8 x 8 to 16 x 16), learns for
    each patch the digit and colour of the digit whose ink box holds the patch's centre (or background) and whether
-   the box's centre is in it (one patch per digit: what counting reads), and its own row and column (so that the
-   tokens keep where they are, which corner questions read). Without it a language model on a small tower never binds
+   the box's centre is in it (one patch per digit), its own row and column (so that the tokens keep where they are,
+   which corner questions read), and how many digits the canvas holds (on every patch, as a large tower's patch
+   tokens carry the image's gist: without it the language model counts by the share of the sequence that is digit,
+   and any selection that favours digits breaks counting). Without it a language model on a small tower never binds
    words to digits (the issue's probe: local questions at chance).
 2. **The VQA model.** The tower frozen, its features computed once; the projector (started on them:
    :func:`start_projector`) and a small Llama learn the answer word (cross-entropy on the answer and ``</s>``),
@@ -93,7 +95,7 @@ class VLMTrainConfig:
     tower_batch: int = 64
     tower_lr: float = 1e-3
     tower_position_weight: float = 0.1
-    vqa_curriculum: tuple[Phase, ...] = (Phase(4, 30, 1e-3), Phase(2, 6, 3e-4), Phase(1, 8, 3e-4, unknown_words=0.3))
+    vqa_curriculum: tuple[Phase, ...] = (Phase(4, 30, 1e-3), Phase(2, 6, 3e-4), Phase(1, 12, 3e-4, unknown_words=0.3))
     vqa_batch: int = 32
     vqa_weight_decay: float = 0.0
     questions_per_canvas: int = 4
@@ -126,8 +128,8 @@ def _step(loss: Tensor, optimizer: torch.optim.Optimizer, schedule: torch.optim.
 # ---- stage 1: the tower --------------------------------------------------------------------------------
 def patch_targets(batch: VQABatch, grid: int, patch: int) -> dict[str, Tensor]:
     """Per patch (N, grid * grid): ``digit`` and ``color`` of the digit whose ink box holds the patch's centre (the
-    one painted last where boxes overlap; 10 and the colour count for none) and ``centre``, 1 on the patch holding a
-    box's centre."""
+    one painted last where boxes overlap; 10 and the colour count for none), ``centre``, 1 on the patch holding a
+    box's centre, and ``count``, the number of digits on the canvas (the same on every patch)."""
     centres = (torch.arange(grid).float() + 0.5) * patch
     y, x = torch.meshgrid(centres, centres, indexing="ij")
     x, y = x.flatten(), y.flatten()
@@ -142,17 +144,19 @@ def patch_targets(batch: VQABatch, grid: int, patch: int) -> dict[str, Tensor]:
         middle = ((box[:, :2] + box[:, 2:]) / 2 / patch).long().clamp(0, grid - 1)
         cell = middle[:, 1] * grid + middle[:, 0]
         centre[torch.arange(n)[present[:, 0]], cell[present[:, 0]]] = 1.0
-    return {"digit": digit, "color": color, "centre": centre}
+    count = batch.present.sum(1, keepdim=True).expand(n, grid * grid)
+    return {"digit": digit, "color": color, "centre": centre, "count": count}
 
 
 class TowerHeads(nn.Module):
     """Linear read-outs of the tower's patch tokens (row-major over a ``grid`` x ``grid`` image) for stage 1 (dropped
     afterwards)."""
 
-    def __init__(self, width: int, colors: int, grid: int, position_weight: float = 1.0):
+    def __init__(self, width: int, colors: int, grid: int, slots: int, position_weight: float = 1.0):
         super().__init__()
         self.position_weight = position_weight
         self.digit, self.color, self.centre = nn.Linear(width, 11), nn.Linear(width, colors + 1), nn.Linear(width, 1)
+        self.count = nn.Linear(width, slots + 1)
         self.row, self.column = nn.Linear(width, grid), nn.Linear(width, grid)
 
     def _where(self, patches: Tensor) -> tuple[Tensor, Tensor]:
@@ -165,7 +169,8 @@ class TowerHeads(nn.Module):
         colors = self.color.out_features
         loss = (F.cross_entropy(self.digit(patches).flatten(0, 1), targets["digit"].flatten())
                 + F.cross_entropy(self.color(patches).flatten(0, 1), targets["color"].remainder(colors).flatten())
-                + F.binary_cross_entropy_with_logits(self.centre(patches).squeeze(-1), targets["centre"]))
+                + F.binary_cross_entropy_with_logits(self.centre(patches).squeeze(-1), targets["centre"])
+                + F.cross_entropy(self.count(patches).flatten(0, 1), targets["count"].flatten()))
         row, column = self._where(patches)
         loss = loss + self.position_weight * (F.cross_entropy(self.row(patches).flatten(0, 1), row.flatten())
                                               + F.cross_entropy(self.column(patches).flatten(0, 1), column.flatten()))
@@ -174,8 +179,9 @@ class TowerHeads(nn.Module):
     @torch.no_grad()
     def accuracies(self, patches: Tensor, targets: dict[str, Tensor]) -> dict[str, float]:
         """Accuracy (%) of the digit read-out on the patches a digit's box holds (``digit``) and on the patch at each
-        box's centre (``centre_digit``), of the colour read-out on the digit patches (``color``), and of the row and
-        column read-outs together on every patch (``position``)."""
+        box's centre (``centre_digit``), of the colour read-out on the digit patches (``color``), of the row and
+        column read-outs together on every patch (``position``) and of the count read-out on every patch (``count``).
+        """
         right = self.digit(patches).argmax(-1) == targets["digit"]
         on_digit, centre = targets["digit"] < 10, targets["centre"] > 0
         color_right = self.color(patches).argmax(-1) == targets["color"].remainder(self.color.out_features)
@@ -184,7 +190,8 @@ class TowerHeads(nn.Module):
         return {"digit": 100 * right[on_digit].float().mean().item(),
                 "centre_digit": 100 * right[centre].float().mean().item(),
                 "color": 100 * color_right[on_digit].float().mean().item(),
-                "position": 100 * where_right.float().mean().item()}
+                "position": 100 * where_right.float().mean().item(),
+                "count": 100 * (self.count(patches).argmax(-1) == targets["count"]).float().mean().item()}
 
 
 def tower_from_canvas_vit(config: CanvasVisionConfig) -> CanvasVisionModel:
@@ -204,7 +211,7 @@ def train_tower(tower: CanvasVisionModel, train: VQABatch, test: VQABatch, confi
     patch shows. Returns each epoch's last loss and the read-outs' accuracies on the ``test`` canvases."""
     vision = tower.config
     grid = vision.image_size // vision.patch_size
-    heads = TowerHeads(vision.hidden_size, colors, grid, config.tower_position_weight)
+    heads = TowerHeads(vision.hidden_size, colors, grid, train.present.shape[1], config.tower_position_weight)
     parameters = [*tower.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.tower_lr, weight_decay=config.weight_decay)
     steps = config.tower_epochs * math.ceil(len(train) / config.tower_batch)
@@ -226,7 +233,8 @@ def train_tower(tower: CanvasVisionModel, train: VQABatch, test: VQABatch, confi
         shown = history[-1]
         tqdm.write(f"tower epoch {epoch + 1}: loss {loss:.3f}; on {len(test)} test canvases digit right on "
                    f"{shown['test_digit']:.1f}% of digit patches, {shown['test_centre_digit']:.1f}% of box centres; "
-                   f"colour {shown['test_color']:.1f}%; row and column {shown['test_position']:.1f}%")
+                   f"colour {shown['test_color']:.1f}%; row and column {shown['test_position']:.1f}%; count "
+                   f"{shown['test_count']:.1f}%")
     return history
 
 
