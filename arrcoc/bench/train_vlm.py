@@ -8,8 +8,8 @@ Two stages, both backprop, on VQA canvases of TRAIN source digits (:mod:`arrcoc.
    the box's centre is in it (one patch per digit), its own row and column (so that the tokens keep where they are,
    which corner questions read), and how many digits the canvas holds (on every patch, as a large tower's patch
    tokens carry the image's gist: without it the language model counts by the share of the sequence that is digit,
-   and any selection that favours digits breaks counting). Without it a language model on a small tower never binds
-   words to digits (the issue's probe: local questions at chance).
+   and any selection that favours digits breaks counting). Without this stage a language model on a small tower
+   never binds words to digits (the issue's probe: local questions at chance).
 2. **The VQA model.** The tower frozen, its features computed once; the projector (started on them:
    :func:`start_projector`) and a small Llama learn the answer word (cross-entropy on the answer and ``</s>``),
    several questions per canvas.
@@ -78,8 +78,8 @@ class VLMTrainConfig:
         canvases: training canvases (drawn once; the questions are redrawn every VQA epoch).
         tower_epochs, tower_batch, tower_lr: the tower's per-patch stage.
         tower_position_weight, tower_count_weight: the weights of its row and column read-outs' loss and of its
-            count read-out's against the digit, colour and centre ones' (the count at weight 1 held the digit
-            read-out back: 63 against 79% of digit patches after 5 epochs).
+            count read-out's against the digit, colour and centre ones' (at weight 1 the count held the digit
+            read-out back: docs/decisions.md, "Sixth session").
         vqa_curriculum: the VQA stage's phases, in turn (16 tokens, then 64, then all 256: at 256 the language model
             does not learn to find the asked digit within the budget, at 16 it does, and it keeps that at 256).
         vqa_batch, vqa_weight_decay: the VQA stage (projector and language model).
