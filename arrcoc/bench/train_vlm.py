@@ -36,7 +36,7 @@ from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
 from arrcoc.config import REPO_ROOT, parse_with_config
-from arrcoc.data.vqa import LOCAL_KINDS, VQABatch, VQAConfig, ask, vqa_split
+from arrcoc.data.vqa import LOCAL_KINDS, VQABatch, VQAConfig, ask, content_words, vqa_split
 from arrcoc.models.canvas_vit import load_canvas_vit
 from arrcoc.models.canvas_vlm import (
     ANSWER,
@@ -61,13 +61,16 @@ BACKGROUND = -1  # a patch no digit's box holds: its own class after the digits 
 @dataclass(frozen=True)
 class Phase:
     """One phase of the VQA curriculum: ``epochs`` passes with the visual tokens averaged over ``pool`` x ``pool``
-    patches, on a warmup-cosine schedule of its own that peaks at ``lr``, each training question's word replaced by
-    ``<unk>`` with chance ``unknown_words`` (so that held-out phrasings are read by their content words)."""
+    patches, on a warmup-cosine schedule of its own that peaks at ``lr``, each training question's word (but its
+    content words: :func:`arrcoc.data.vqa.content_words`) replaced by ``<unk>`` with chance ``unknown_words`` (so that
+    held-out phrasings are read by their content words); with chance ``subsets`` a canvas is seen through its digits'
+    visual tokens and a random share of its background's only (:func:`evidence_subsets`)."""
 
     pool: int
     epochs: int
     lr: float
     unknown_words: float = 0.1
+    subsets: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,8 @@ class VLMTrainConfig:
     tower_lr: float = 1e-3
     tower_position_weight: float = 0.1
     tower_count_weight: float = 0.2
-    vqa_curriculum: tuple[Phase, ...] = (Phase(4, 30, 1e-3), Phase(2, 6, 3e-4), Phase(1, 12, 3e-4, unknown_words=0.3))
+    vqa_curriculum: tuple[Phase, ...] = (Phase(4, 30, 1e-3), Phase(2, 6, 3e-4, subsets=0.5),
+                                         Phase(1, 12, 3e-4, unknown_words=0.3, subsets=0.5))
     vqa_batch: int = 32
     vqa_weight_decay: float = 0.0
     questions_per_canvas: int = 4
@@ -282,6 +286,36 @@ def pooled_tokens(features: Tensor, pool: int) -> Tensor:
     return features.view(n, side, pool, side, pool, width).mean((2, 4)).view(n, side * side, width)
 
 
+def evidence_subsets(on_digit: Tensor, share: float, generator: torch.Generator) -> Tensor:
+    """(N, T) the visual tokens each canvas is seen through: all of them, or with chance ``share`` those on its digits
+    and each background one with a chance drawn for the canvas uniformly in [0, 1). The questions' evidence stays;
+    how much of the sequence is background stops saying how many digits there are (so that a selection keeping the
+    digits keeps the count: docs/decisions.md, "Seventh session")."""
+    subset = torch.rand(len(on_digit), 1, generator=generator) < share
+    background = torch.rand(len(on_digit), 1, generator=generator)
+    return ~subset | on_digit | (torch.rand(on_digit.shape, generator=generator) < background)
+
+
+def without_dropped(embeds: Tensor, prompts: dict[str, Tensor], visual: Tensor, keep: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The sequences (embeddings, attention mask, position ids, labels) without the visual tokens ``keep`` (N, T)
+    drops, left padded again; every token keeps the position it had in the whole prompt, as the visual-token pruners'
+    shortened prompts do (:meth:`arrcoc.backbones.vlm.VLMAdapter.shorten`)."""
+    mask = prompts["attention_mask"].bool()
+    kept = mask.clone()
+    kept[visual] = keep.flatten()
+    lengths = kept.sum(1)
+    target = (lengths.max() - lengths)[:, None] + kept.long().cumsum(1) - 1
+    rows = torch.arange(len(kept))[:, None].expand_as(kept)
+    index = torch.zeros(len(kept), int(lengths.max()), dtype=torch.long)
+    index[rows[kept], target[kept]] = torch.arange(kept.shape[1]).expand_as(kept)[kept]
+    real = torch.zeros_like(index, dtype=torch.bool)
+    real[rows[kept], target[kept]] = True
+    shortened = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
+    return (shortened, real.long(), positions(prompts["attention_mask"]).gather(1, index).masked_fill(~real, 0),
+            prompts["labels"].gather(1, index).masked_fill(~real, -100))
+
+
 def embedded_prompts(model: LlavaForConditionalGeneration, features: Tensor, prompts: dict[str, Tensor]) -> Tensor:
     """The language model's input embeddings: the prompt's, with the tower ``features`` through the projector at the
     image placeholders (what ``LlavaForConditionalGeneration`` builds from pixels)."""
@@ -306,10 +340,11 @@ def dialogue_prompts(tokenizer: PreTrainedTokenizerFast, turns: list[list[tuple[
     """Training sequences, one per canvas: ``<s>``, the image's ``<image> x image_tokens``, then each (question,
     answer) turn as ``question answer : ANSWER </s>`` (left padded), ``labels`` on each answer word and its ``</s>``
     (-100 elsewhere); each question word becomes ``<unk>`` with probability ``unknown`` (words a test phrasing brings
-    are new to the model). Every turn reads the image as a test prompt does (the first is one exactly), the image
-    encoded once."""
+    are new to the model; a question's content words never do: with them gone it has no answer). Every turn reads
+    the image as a test prompt does (the first is one exactly), the image encoded once."""
     ids_of = tokenizer.convert_tokens_to_ids
     answer_ids = ids_of(ANSWER.split())
+    content = set(ids_of(sorted(content_words())))
     rows, labels = [], []
     for conversation in turns:
         ids = [tokenizer.bos_token_id] + [ids_of(IMAGE_TOKEN)] * image_tokens
@@ -317,7 +352,8 @@ def dialogue_prompts(tokenizer: PreTrainedTokenizerFast, turns: list[list[tuple[
         for question, reply in conversation:
             words = ids_of(question.split())
             dropped = (torch.rand(len(words), generator=generator) < unknown).tolist()
-            asked = [tokenizer.unk_token_id if d else w for w, d in zip(words, dropped)] + answer_ids
+            asked = [tokenizer.unk_token_id if d and w not in content else w for w, d in zip(words, dropped)]
+            asked += answer_ids
             said = [ids_of(reply), tokenizer.eos_token_id]
             ids, wanted = ids + asked + said, wanted + [-100] * len(asked) + said
         rows.append(ids)
@@ -337,6 +373,8 @@ def train_vqa(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokeniz
     phase (in eval mode)."""
     model.model.vision_tower.requires_grad_(False)
     parameters = [p for p in model.parameters() if p.requires_grad]
+    vision = model.config.vision_config
+    on_digit = patch_targets(train, vision.image_size // vision.patch_size, vision.patch_size)["digit"] < 10
     generator = torch.Generator().manual_seed(config.seed + 1)
     epochs = sum(phase.epochs for phase in config.vqa_curriculum)
     losses: list[float] = []
@@ -346,8 +384,8 @@ def train_vqa(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokeniz
         schedule = warmup_cosine(optimizer, steps, config.warmup * steps)
         for _ in range(phase.epochs):
             epoch = len(losses)
-            losses.append(_vqa_epoch(model, tokenizer, train, features, config, phase, epoch, optimizer, schedule,
-                                     generator))
+            losses.append(_vqa_epoch(model, tokenizer, train, (features, on_digit), config, phase, epoch, optimizer,
+                                     schedule, generator))
             tqdm.write(f"vqa epoch {epoch + 1}/{epochs} ({features.shape[1] // phase.pool ** 2} visual tokens): "
                        f"loss {losses[-1]:.3f}")
         if on_phase is not None:
@@ -356,10 +394,12 @@ def train_vqa(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokeniz
 
 
 def _vqa_epoch(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, train: VQABatch,
-               features: Tensor, config: VLMTrainConfig, phase: Phase, epoch: int, optimizer: torch.optim.Optimizer,
-               schedule: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator) -> float:
-    """One pass over the training canvases with new questions; leaves the model in eval mode, returns the last
-    step's loss."""
+               patches: tuple[Tensor, Tensor], config: VLMTrainConfig, phase: Phase, epoch: int,
+               optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler,
+               generator: torch.Generator) -> float:
+    """One pass over the training canvases with new questions (``patches``: the tower's features and which patches
+    lie on a digit); leaves the model in eval mode, returns the last step's loss."""
+    features, on_digit = patches
     model.train()
     asked = [ask(train, config.seed * 1000 + epoch * config.questions_per_canvas + q)
              for q in range(config.questions_per_canvas)]
@@ -368,9 +408,14 @@ def _vqa_epoch(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokeni
         turns = [[(a.questions[r], a.answers[r]) for a in asked] for r in rows.tolist()]
         visual = pooled_tokens(features[rows].float(), phase.pool)
         prompts = dialogue_prompts(tokenizer, turns, visual.shape[1], phase.unknown_words, generator)
-        loss = _step(model(inputs_embeds=embedded_prompts(model, visual, prompts),
-                           attention_mask=prompts["attention_mask"],
-                           position_ids=positions(prompts["attention_mask"]), labels=prompts["labels"]).loss,
+        sequence = (embedded_prompts(model, visual, prompts), prompts["attention_mask"],
+                    positions(prompts["attention_mask"]), prompts["labels"])
+        if phase.subsets:
+            digits = pooled_tokens(on_digit[rows, :, None].float(), phase.pool)[..., 0] > 0
+            sequence = without_dropped(sequence[0], prompts, prompts["input_ids"] == model.config.image_token_id,
+                                       evidence_subsets(digits, phase.subsets, generator))
+        embeds, mask, position_ids, labels = sequence
+        loss = _step(model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, labels=labels).loss,
                      optimizer, schedule)
     model.eval()
     return loss
@@ -453,7 +498,7 @@ def load_canvas_vlm(directory: str | Path = DEFAULT_DIR) -> tuple[LlavaForCondit
 QUICK_MODEL = CanvasVLMConfig(vision=CanvasVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                         stem_widths=(8, 16, 32)),
                               text_hidden=32, text_layers=4, text_heads=2, text_kv_heads=1, text_mlp=64)
-QUICK_TRAIN = VLMTrainConfig(canvases=64, tower_epochs=1, vqa_curriculum=(Phase(4, 1, 1e-3), Phase(1, 1, 1e-3)),
+QUICK_TRAIN = VLMTrainConfig(canvases=64, tower_epochs=1, vqa_curriculum=(Phase(4, 1, 1e-3), Phase(1, 1, 1e-3, subsets=0.5)),
                              tower_batch=32, vqa_batch=32, questions_per_canvas=2, eval_canvases=32, probe_canvases=8)
 
 

@@ -26,8 +26,8 @@ from torch import Tensor
 from .canvas import COLORS, MORE_COLORS, SHIFT_BACKGROUNDS, QueryConfig, Split, canvas_sources, make_query
 from .digits import DigitSplit
 
-__all__ = ["LOCAL_KINDS", "GLOBAL_KINDS", "VQA_COLORS", "VQABatch", "VQAConfig", "answer_vocabulary", "ask", "make_vqa",
-           "phrasings", "vqa_split", "vqa_words"]
+__all__ = ["LOCAL_KINDS", "GLOBAL_KINDS", "VQA_COLORS", "VQABatch", "VQAConfig", "answer_vocabulary", "ask",
+           "content_words", "make_vqa", "phrasings", "vqa_split", "vqa_words"]
 
 VQA_COLORS = (*COLORS, *MORE_COLORS)
 CORNERS = {"top left": (0.0, 0.0), "top right": (1.0, 0.0), "bottom left": (0.0, 1.0), "bottom right": (1.0, 1.0)}
@@ -126,6 +126,12 @@ def phrasings(kind: str, held_out: bool) -> tuple[str, ...]:
 def answer_vocabulary(config: VQAConfig = VQAConfig()) -> tuple[str, ...]:
     """Every answer a question can have: the digits, the colour names, yes and no."""
     return (*(str(d) for d in range(10)), *config.canvas.colors, "yes", "no")
+
+
+def content_words(config: VQAConfig = VQAConfig()) -> frozenset[str]:
+    """The words that make one question differ from another of its kind (digits, colours, corners): what a
+    question means rests on them, whatever its phrasing."""
+    return frozenset((*answer_vocabulary(config), *(w for corner in CORNERS for w in corner.split())))
 
 
 def vqa_words(config: VQAConfig = VQAConfig()) -> tuple[str, ...]:
