@@ -145,6 +145,22 @@ def test_inference_mode_works():
     assert out.logits.shape == (2, 1, model.config.text_config.vocab_size)
 
 
+def test_compiled_scoring_allocates_what_eager_scoring_does():
+    """``graphs=True`` (the default on CUDA; here only compiled): each grid shape's scores compiled whole, the same
+    tokens kept; autograd (learning) stays eager."""
+    model, inputs = family_case("qwen2_vl")  # three images, two grid shapes
+    wrapped = arrcoc.attach_vlm(model, budget=0.25)
+    eager = wrapped.allocate(**inputs)
+    assert not wrapped.graphs_wanted(eager.logits[0])  # default: on CUDA only
+    wrapped.graphs = True
+    compiled = wrapped.allocate(**inputs)
+    assert wrapped.graphed.failure is None
+    assert all(torch.equal(a, b) for a, b in zip(eager.keep, compiled.keep))
+    torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-5, rtol=0)
+    with torch.enable_grad():
+        assert not wrapped.graphs_wanted(eager.logits[0])
+
+
 def test_llava_full_strategy_keeps_the_cls_token_and_scores_the_patches():
     model, inputs = family_case("llava", vision_feature_select_strategy="full")
     allocation = arrcoc.attach_vlm(model, budget=0.25).allocate(**inputs)

@@ -93,7 +93,7 @@ def run(config: PrefillBenchConfig, device: torch.device) -> dict[str, Any]:
 
     def allocation(budget: float) -> Callable[[], Any]:  # the relevance module alone: query, scores, top-K
         wrapped = wrappers[budget]
-        return lambda: wrapped._allocation(prompt, wrapped._score(prompt, wrapped.prompt_query(prompt, None)))
+        return lambda: wrapped.kept_tokens(prompt)
 
     kinds = {"lm": lm_prefill, "e2e": end_to_end}
     jobs = [(kind, b) for kind in kinds for b in config.budgets] + [("alloc", b) for b in config.budgets if b < 1]

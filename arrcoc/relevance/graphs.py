@@ -14,25 +14,25 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-Forward = Callable[[Tensor, Tensor | None], Tensor]
+Forward = Callable[..., Tensor]  # tensors (or None) in, one tensor out
 
 
 class GraphedForward:
-    """``forward(images, query)`` compiled whole (``fullgraph=True``, fixed shapes) and graph-captured; if that
-    fails, a warning says why and this and every later call run ``forward`` eagerly."""
+    """``forward(*inputs)`` (e.g. images and query) compiled whole (``fullgraph=True``, fixed shapes) and
+    graph-captured; if that fails, a warning says why and this and every later call run ``forward`` eagerly."""
 
     def __init__(self, forward: Forward):
         self.forward = forward
         self.compiled = torch.compile(forward, mode="reduce-overhead", fullgraph=True, dynamic=False)
         self.failure: str | None = None  # why the compiled forward is no longer tried
 
-    def run(self, images: Tensor, query: Tensor | None) -> Tensor:
+    def run(self, *inputs: Tensor | None) -> Tensor:
         if self.failure is None:
             try:
                 torch.compiler.cudagraph_mark_step_begin()  # the outputs of earlier calls are the caller's copies
-                return self.compiled(images, query).clone()  # a replay overwrites its graph's outputs: copy them
+                return self.compiled(*inputs).clone()  # a replay overwrites its graph's outputs: copy them
             except Exception as error:  # any failure to compile or capture: eager from now on, saying why
                 self.failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
                 warnings.warn(f"the graph-captured forward failed ({self.failure}); running eager from now on "
-                              "(attach(..., graphs=False) runs eager from the start)", stacklevel=3)
-        return self.forward(images, query)
+                              "(graphs=False runs eager from the start)", stacklevel=3)
+        return self.forward(*inputs)

@@ -31,6 +31,7 @@ from arrcoc.backbones.vlm import IGNORE_INDEX, EncodedPrompt, TokenGrid, VLMAdap
 from arrcoc.budget import Budget, num_kept
 
 from .checkpoint import read_checkpoint
+from .graphs import GraphedForward
 from .module import RelevanceConfig, RelevanceModule, RelevanceOutput
 from .targets import box_target, prediction_change
 from .wrapper import QueryInput, RelevanceWrapper
@@ -79,21 +80,25 @@ class VLMAllocation:
 
 @dataclass
 class _GridBatch:
-    """One relevance pass over grids of one shape: which (image, grid) each row is, and the pass."""
+    """The grids of one shape, stacked: which (image, grid) each row is, the pixels and tokens, each row's query."""
 
     members: list[tuple[int, int]]
     grids: list[TokenGrid]
-    out: RelevanceOutput
+    pixels: Tensor
+    tokens: Tensor
+    query: Tensor
 
 
 class VLMARRCOC(RelevanceWrapper, nn.Module):
     def __init__(self, model: nn.Module, config: VLMConfig | None = None,
-                 text_encoder: Callable[[list[str]], Tensor] | None = None):
+                 text_encoder: Callable[[list[str]], Tensor] | None = None, graphs: bool | None = None):
         super().__init__()
         self.adapter: VLMAdapter = adapt_vlm(model)  # frozen, eval; not a sub-module: never saved or trained
         self.vlm_config = config or VLMConfig()
         self.config = self.vlm_config.relevance
         self.text_encoder = text_encoder
+        self.graphs = graphs
+        self._graphed: GraphedForward | None = None
         if text_encoder is None and self.config.query_dim != self.adapter.feature_dim:
             raise ValueError(
                 f"the prompt's own embedding is the query: query_dim must be the language model's hidden size "
@@ -110,14 +115,16 @@ class VLMARRCOC(RelevanceWrapper, nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, model: nn.Module,
-                        text_encoder: Callable[[list[str]], Tensor] | None = None) -> VLMARRCOC:
-        """A :meth:`save_pretrained` folder on ``model`` (the same VLM architecture it was trained on)."""
+                        text_encoder: Callable[[list[str]], Tensor] | None = None,
+                        graphs: bool | None = None) -> VLMARRCOC:
+        """A :meth:`save_pretrained` folder on ``model`` (the same VLM architecture it was trained on); ``graphs`` as
+        :func:`attach_vlm`'s."""
         meta, tensors = read_checkpoint(directory)
         config = meta.get("config")
         if not isinstance(config, dict) or "relevance" not in config:
             raise ValueError(f"{directory} is not a VLM checkpoint (its config has no 'relevance' section): it was "
                              f"saved for {meta.get('backbone')}; load ViT checkpoints with ARRCOC.from_pretrained")
-        wrapped = cls(model, VLMConfig(**config), text_encoder)
+        wrapped = cls(model, VLMConfig(**config), text_encoder, graphs)
         wrapped.load_checkpoint_tensors(tensors, meta, directory)
         return wrapped
 
@@ -140,30 +147,53 @@ class VLMARRCOC(RelevanceWrapper, nn.Module):
         return self.encode_query(query, prompt.batch_size).float()
 
     # ---- relevance ------------------------------------------------------------------------------
-    def _score(self, prompt: EncodedPrompt, query: Tensor) -> list[_GridBatch]:
-        """Run the relevance module over every image's grids, one batch per grid shape."""
+    def _grid_batches(self, prompt: EncodedPrompt, query: Tensor) -> list[_GridBatch]:
+        """Every image's grids, stacked by shape (one relevance pass per shape)."""
         by_shape: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for image, grids in enumerate(prompt.grids):
             for t, grid in enumerate(grids):
                 by_shape.setdefault((grid.height, grid.width), []).append((image, t))
         batches = []
-        for shape, members in by_shape.items():
+        for members in by_shape.values():
             grids = [prompt.grids[i][t] for i, t in members]
             tokens = torch.stack([prompt.features[i][g.index] for (i, _), g in zip(members, grids)]).float()
             pixels = torch.stack([g.pixels for g in grids]).float()
-            rows = prompt.image_row[[i for i, _ in members]]
-            batches.append(_GridBatch(members, grids, self.relevance(pixels, tokens, shape, query[rows])))
+            batches.append(_GridBatch(members, grids, pixels, tokens, query[prompt.image_row[[i for i, _ in members]]]))
         return batches
+
+    def _run(self, batch: _GridBatch) -> RelevanceOutput:
+        return self.relevance(batch.pixels, batch.tokens, (batch.grids[0].height, batch.grids[0].width), batch.query)
+
+    def grid_logits(self, pixels: Tensor, tokens: Tensor, query: Tensor) -> Tensor:
+        """(G, N) the budget logits of G grids of one shape (their grid read off the pixels): what inference
+        runs, compiled whole where :attr:`graphs` says (no host sync, no data-dependent Python branch)."""
+        cell_h, cell_w = self.adapter.cell
+        return self.relevance(pixels, tokens, (pixels.shape[-2] // cell_h, pixels.shape[-1] // cell_w), query).logits
+
+    @property
+    def graphed(self) -> GraphedForward:
+        """:meth:`grid_logits` compiled whole and graph-captured (made at its first use)."""
+        if self._graphed is None:
+            self._graphed = GraphedForward(self.grid_logits)
+        return self._graphed
+
+    def graphs_wanted(self, tokens: Tensor) -> bool:
+        """Whether inference runs the graph-captured :meth:`grid_logits`: as :attr:`graphs` says (default: on CUDA),
+        without autograd, and not inside a ``torch.compile`` of the caller's own."""
+        wanted = tokens.device.type == "cuda" if self.graphs is None else self.graphs
+        return wanted and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
     def _allocation(self, prompt: EncodedPrompt, batches: list[_GridBatch]) -> VLMAllocation:
         logits = [torch.full((prompt.num_tokens(i),), float("inf"), device=prompt.input_ids.device)
                   for i in range(prompt.num_images)]
         for batch in batches:
+            run = self.graphed.run if self.graphs_wanted(batch.tokens) else self.grid_logits
+            scored_logits = run(batch.pixels, batch.tokens, batch.query)
             for row, ((image, _), grid) in enumerate(zip(batch.members, batch.grids)):
-                logits[image][grid.index] = batch.out.logits[row].detach().to(logits[image].device)
+                logits[image][grid.index] = scored_logits[row].to(logits[image].device)
         keep = []
         for image, scores in enumerate(logits):
-            scored = int(torch.isfinite(scores).sum())
+            scored = sum(grid.index.numel() for grid in prompt.grids[image])  # a shape: no host sync
             try:
                 k = num_kept(self.budget, scored)
             except ValueError as error:
@@ -175,7 +205,7 @@ class VLMARRCOC(RelevanceWrapper, nn.Module):
     def allocate(self, query: QueryInput = None, **inputs: Any) -> VLMAllocation:
         """Which visual tokens of each image the language model gets, for these processor outputs."""
         prompt = self.adapter.encode(inputs)
-        return self._allocation(prompt, self._score(prompt, self.prompt_query(prompt, query)))
+        return self._allocation(prompt, self._grid_batches(prompt, self.prompt_query(prompt, query)))
 
     # ---- the model ------------------------------------------------------------------------------
     def forward(self, query: QueryInput = None, **kwargs: Any) -> Any:
@@ -203,7 +233,7 @@ class VLMARRCOC(RelevanceWrapper, nn.Module):
         q = self.prompt_query(prompt, query)  # validated even when every token is kept
         if all(self.keeps_all(prompt.num_tokens(i)) for i in range(prompt.num_images)):
             return None  # the identity: every visual token, the model's own computation
-        return self._allocation(prompt, self._score(prompt, q)).keep
+        return self._allocation(prompt, self._grid_batches(prompt, q)).keep
 
     # ---- learning -------------------------------------------------------------------------------
     def _answer_score(self, prompt: EncodedPrompt, keep: Sequence[Tensor] | None) -> Tensor:
@@ -270,7 +300,8 @@ class VLMARRCOC(RelevanceWrapper, nn.Module):
         self.relevance.train()  # feature statistics follow the training stream
         try:
             with torch.no_grad():  # each rule builds its own graph; under autograd the field would build its Hessian
-                batches = self._score(prompt, q)
+                batches = self._grid_batches(prompt, q)
+                outs = [self._run(batch) for batch in batches]
         finally:
             self.relevance.train(was_training)
         if target is None:
@@ -279,13 +310,13 @@ class VLMARRCOC(RelevanceWrapper, nn.Module):
                 t.shape != (prompt.num_tokens(i),) for i, t in enumerate(target)):
             raise ValueError(f"target must give one (visual tokens,) tensor per image: "
                              f"{[prompt.num_tokens(i) for i in range(prompt.num_images)]}")
-        passes = [(batch.out, torch.stack([target[i][g.index] for (i, _), g in zip(batch.members, batch.grids)])
-                   .to(batch.out.logits.device)) for batch in batches]
+        passes = [(out, torch.stack([target[i][g.index] for (i, _), g in zip(batch.members, batch.grids)])
+                   .to(out.logits.device)) for batch, out in zip(batches, outs)]
         self.apply_rules_over(passes, optimizer, max_grad_norm)
         overlaps = []
-        for batch, (_, wanted) in zip(batches, passes):
+        for out, wanted in passes:
             k = num_kept(self.budget, wanted.shape[1])
-            chosen = torch.zeros_like(wanted).scatter_(1, batch.out.logits.topk(k).indices, 1.0)
+            chosen = torch.zeros_like(wanted).scatter_(1, out.logits.topk(k).indices, 1.0)
             best = torch.zeros_like(wanted).scatter_(1, wanted.topk(k).indices, 1.0)
             overlaps.append((chosen * best).sum(1) / k)
         return {"target_overlap": torch.cat(overlaps).mean().item()}
@@ -325,7 +356,7 @@ def _group_ids(height: int, width: int, group: int) -> Tensor:
 
 
 def attach_vlm(model: nn.Module, budget: Budget | None = None, config: VLMConfig | dict | None = None,
-               text_encoder: Callable[[list[str]], Tensor] | None = None) -> VLMARRCOC:
+               text_encoder: Callable[[list[str]], Tensor] | None = None, graphs: bool | None = None) -> VLMARRCOC:
     """Wrap a transformers VLM (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL) so that its language model gets only
     the visual tokens ARR-COC allocates: ``attach_vlm(model, 0.25).generate(**processor_outputs)``.
 
@@ -336,6 +367,9 @@ def attach_vlm(model: nn.Module, budget: Budget | None = None, config: VLMConfig
         config: a :class:`VLMConfig` or a dict of its keys.
         text_encoder: embeds ``query=`` sentences; without one the prompt's own text embedding is the query,
             so ``query_dim`` becomes the language model's hidden size.
+        graphs: score the visual tokens at inference compiled whole and captured in CUDA graphs
+            (:mod:`~arrcoc.relevance.graphs`; each new shape compiles once, falling back to eager with a warning if
+            that fails); default: on CUDA.
 
     Returns:
         The :class:`VLMARRCOC` wrapper.
@@ -349,4 +383,4 @@ def attach_vlm(model: nn.Module, budget: Budget | None = None, config: VLMConfig
     if text_encoder is None:
         relevance["query_dim"] = adapt_vlm(model).feature_dim  # also rejects an unsupported model clearly
     config = dataclasses.replace(config, relevance=RelevanceConfig.from_dict(relevance))
-    return VLMARRCOC(model, config, text_encoder)
+    return VLMARRCOC(model, config, text_encoder, graphs)
