@@ -6,18 +6,22 @@ import pytest
 import torch
 
 import arrcoc
+from arrcoc.backbones.vlm import adapt_vlm
 from arrcoc.bench.train_vlm import (
     DEFAULT_DIR,
     QUICK_MODEL,
     TowerHeads,
     as_uint8,
+    dialogue_prompts,
     embedded_prompts,
+    evidence_subsets,
     load_canvas_vlm,
     main,
     patch_targets,
     pooled_tokens,
     positions,
     tower_features,
+    without_dropped,
 )
 from arrcoc.data.vqa import vqa_split
 from arrcoc.models.canvas_vlm import IMAGE_TOKEN, build_canvas_vlm, canvas_prompts, canvas_tokenizer
@@ -40,6 +44,34 @@ def test_the_precomputed_features_path_is_the_pixel_path():
                                    do_sample=False, output_scores=True, return_dict_in_generate=True)
     assert (features - pixels).abs().max() < 1e-3  # the features are stored in bfloat16
     assert torch.allclose(generated.scores[0], pixels, atol=1e-5)
+
+
+def test_a_training_subset_keeps_the_digits_and_is_the_pruned_prompt_the_benchmark_runs():
+    """A canvas seen through a subset of its tokens in training is what a pruner's shortened prompt gives the model:
+    the same tokens at the same positions, so the answer's logits agree."""
+    tokenizer = canvas_tokenizer()
+    model = build_canvas_vlm(QUICK_MODEL, tokenizer).eval()
+    batch = as_uint8(vqa_split("train", 4, seed=0))
+    questions, answers = ["is there a 3 ?", "count the digits .", "is there a 4 ?", "what colour is the 7 ?"], "1234"
+    on_digit = patch_targets(batch, 16, 8)["digit"] < 10
+    keep = evidence_subsets(on_digit, 1.0, torch.Generator().manual_seed(0))
+    assert (keep | ~on_digit).all() and (keep.sum(1) < 256).all()  # every digit token, not every token
+    assert evidence_subsets(on_digit, 0.0, torch.Generator()).all()
+    prompts = dialogue_prompts(tokenizer, [[(q, a)] for q, a in zip(questions, answers)], 256, 0.0, torch.Generator())
+    visual = prompts["input_ids"] == tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    embeds, mask, position_ids, labels = without_dropped(
+        embedded_prompts(model, tower_features(model, batch.images), prompts), prompts, visual, keep)
+    assert (mask.sum(1) == prompts["attention_mask"].sum(1) - (~keep).sum(1)).all()
+    with torch.no_grad():
+        logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).logits
+        adapter = adapt_vlm(model)
+        prompt = adapter.encode({**canvas_prompts(tokenizer, questions, 256), "pixel_values": batch.images / 255})
+        pruned = adapter.forward(prompt, [k.nonzero()[:, 0] for k in keep], logits_to_keep=1).logits[:, -1]
+    before_answer = (labels != -100).int().argmax(1) - 1
+    assert (logits[torch.arange(4), before_answer] - pruned).abs().max() < 1e-2  # features stored in bfloat16
+    whole = embedded_prompts(model, tower_features(model, batch.images), prompts)
+    unchanged = (whole, prompts["attention_mask"], positions(prompts["attention_mask"]), prompts["labels"])
+    assert all(t.equal(u) for t, u in zip(without_dropped(whole, prompts, visual, torch.ones_like(keep)), unchanged))
 
 
 def test_the_tower_heads_ask_each_token_for_its_row_and_column():
@@ -92,8 +124,6 @@ def test_the_training_command_rebuilds_the_model_bit_for_bit(tmp_path):
 
 
 def test_a_training_sequence_asks_several_questions_and_supervises_only_the_answers():
-    from arrcoc.bench.train_vlm import dialogue_prompts
-
     tokenizer = canvas_tokenizer()
     turns = [[("is there a 3 ?", "yes"), ("what colour is the 7 ?", "red")], [("count the digits .", "4")] * 2]
     prompts = dialogue_prompts(tokenizer, turns, 4, 0.0, torch.Generator().manual_seed(0))

@@ -498,8 +498,9 @@ def load_canvas_vlm(directory: str | Path = DEFAULT_DIR) -> tuple[LlavaForCondit
 QUICK_MODEL = CanvasVLMConfig(vision=CanvasVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                         stem_widths=(8, 16, 32)),
                               text_hidden=32, text_layers=4, text_heads=2, text_kv_heads=1, text_mlp=64)
-QUICK_TRAIN = VLMTrainConfig(canvases=64, tower_epochs=1, vqa_curriculum=(Phase(4, 1, 1e-3), Phase(1, 1, 1e-3, subsets=0.5)),
-                             tower_batch=32, vqa_batch=32, questions_per_canvas=2, eval_canvases=32, probe_canvases=8)
+QUICK_TRAIN = VLMTrainConfig(canvases=64, tower_epochs=1,
+                             vqa_curriculum=(Phase(4, 1, 1e-3), Phase(1, 1, 1e-3, subsets=0.5)), tower_batch=32,
+                             vqa_batch=32, questions_per_canvas=2, eval_canvases=32, probe_canvases=8)
 
 
 def main(argv: list[str] | None = None) -> Path:

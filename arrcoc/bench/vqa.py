@@ -75,6 +75,8 @@ class VQABenchSettings:
             measured on after.
         timing_batches, timing_repeats: prefill timing.
         chunk: prompts per forward when measuring accuracy.
+        compiled: ARR-COC scores the tokens compiled whole (``attach_vlm(..., graphs=True)``, its inference path on a
+            GPU; each prompt shape compiles once, tens of seconds here).
     """
 
     budgets: tuple[int, ...] = (64, 32, 16, 8)
@@ -89,11 +91,12 @@ class VQABenchSettings:
     timing_batches: tuple[int, ...] = (1, 16)
     timing_repeats: int = 5
     chunk: int = 50
+    compiled: bool = True
     threads: int = 2
 
 
 QUICK = VQABenchSettings(budgets=(16, 8), test_canvases=12, seeds=2, train_canvases=8, epochs=1, learn_batch=4,
-                         shift_stream=4, shift_test=6, timing_repeats=1, chunk=6)
+                         shift_stream=4, shift_test=6, timing_repeats=1, chunk=6, compiled=False)
 
 
 def arrcoc_config(budget: int) -> VLMConfig:
@@ -249,7 +252,8 @@ def train_arrcoc(model: Any, tokenizer: Any, batch: VQABatch, targets: list[Tens
                  seed: int) -> VLMARRCOC:
     """ARR-COC on the VLM, one seed: ``epochs`` passes of its local rules over the prompts towards their targets."""
     torch.manual_seed(seed)
-    wrapped = arrcoc.attach_vlm(model, settings.arrcoc_budget, arrcoc_config(settings.arrcoc_budget))
+    wrapped = arrcoc.attach_vlm(model, settings.arrcoc_budget, arrcoc_config(settings.arrcoc_budget),
+                                graphs=settings.compiled)
     order = random.Random(seed)
     for _ in range(settings.epochs):
         rows = list(range(len(batch)))

@@ -191,10 +191,12 @@ def markdown(results: dict[str, Any], figures: list[str]) -> str:
     meta, full, removed = results["meta"], results["full"]["accuracy"], results["without_answer"]["accuracy"]
     budgets = list(results["arrcoc"]["accuracy"])
     pyramid = results["pyramiddrop"]
+    scoring = "compiled whole (its inference path on a GPU)" if meta["settings"].get("compiled") else "eager"
     lines = ["# Canvas VQA: visual-token pruners and ARR-COC on the canvas VLM", "",
              f"`{meta['command']}` at commit `{meta.get('commit')}`, {meta['threads']} threads on {meta['cpu']}, "
              f"{meta['wall_seconds'] / 60:.0f} min. Test canvases: {meta['settings']['test_canvases']} (held-out "
-             f"phrasings, TEST digits); ARR-COC over {meta['settings']['seeds']} seeds (mean ± 95% interval).", "",
+             f"phrasings, TEST digits); ARR-COC over {meta['settings']['seeds']} seeds (mean ± 95% interval), "
+             f"its scoring {scoring}; every baseline's selection eager.", "",
              f"All 256 visual tokens: local {full['local']:.1f}, global {full['global']:.1f}, all {full['all']:.1f}. "
              f"All but the patches of the digits the answer depends on: local {removed['local']:.1f} (the answers are "
              "read off those digits: near chance without them).", "",
