@@ -191,7 +191,8 @@ def markdown(results: dict[str, Any], figures: list[str]) -> str:
     meta, full, removed = results["meta"], results["full"]["accuracy"], results["without_answer"]["accuracy"]
     budgets = list(results["arrcoc"]["accuracy"])
     pyramid = results["pyramiddrop"]
-    scoring = "compiled whole (its inference path on a GPU)" if meta["settings"].get("compiled") else "eager"
+    scoring = ("timed compiled whole (its inference path on a GPU), its accuracy measured eager (the same tokens)"
+               if meta["settings"].get("compiled") else "eager")
     lines = ["# Canvas VQA: visual-token pruners and ARR-COC on the canvas VLM", "",
              f"`{meta['command']}` at commit `{meta.get('commit')}`, {meta['threads']} threads on {meta['cpu']}, "
              f"{meta['wall_seconds'] / 60:.0f} min. Test canvases: {meta['settings']['test_canvases']} (held-out "
