@@ -176,18 +176,8 @@ class ARRCOC(RelevanceWrapper, nn.Module):
         reduced = keep_top_k(state, scores, self.budget, dropped=self.config.dropped, metric=state.patches)
         return self.adapter.head(self.adapter.run_blocks(reduced))
 
-    @property
-    def graphed(self) -> GraphedForward:
-        """:meth:`reduced_forward` compiled whole and graph-captured (made at its first use)."""
-        if self._graphed is None:
-            self._graphed = GraphedForward(self.reduced_forward)
-        return self._graphed
-
-    def graphs_wanted(self, images: Tensor) -> bool:
-        """Whether :meth:`forward` runs its graph-captured path: as :attr:`graphs` says (default: on CUDA), for
-        inference only (no autograd), and not inside a ``torch.compile`` of the caller's own."""
-        wanted = images.device.type == "cuda" if self.graphs is None else self.graphs
-        return wanted and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    def graph_target(self) -> Callable[..., Tensor]:
+        return self.reduced_forward
 
     def tier_counts(self, height: int, width: int) -> TierCounts:
         """Regions per tier: ``refined_regions`` refined, the rest merged or normal, with the largest

@@ -170,18 +170,8 @@ class VLMARRCOC(RelevanceWrapper, nn.Module):
         cell_h, cell_w = self.adapter.cell
         return self.relevance(pixels, tokens, (pixels.shape[-2] // cell_h, pixels.shape[-1] // cell_w), query).logits
 
-    @property
-    def graphed(self) -> GraphedForward:
-        """:meth:`grid_logits` compiled whole and graph-captured (made at its first use)."""
-        if self._graphed is None:
-            self._graphed = GraphedForward(self.grid_logits)
-        return self._graphed
-
-    def graphs_wanted(self, tokens: Tensor) -> bool:
-        """Whether inference runs the graph-captured :meth:`grid_logits`: as :attr:`graphs` says (default: on CUDA),
-        without autograd, and not inside a ``torch.compile`` of the caller's own."""
-        wanted = tokens.device.type == "cuda" if self.graphs is None else self.graphs
-        return wanted and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    def graph_target(self) -> Callable[..., Tensor]:
+        return self.grid_logits
 
     def _allocation(self, prompt: EncodedPrompt, batches: list[_GridBatch]) -> VLMAllocation:
         logits = [torch.full((prompt.num_tokens(i),), float("inf"), device=prompt.input_ids.device)

@@ -22,6 +22,7 @@ from arrcoc.rules import RuleContext, build_rule
 
 from .checkpoint import write_checkpoint
 from .field import RelevanceField, nudged_error
+from .graphs import GraphedForward
 from .knowing import ParticipatoryKnowing
 from .module import DEFAULT_RULES, RelevanceConfig, RelevanceModule, RelevanceOutput
 from .targets import kept_set
@@ -107,6 +108,24 @@ class RelevanceWrapper:
             raise TypeError(f"query embeddings must be floating point, got {query.dtype}")
         self.check_finite("query embeddings", query)
         return query
+
+    # ---- the graph-captured inference forward (each wrapper sets ``graphs`` and ``_graphed = None``) ---------
+    def graph_target(self) -> Callable[..., Tensor]:
+        """The inference forward that :attr:`graphed` compiles whole (no host sync, no data-dependent branch)."""
+        raise NotImplementedError
+
+    @property
+    def graphed(self) -> GraphedForward:
+        """:meth:`graph_target` compiled whole and graph-captured (made at its first use)."""
+        if self._graphed is None:
+            self._graphed = GraphedForward(self.graph_target())
+        return self._graphed
+
+    def graphs_wanted(self, inputs: Tensor) -> bool:
+        """Whether inference on ``inputs`` runs :attr:`graphed`: as :attr:`graphs` says (default: on CUDA), without
+        autograd, and not inside a ``torch.compile`` of the caller's own."""
+        wanted = inputs.device.type == "cuda" if self.graphs is None else self.graphs
+        return wanted and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
     # ---- the budget ----------------------------------------------------------------------------------
     @property
