@@ -40,6 +40,7 @@ __all__ = [
     "TokenGrid",
     "VLMAdapter",
     "adapt_vlm",
+    "packed_columns",
     "supported_vlm_families",
 ]
 
@@ -128,6 +129,18 @@ class ShortPrompt:
     per_token: dict[str, Tensor]
     columns: Tensor
     dropped: Tensor
+
+
+def packed_columns(kept: Tensor) -> Tensor:
+    """(B, L') the columns that ``kept`` (B, L, bool) keeps, in their order and right-aligned (left padding) to the
+    longest row's count; -1 where a row is padded."""
+    lengths = kept.sum(1)
+    target = (lengths.max() - lengths)[:, None] + kept.long().cumsum(1) - 1
+    columns = torch.full((kept.shape[0], int(lengths.max())), -1, dtype=torch.long, device=kept.device)
+    rows = torch.arange(kept.shape[0], device=kept.device)[:, None].expand_as(kept)
+    source = torch.arange(kept.shape[1], device=kept.device).expand_as(kept)
+    columns[rows[kept], target[kept]] = source[kept]
+    return columns
 
 
 class VLMAdapter:
@@ -286,14 +299,7 @@ class VLMAdapter:
         ])
         kept = ~placeholders
         kept[placeholders] = kept_visual  # placeholders are filled in row-major order, image after image
-        lengths = kept.sum(1)
-        batch, length = prompt.batch_size, int(lengths.max())
-        # kept columns, right-aligned (left padding), in their original order
-        target = (length - lengths)[:, None] + kept.long().cumsum(1) - 1
-        columns = torch.full((batch, length), -1, dtype=torch.long, device=device)
-        rows = torch.arange(batch, device=device)[:, None].expand_as(kept)
-        source = torch.arange(kept.shape[1], device=device).expand_as(kept)
-        columns[rows[kept], target[kept]] = source[kept]
+        columns = packed_columns(kept)
         padding = columns < 0
         safe = columns.clamp_min(0)
 

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
+from arrcoc.backbones.vlm import packed_columns
 from arrcoc.config import REPO_ROOT, parse_with_config
 from arrcoc.data.vqa import LOCAL_KINDS, VQABatch, VQAConfig, ask, content_words, vqa_split
 from arrcoc.models.canvas_vit import load_canvas_vit
@@ -301,16 +302,10 @@ def without_dropped(embeds: Tensor, prompts: dict[str, Tensor], visual: Tensor, 
     """The sequences (embeddings, attention mask, position ids, labels) without the visual tokens ``keep`` (N, T)
     drops, left padded again; every token keeps the position it had in the whole prompt, as the visual-token pruners'
     shortened prompts do (:meth:`arrcoc.backbones.vlm.VLMAdapter.shorten`)."""
-    mask = prompts["attention_mask"].bool()
-    kept = mask.clone()
+    kept = prompts["attention_mask"].bool()
     kept[visual] = keep.flatten()
-    lengths = kept.sum(1)
-    target = (lengths.max() - lengths)[:, None] + kept.long().cumsum(1) - 1
-    rows = torch.arange(len(kept))[:, None].expand_as(kept)
-    index = torch.zeros(len(kept), int(lengths.max()), dtype=torch.long)
-    index[rows[kept], target[kept]] = torch.arange(kept.shape[1]).expand_as(kept)[kept]
-    real = torch.zeros_like(index, dtype=torch.bool)
-    real[rows[kept], target[kept]] = True
+    columns = packed_columns(kept)
+    real, index = columns >= 0, columns.clamp_min(0)
     shortened = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
     return (shortened, real.long(), positions(prompts["attention_mask"]).gather(1, index).masked_fill(~real, 0),
             prompts["labels"].gather(1, index).masked_fill(~real, -100))
