@@ -161,14 +161,15 @@ class VLMARRCOC(RelevanceWrapper, nn.Module):
             batches.append(_GridBatch(members, grids, pixels, tokens, query[prompt.image_row[[i for i, _ in members]]]))
         return batches
 
-    def _run(self, batch: _GridBatch) -> RelevanceOutput:
-        return self.relevance(batch.pixels, batch.tokens, (batch.grids[0].height, batch.grids[0].width), batch.query)
+    def _pass(self, pixels: Tensor, tokens: Tensor, query: Tensor) -> RelevanceOutput:
+        """The relevance module on grids of one shape (their grid read off the pixels)."""
+        cell_h, cell_w = self.adapter.cell
+        return self.relevance(pixels, tokens, (pixels.shape[-2] // cell_h, pixels.shape[-1] // cell_w), query)
 
     def grid_logits(self, pixels: Tensor, tokens: Tensor, query: Tensor) -> Tensor:
-        """(G, N) the budget logits of G grids of one shape (their grid read off the pixels): what inference
-        runs, compiled whole where :attr:`graphs` says (no host sync, no data-dependent Python branch)."""
-        cell_h, cell_w = self.adapter.cell
-        return self.relevance(pixels, tokens, (pixels.shape[-2] // cell_h, pixels.shape[-1] // cell_w), query).logits
+        """(G, N) the budget logits of G grids of one shape: what inference runs, compiled whole where
+        :attr:`graphs` says (no host sync, no data-dependent Python branch)."""
+        return self._pass(pixels, tokens, query).logits
 
     def graph_target(self) -> Callable[..., Tensor]:
         return self.grid_logits
@@ -291,7 +292,7 @@ class VLMARRCOC(RelevanceWrapper, nn.Module):
         try:
             with torch.no_grad():  # each rule builds its own graph; under autograd the field would build its Hessian
                 batches = self._grid_batches(prompt, q)
-                outs = [self._run(batch) for batch in batches]
+                outs = [self._pass(b.pixels, b.tokens, b.query) for b in batches]
         finally:
             self.relevance.train(was_training)
         if target is None:
