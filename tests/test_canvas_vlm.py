@@ -23,7 +23,7 @@ from arrcoc.bench.train_vlm import (
     tower_features,
     without_dropped,
 )
-from arrcoc.data.vqa import CORNERS, vqa_split
+from arrcoc.data.vqa import vqa_split
 from arrcoc.models.canvas_vlm import IMAGE_TOKEN, build_canvas_vlm, canvas_prompts, canvas_tokenizer
 
 
@@ -81,7 +81,7 @@ def test_the_tower_heads_ask_each_token_for_its_row_and_column():
     heads = TowerHeads(32, 6, 4, 6)
     patches = torch.eye(16, 32).expand(8, 16, 32)  # token t of a 4 x 4 grid says it is t
     targets = {"digit": torch.full((8, 16), 10), "color": torch.full((8, 16), -1), "centre": torch.zeros(8, 16),
-               "count": torch.zeros(8, 16, dtype=torch.long), "corner": torch.zeros(8, 16, 4)}
+               "count": torch.zeros(8, 16, dtype=torch.long)}
     assert heads.accuracies(patches, targets)["position"] < 50
     optimizer = torch.optim.Adam(heads.parameters(), lr=0.1)
     for _ in range(50):
@@ -101,21 +101,6 @@ def test_patch_targets_mark_each_digits_patches_and_one_centre():
         assert set(targets["digit"][i].unique().tolist()) - {10} <= shown
         assert (targets["digit"][i] == 10).sum() > 100  # most of the canvas is background
         assert torch.equal(targets["digit"][i] == 10, targets["color"][i] == -1)
-
-
-def test_the_corner_targets_mark_the_digit_a_corner_question_asks_for():
-    batch = vqa_split("train", 400, seed=0)
-    targets = patch_targets(batch, 16, 8)
-    asked = [i for i, kind in enumerate(batch.kinds) if kind == "position"]
-    assert len(asked) > 20
-    marked = 0
-    for i in asked:
-        corner = next(k for k, name in enumerate(CORNERS) if f" {name}" in batch.questions[i])
-        flagged = targets["corner"][i, :, corner] > 0
-        marked += int(flagged.any())  # not where no patch centre falls in a thin digit's box (a "1")
-        assert set(targets["digit"][i][flagged].tolist()) <= {int(batch.answers[i])}
-    assert marked > 0.9 * len(asked)
-    assert targets["corner"].sum(-1).gt(0).float().mean() < 0.2  # a few digits' patches, not the canvas
 
 
 def test_training_saves_a_model_transformers_loads_and_arrcoc_attaches_to(tmp_path):

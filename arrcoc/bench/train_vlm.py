@@ -5,12 +5,10 @@ Two stages, both backprop, on VQA canvases of TRAIN source digits (:mod:`arrcoc.
 1. **The tower, per patch.** The canvas ViT's architecture at 128 px (256 patches of 8 px), started from the
    committed canvas ViT (its stem and blocks; the position embedding resampled from 8 x 8 to 16 x 16), learns for
    each patch the digit and colour of the digit whose ink box holds the patch's centre (or background) and whether
-   the box's centre is in it (one patch per digit), its own row and column (so that the tokens keep where they are),
-   whether its digit is the one nearest each corner of the canvas (a large tower's patch tokens carry such relations;
-   reading them off rows and columns was what the language model learned least reliably), and how many digits the
-   canvas holds (on every patch, as a large tower's patch tokens carry the image's gist: without it the language
-   model counts by the share of the sequence that is digit, and any selection that favours digits breaks counting).
-   Without this stage a language model on a small tower
+   the box's centre is in it (one patch per digit), its own row and column (so that the tokens keep where they are,
+   which corner questions read), and how many digits the canvas holds (on every patch, as a large tower's patch
+   tokens carry the image's gist: without it the language model counts by the share of the sequence that is digit,
+   and any selection that favours digits breaks counting). Without this stage a language model on a small tower
    never binds words to digits (the issue's probe: local questions at chance).
 2. **The VQA model.** The tower frozen, its features computed once; the projector (started on them:
    :func:`start_projector`) and a small Llama learn the answer word (cross-entropy on the answer and ``</s>``),
@@ -39,7 +37,7 @@ from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
 from arrcoc.backbones.vlm import packed_columns
 from arrcoc.config import REPO_ROOT, parse_with_config
-from arrcoc.data.vqa import CORNERS, LOCAL_KINDS, VQABatch, VQAConfig, ask, content_words, corner_slots, vqa_split
+from arrcoc.data.vqa import LOCAL_KINDS, VQABatch, VQAConfig, ask, content_words, vqa_split
 from arrcoc.models.canvas_vit import load_canvas_vit
 from arrcoc.models.canvas_vlm import (
     ANSWER,
@@ -83,9 +81,9 @@ class VLMTrainConfig:
     Args:
         canvases: training canvases (drawn once; the questions are redrawn every VQA epoch).
         tower_epochs, tower_batch, tower_lr: the tower's per-patch stage.
-        tower_position_weight, tower_count_weight, tower_corner_weight: the weights of its row and column read-outs'
-            loss, of its count read-out's and of its corner read-outs' against the digit, colour and centre ones' (at
-            weight 1 the count held the digit read-out back: docs/decisions.md, "Sixth session").
+        tower_position_weight, tower_count_weight: the weights of its row and column read-outs' loss and of its
+            count read-out's against the digit, colour and centre ones' (at weight 1 the count held the digit
+            read-out back: docs/decisions.md, "Sixth session").
         vqa_curriculum: the VQA stage's phases, in turn (16 tokens, then 64, then all 256: at 256 the language model
             does not learn to find the asked digit within the budget, at 16 it does, and it keeps that at 256).
         vqa_batch, vqa_weight_decay: the VQA stage (projector and language model).
@@ -103,7 +101,6 @@ class VLMTrainConfig:
     tower_lr: float = 1e-3
     tower_position_weight: float = 0.1
     tower_count_weight: float = 0.2
-    tower_corner_weight: float = 0.5
     vqa_curriculum: tuple[Phase, ...] = (Phase(4, 30, 1e-3), Phase(2, 6, 3e-4, subsets=0.5),
                                          Phase(1, 12, 3e-4, unknown_words=0.3, subsets=0.5))
     vqa_batch: int = 32
@@ -136,33 +133,26 @@ def _step(loss: Tensor, optimizer: torch.optim.Optimizer, schedule: torch.optim.
 
 
 # ---- stage 1: the tower --------------------------------------------------------------------------------
-def patch_targets(batch: VQABatch, grid: int, patch: int, margin: float = VQAConfig.position_margin
-                  ) -> dict[str, Tensor]:
+def patch_targets(batch: VQABatch, grid: int, patch: int) -> dict[str, Tensor]:
     """Per patch (N, grid * grid): ``digit`` and ``color`` of the digit whose ink box holds the patch's centre (the
     one painted last where boxes overlap; 10 and the colour count for none), ``centre``, 1 on the patch holding a
-    box's centre, ``count``, the number of digits on the canvas (the same on every patch), and ``corner`` (N, T, 4),
-    1 where the patch's digit is the one a corner question about that corner asks for (:func:`corner_slots`,
-    ``margin`` as the questions' ``position_margin``)."""
+    box's centre, and ``count``, the number of digits on the canvas (the same on every patch)."""
     centres = (torch.arange(grid).float() + 0.5) * patch
     y, x = torch.meshgrid(centres, centres, indexing="ij")
     x, y = x.flatten(), y.flatten()
     n, slots = batch.present.shape
     digit, color = torch.full((n, grid * grid), 10), torch.full((n, grid * grid), BACKGROUND)
-    owner = torch.full((n, grid * grid), -1)
     centre = torch.zeros(n, grid * grid)
     for slot in range(slots):  # painting order
         box, present = batch.boxes[:, slot], batch.present[:, slot, None]
         inside = (x >= box[:, 0:1]) & (x < box[:, 2:3]) & (y >= box[:, 1:2]) & (y < box[:, 3:4]) & present
         digit = torch.where(inside, batch.digits[:, slot, None], digit)
         color = torch.where(inside, batch.colors[:, slot, None], color)
-        owner = owner.masked_fill(inside, slot)
         middle = ((box[:, :2] + box[:, 2:]) / 2 / patch).long().clamp(0, grid - 1)
         cell = middle[:, 1] * grid + middle[:, 0]
         centre[torch.arange(n)[present[:, 0]], cell[present[:, 0]]] = 1.0
     count = batch.present.sum(1, keepdim=True).expand(n, grid * grid)
-    nearest = corner_slots(batch.boxes, batch.present, grid * patch, margin)
-    corner = ((owner[..., None] == nearest[:, None]) & (owner[..., None] >= 0)).float()
-    return {"digit": digit, "color": color, "centre": centre, "count": count, "corner": corner}
+    return {"digit": digit, "color": color, "centre": centre, "count": count}
 
 
 class TowerHeads(nn.Module):
@@ -170,11 +160,11 @@ class TowerHeads(nn.Module):
     afterwards)."""
 
     def __init__(self, width: int, colors: int, grid: int, slots: int, position_weight: float = 1.0,
-                 count_weight: float = 1.0, corner_weight: float = 1.0):
+                 count_weight: float = 1.0):
         super().__init__()
-        self.position_weight, self.count_weight, self.corner_weight = position_weight, count_weight, corner_weight
+        self.position_weight, self.count_weight = position_weight, count_weight
         self.digit, self.color, self.centre = nn.Linear(width, 11), nn.Linear(width, colors + 1), nn.Linear(width, 1)
-        self.count, self.corner = nn.Linear(width, slots + 1), nn.Linear(width, len(CORNERS))
+        self.count = nn.Linear(width, slots + 1)
         self.row, self.column = nn.Linear(width, grid), nn.Linear(width, grid)
 
     def _where(self, patches: Tensor) -> tuple[Tensor, Tensor]:
@@ -188,8 +178,7 @@ class TowerHeads(nn.Module):
         loss = (F.cross_entropy(self.digit(patches).flatten(0, 1), targets["digit"].flatten())
                 + F.cross_entropy(self.color(patches).flatten(0, 1), targets["color"].remainder(colors).flatten())
                 + F.binary_cross_entropy_with_logits(self.centre(patches).squeeze(-1), targets["centre"])
-                + self.count_weight * F.cross_entropy(self.count(patches).flatten(0, 1), targets["count"].flatten())
-                + self.corner_weight * F.binary_cross_entropy_with_logits(self.corner(patches), targets["corner"]))
+                + self.count_weight * F.cross_entropy(self.count(patches).flatten(0, 1), targets["count"].flatten()))
         row, column = self._where(patches)
         loss = loss + self.position_weight * (F.cross_entropy(self.row(patches).flatten(0, 1), row.flatten())
                                               + F.cross_entropy(self.column(patches).flatten(0, 1), column.flatten()))
@@ -199,8 +188,7 @@ class TowerHeads(nn.Module):
     def accuracies(self, patches: Tensor, targets: dict[str, Tensor]) -> dict[str, float]:
         """Accuracy (%) of the digit read-out on the patches a digit's box holds (``digit``) and on the patch at each
         box's centre (``centre_digit``), of the colour read-out on the digit patches (``color``), of the row and
-        column read-outs together on every patch (``position``), of the count read-out on every patch (``count``) and
-        of the four corner read-outs together on the digit patches (``corner``).
+        column read-outs together on every patch (``position``) and of the count read-out on every patch (``count``).
         """
         right = self.digit(patches).argmax(-1) == targets["digit"]
         on_digit, centre = targets["digit"] < 10, targets["centre"] > 0
@@ -211,9 +199,7 @@ class TowerHeads(nn.Module):
                 "centre_digit": 100 * right[centre].float().mean().item(),
                 "color": 100 * color_right[on_digit].float().mean().item(),
                 "position": 100 * where_right.float().mean().item(),
-                "count": 100 * (self.count(patches).argmax(-1) == targets["count"]).float().mean().item(),
-                "corner": 100 * ((self.corner(patches) > 0) == (targets["corner"] > 0)).all(-1)[on_digit].float()
-                .mean().item()}
+                "count": 100 * (self.count(patches).argmax(-1) == targets["count"]).float().mean().item()}
 
 
 def tower_from_canvas_vit(config: CanvasVisionConfig) -> CanvasVisionModel:
@@ -234,7 +220,7 @@ def train_tower(tower: CanvasVisionModel, train: VQABatch, test: VQABatch, confi
     vision = tower.config
     grid = vision.image_size // vision.patch_size
     heads = TowerHeads(vision.hidden_size, colors, grid, train.present.shape[1], config.tower_position_weight,
-                       config.tower_count_weight, config.tower_corner_weight)
+                       config.tower_count_weight)
     parameters = [*tower.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.tower_lr, weight_decay=config.weight_decay)
     steps = config.tower_epochs * math.ceil(len(train) / config.tower_batch)
@@ -257,7 +243,7 @@ def train_tower(tower: CanvasVisionModel, train: VQABatch, test: VQABatch, confi
         tqdm.write(f"tower epoch {epoch + 1}: loss {loss:.3f}; on {len(test)} test canvases digit right on "
                    f"{shown['test_digit']:.1f}% of digit patches, {shown['test_centre_digit']:.1f}% of box centres; "
                    f"colour {shown['test_color']:.1f}%; row and column {shown['test_position']:.1f}%; count "
-                   f"{shown['test_count']:.1f}%; corners {shown['test_corner']:.1f}% of digit patches")
+                   f"{shown['test_count']:.1f}%")
     return history
 
 

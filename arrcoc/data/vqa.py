@@ -26,8 +26,8 @@ from torch import Tensor
 from .canvas import COLORS, MORE_COLORS, SHIFT_BACKGROUNDS, QueryConfig, Split, canvas_sources, make_query
 from .digits import DigitSplit
 
-__all__ = ["CORNERS", "LOCAL_KINDS", "GLOBAL_KINDS", "VQA_COLORS", "VQABatch", "VQAConfig", "answer_vocabulary",
-           "ask", "content_words", "corner_slots", "make_vqa", "phrasings", "vqa_split", "vqa_words"]
+__all__ = ["LOCAL_KINDS", "GLOBAL_KINDS", "VQA_COLORS", "VQABatch", "VQAConfig", "answer_vocabulary", "ask",
+           "content_words", "make_vqa", "phrasings", "vqa_split", "vqa_words"]
 
 VQA_COLORS = (*COLORS, *MORE_COLORS)
 CORNERS = {"top left": (0.0, 0.0), "top right": (1.0, 0.0), "bottom left": (0.0, 1.0), "bottom right": (1.0, 1.0)}
@@ -144,15 +144,15 @@ def vqa_words(config: VQAConfig = VQAConfig()) -> tuple[str, ...]:
     return tuple(sorted(words))
 
 
-def corner_slots(boxes: Tensor, present: Tensor, size: int, margin: float) -> Tensor:
-    """(N, 4) for each corner of :data:`CORNERS` in turn, the slot of the digit nearest it (by its ink box's centre)
-    if that digit is ``margin`` px nearer than the next one, else -1; ``boxes`` (N, S, 4), ``present`` (N, S)."""
-    centre = (boxes[..., :2] + boxes[..., 2:]) / 2
-    corners = torch.tensor(list(CORNERS.values())) * size
-    distance = (centre[:, None] - corners[None, :, None]).norm(dim=-1).masked_fill(~present[:, None], float("inf"))
-    nearest = distance.topk(2, dim=-1, largest=False)
-    clear = (present.sum(-1, keepdim=True) >= 2) & (nearest.values[..., 1] - nearest.values[..., 0] >= margin)
-    return nearest.indices[..., 0].masked_fill(~clear, -1)
+def _corner_digit(boxes: Tensor, present: Tensor, corner: str, size: int, margin: float) -> int | None:
+    """The slot of the digit nearest ``corner`` (by its ink box's centre), if it is ``margin`` px nearer than the
+    next one."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    distance = (centre - torch.tensor(CORNERS[corner]) * size).norm(dim=-1).masked_fill(~present, float("inf"))
+    nearest = distance.topk(2, largest=False)
+    if not bool(present.sum() >= 2 and nearest.values[1] - nearest.values[0] >= margin):
+        return None
+    return int(nearest.indices[0])
 
 
 def _question(present: Tensor, digits: Tensor, colors: Tensor, boxes: Tensor, config: VQAConfig,
@@ -162,8 +162,8 @@ def _question(present: Tensor, digits: Tensor, colors: Tensor, boxes: Tensor, co
     slots = present.nonzero()[:, 0].tolist()
     unique_colors = [s for s in slots if int((colors[present] == colors[s]).sum()) == 1]
     unique_digits = [s for s in slots if int((digits[present] == digits[s]).sum()) == 1]
-    nearest = corner_slots(boxes[None], present[None], config.canvas.size, config.position_margin)[0].tolist()
-    corners = {c: slot for c, slot in zip(CORNERS, nearest) if slot >= 0}
+    corners = {c: slot for c in CORNERS
+               if (slot := _corner_digit(boxes, present, c, config.canvas.size, config.position_margin)) is not None}
     draw = torch.rand(4, generator=generator).tolist()
     local = draw[0] < config.local_share
     kinds = [k for k, ok in zip(LOCAL_KINDS, (unique_colors, corners, unique_digits)) if ok] if local else list(
