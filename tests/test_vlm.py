@@ -159,6 +159,14 @@ def test_compiled_scoring_allocates_what_eager_scoring_does():
     torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-5, rtol=0)
     with torch.enable_grad():
         assert not wrapped.graphs_wanted(eager.logits[0])
+    wrapped.budget = 0.5  # an input of the compiled graph, not a constant of it: no new compile for a new budget
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = wrapped.allocate(**inputs)
+    assert wrapped.graphed.failure is None
+    wrapped.graphs = False
+    eager = wrapped.allocate(**inputs)
+    assert all(torch.equal(a, b) for a, b in zip(eager.keep, compiled.keep))
+    torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-5, rtol=0)
 
 
 def test_llava_full_strategy_keeps_the_cls_token_and_scores_the_patches():

@@ -64,7 +64,7 @@ class FieldTerms(NamedTuple):
     drive: Tensor  # (B, N) h
     lateral: Tensor  # (N, N) L, symmetric
     competition: Tensor  # gamma / N
-    tokens: float  # the budget K, in patches
+    tokens: Tensor  # the budget K, in patches
 
 
 class RelevanceField(nn.Module):
@@ -72,7 +72,11 @@ class RelevanceField(nn.Module):
 
     def __init__(self, query_dim: int, budget: float, adaptive_balance: bool = True):
         super().__init__()
-        self.query_dim, self.budget = query_dim, budget  # a fraction of the patches, or a count if > 1
+        self.query_dim = query_dim
+        # the budget as a tensor (a share of the patches, a count), so that a compiled forward reads it instead of
+        # compiling a graph for each budget; not saved: the config holds the budget
+        self.register_buffer("budget_terms", torch.zeros(2), persistent=False)
+        self.budget = budget
         self.evidence_weight = nn.Parameter(torch.ones(EVIDENCE))
         self.evidence_bias = nn.Parameter(torch.zeros(()))
         # the lateral difference of Gaussians: amplitudes and log widths (in patches) of centre and surround
@@ -112,9 +116,20 @@ class RelevanceField(nn.Module):
         surround = torch.exp(distance2 * (-0.5 * torch.exp(-2 * self.inhibition_width)))
         return self.excitation * centre - self.inhibition * surround
 
-    def tokens(self, patches: int) -> float:
-        """The budget K, in patches."""
-        return self.budget * patches if self.budget <= 1 else self.budget
+    @property
+    def budget(self) -> float:
+        """A fraction of the patches in (0, 1], or a count if > 1."""
+        return self._budget
+
+    @budget.setter
+    def budget(self, budget: float) -> None:
+        self._budget = budget
+        with torch.no_grad():  # in place: a compiled or graph-captured forward reads the new values
+            self.budget_terms.copy_(torch.tensor([budget, 0.0] if budget <= 1 else [0.0, budget]))
+
+    def tokens(self, patches: int) -> Tensor:
+        """The budget K, in patches (a 0-d tensor)."""
+        return self.budget_terms[0] * patches + self.budget_terms[1]
 
     def terms(self, x: Tensor) -> FieldTerms:
         """The parts of the energy that depend on ``x`` (as :meth:`pack` made it) and the parameters alone, not on
@@ -144,7 +159,7 @@ class RelevanceField(nn.Module):
         drive = self.drive(evidence, allocation, query)
         competition = F.softplus(self.competition) / n
         # the budget's competition as part of the coupling: h + L rho - gamma/N (sum rho - K) = h' + L' rho
-        biased, coupling = torch.add(drive, competition, alpha=self.tokens(n)), self.lateral(distance2) - competition
+        biased, coupling = torch.addcmul(drive, competition, self.tokens(n)), self.lateral(distance2) - competition
         r = drive
         for _ in range(steps):
             r = torch.lerp(r, torch.addmm(biased, torch.sigmoid(r), coupling), step_size)
