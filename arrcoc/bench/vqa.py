@@ -76,9 +76,8 @@ class VQABenchSettings:
         timing_batches, timing_repeats: prefill timing.
         chunk: prompts per forward when measuring accuracy.
         compiled: ARR-COC's prefill timed with its scoring compiled whole (``graphs=True``, its inference path on a
-            GPU; each budget and batch size compiles once, tens of seconds here); its accuracy is measured eager (the
-            same tokens kept: tests/test_vlm.py), as compiling every seed's module at every budget would take longer
-            than the benchmark.
+            GPU; each batch size compiles once, tens of seconds here); its accuracy is measured eager (the same
+            tokens kept: tests/test_vlm.py), which spares compiling every seed's module.
     """
 
     budgets: tuple[int, ...] = (64, 32, 16, 8)
