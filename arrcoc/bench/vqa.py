@@ -358,11 +358,10 @@ def timing(model: Any, tokenizer: Any, test: VQABatch, wrapped: VLMARRCOC, setti
 
 def _timing_at(model: Any, tokenizer: Any, batch: VQABatch, wrapped: VLMARRCOC, settings: VQABenchSettings
                ) -> dict[str, dict[str, float]]:
-    result = {}
+    result, inputs = {}, prompt_inputs(tokenizer, batch)
     for budget in settings.budgets:
         methods = {"full": _full(model), **methods_at(model, budget), "ARR-COC": _arrcoc(wrapped, budget)}
         methods.pop("oracle")
-        inputs = prompt_inputs(tokenizer, batch)
         for method in methods.values():  # a warm-up call each: ARR-COC compiles here
             method(inputs, batch, 0)
         result[str(budget)] = prefill_times(methods, tokenizer, batch, settings.timing_repeats)
