@@ -228,3 +228,10 @@ def test_assigning_model_budget_applies_it_or_raises_and_changes_nothing():
     with pytest.raises(ValueError, match=r"\[1, 16\]"):
         model.budget = 17
         model(images)  # a count beyond the grid: refused when the grid is known
+    model.budget = 3
+    config = model.config
+    model.budget = 3  # the same budget again (a caller may set it before every call): nothing is rebuilt
+    assert model.config is config
+    model.budget = 1.0  # a ratio, not the count 1 or 3: every token
+    assert model.config.budget == 1.0 and isinstance(model.config.budget, float)
+    assert model.relevance_map(images).kept.shape == (2, 16)

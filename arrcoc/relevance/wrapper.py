@@ -149,6 +149,8 @@ class RelevanceWrapper:
         Returns:
             The wrapper itself, so that ``model.set_budget(0.5)(images)`` reads as one call.
         """
+        if type(budget) is type(self.config.budget) and budget == self.config.budget:
+            return self  # unchanged: no config to rebuild (a caller may set it before every call)
         self.config = dataclasses.replace(self.config, budget=budget)  # validates
         self.relevance.config = self.config
         self.relevance.field.budget = budget
