@@ -197,7 +197,10 @@ def markdown(results: dict[str, Any], figures: list[str]) -> str:
              f"`{meta['command']}` at commit `{meta.get('commit')}`, {meta['threads']} threads on {meta['cpu']}, "
              f"{meta['wall_seconds'] / 60:.0f} min. Test canvases: {meta['settings']['test_canvases']} (held-out "
              f"phrasings, TEST digits); ARR-COC over {meta['settings']['seeds']} seeds (mean ± 95% interval), "
-             f"its scoring {scoring}; every baseline's selection eager.", "",
+             f"its scoring {scoring}; every baseline's selection eager. ARR-COC learns from "
+             f"{meta['settings']['train_canvases']} training prompts (TRAIN digits) towards the label-free "
+             f"perturbation target (computed once: {results['arrcoc']['target_seconds'] / 60:.0f} min; then "
+             f"{_mean(results['arrcoc']['train_seconds']):.0f} s of local rules per seed).", "",
              f"All 256 visual tokens: local {full['local']:.1f}, global {full['global']:.1f}, all {full['all']:.1f}. "
              f"All but the patches of the digits the answer depends on: local {removed['local']:.1f} (the answers are "
              "read off those digits: near chance without them).", "",
