@@ -105,7 +105,7 @@ def arrcoc_config(budget: int) -> VLMConfig:
     """ARR-COC on the canvas VLM: the query task's design (the question singles out patches within each image:
     contrastive-Hebbian participatory coupling over the image's patches; the canvas benchmark's step sizes), taught
     by the VLM's label-free perturbation target. Its field relaxes 10 steps at inference, not 40: the same accuracy
-    here, a quarter of the relaxation's share of batch-1 prefill (docs/decisions.md, "Ninth session")."""
+    here, a quarter of the relaxation's operators in each prefill (docs/decisions.md, "Ninth session")."""
     relevance = RelevanceConfig(budget=budget, target="perturbation", participatory_contrast="patches",
                                 rules={"participatory": {"name": "contrastive-hebbian"}},
                                 optimizer={"name": "adam", "lr": 3e-3, "subnetwork_lr": {"field": 0.03}},
