@@ -290,10 +290,10 @@ def adapt_online(wrapped: VLMARRCOC, tokenizer: Any, stream: VQABatch, test: VQA
     return {"frozen": frozen, "adapted": adapted, "seconds_per_image": seconds / len(stream)}
 
 
-def prefill_times(methods: dict[str, Method], tokenizer: Any, batch: VQABatch, repeats: int) -> dict[str, float]:
-    """Median over ``repeats`` of each method's prefill time on ``batch`` as a ratio to the full model's in the same
-    repeat (the methods in a new random order each repeat: this machine's speed drifts)."""
-    inputs = prompt_inputs(tokenizer, batch)
+def prefill_times(methods: dict[str, Method], inputs: dict[str, Any], batch: VQABatch, repeats: int
+                  ) -> dict[str, float]:
+    """Median over ``repeats`` of each method's prefill time on ``batch`` (its model ``inputs``) as a ratio to the full
+    model's in the same repeat (the methods in a new random order each repeat: this machine's speed drifts)."""
     ratios: dict[str, list[float]] = {name: [] for name in methods}
     order = random.Random(0)
     for _ in range(repeats):
@@ -367,9 +367,9 @@ def _timing_at(model: Any, tokenizer: Any, batch: VQABatch, wrapped: VLMARRCOC, 
         methods.pop("oracle")
         for method in methods.values():  # a warm-up call each: ARR-COC compiles here
             method(inputs, batch, 0)
-        result[str(budget)] = prefill_times(methods, tokenizer, batch, settings.timing_repeats)
+        result[str(budget)] = prefill_times(methods, inputs, batch, settings.timing_repeats)
     pyramid = {"full": _full(model), "pyramiddrop": pyramid_method(model)}
-    result["pyramiddrop"] = prefill_times(pyramid, tokenizer, batch, settings.timing_repeats)
+    result["pyramiddrop"] = prefill_times(pyramid, inputs, batch, settings.timing_repeats)
     return result
 
 
