@@ -169,6 +169,25 @@ def test_compiled_scoring_allocates_what_eager_scoring_does():
     torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-5, rtol=0)
 
 
+def test_the_scoring_pools_the_prompts_query_itself(monkeypatch):
+    """The prompt's query is pooled inside the scoring (inside its compiled graph: a few operators fewer per prefill
+    outside it), and it is the same query ``prompt_query`` gives."""
+    model, inputs = family_case("llava")
+    wrapped = arrcoc.attach_vlm(model, budget=0.25)
+    prompt = wrapped.adapter.encode(inputs)
+    explicit = wrapped.allocate(query=wrapped.prompt_query(prompt, None), **inputs)
+
+    def refuse(_prompt):
+        raise AssertionError("the query was pooled outside the scoring")
+
+    monkeypatch.setattr(wrapped.adapter, "text_embedding", refuse)
+    for graphs in (False, True):
+        wrapped.graphs = graphs
+        pooled = wrapped.allocate(**inputs)
+        assert all(torch.equal(a, b) for a, b in zip(explicit.keep, pooled.keep))
+        torch.testing.assert_close(pooled.logits, explicit.logits, atol=1e-5, rtol=0)
+
+
 def test_llava_full_strategy_keeps_the_cls_token_and_scores_the_patches():
     model, inputs = family_case("llava", vision_feature_select_strategy="full")
     allocation = arrcoc.attach_vlm(model, budget=0.25).allocate(**inputs)

@@ -257,9 +257,14 @@ class VLMAdapter:
     def text_embedding(self, prompt: EncodedPrompt) -> Tensor:
         """(B, D) the language model's input embeddings of each prompt's text tokens (not padding, not image
         placeholders), averaged."""
-        text = (prompt.attention_mask == 1) & (prompt.input_ids != self.image_token_id)
+        return self.pooled_text(prompt.input_ids, prompt.attention_mask)
+
+    def pooled_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """:meth:`text_embedding` of the prompts' ``input_ids`` and ``attention_mask``: tensor operations only, so
+        that a compiled scoring pools its query inside its own graph."""
+        text = (attention_mask == 1) & (input_ids != self.image_token_id)
         with torch.no_grad():
-            embedded = self.model.get_input_embeddings()(prompt.input_ids).float()
+            embedded = self.model.get_input_embeddings()(input_ids).float()
         weights = text.float()
         return torch.einsum("bl,bld->bd", weights, embedded) / weights.sum(1, keepdim=True).clamp_min(1)
 

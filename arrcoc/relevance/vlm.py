@@ -80,13 +80,13 @@ class VLMAllocation:
 
 @dataclass
 class _GridBatch:
-    """The grids of one shape, stacked: which (image, grid) each row is, the pixels and tokens, each row's query."""
+    """The grids of one shape, stacked: which (image, grid) each row is, the pixels and tokens, each row's prompt."""
 
     members: list[tuple[int, int]]
     grids: list[TokenGrid]
     pixels: Tensor
     tokens: Tensor
-    query: Tensor
+    rows: Tensor
 
 
 class VLMARRCOC(RelevanceWrapper, nn.Module):
@@ -140,14 +140,20 @@ class VLMARRCOC(RelevanceWrapper, nn.Module):
     def prompt_query(self, prompt: EncodedPrompt, query: QueryInput) -> Tensor:
         """(B, query_dim) one query per prompt: the prompt's own pooled text embedding unless ``query`` is given
         (embeddings, or sentences with a text encoder)."""
+        given = self.given_query(prompt, query)
+        return self.adapter.text_embedding(prompt) if given is None else given
+
+    def given_query(self, prompt: EncodedPrompt, query: QueryInput) -> Tensor | None:
+        """(B, query_dim) the query embeddings ``query`` gives (validated), or None where the prompt's own pooled
+        text embedding is the query (the scoring pools it: inside its graph where compiled)."""
         if query is None:
             if self.text_encoder is not None:
                 raise ValueError("with a text_encoder, pass the query sentences: query=[...] (one per prompt)")
-            return self.adapter.text_embedding(prompt)
+            return None
         return self.encode_query(query, prompt.batch_size).float()
 
     # ---- relevance ------------------------------------------------------------------------------
-    def _grid_batches(self, prompt: EncodedPrompt, query: Tensor) -> list[_GridBatch]:
+    def _grid_batches(self, prompt: EncodedPrompt) -> list[_GridBatch]:
         """Every image's grids, stacked by shape (one relevance pass per shape)."""
         by_shape: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for image, grids in enumerate(prompt.grids):
@@ -158,7 +164,7 @@ class VLMARRCOC(RelevanceWrapper, nn.Module):
             grids = [prompt.grids[i][t] for i, t in members]
             tokens = torch.stack([prompt.features[i][g.index] for (i, _), g in zip(members, grids)]).float()
             pixels = torch.stack([g.pixels for g in grids]).float()
-            batches.append(_GridBatch(members, grids, pixels, tokens, query[prompt.image_row[[i for i, _ in members]]]))
+            batches.append(_GridBatch(members, grids, pixels, tokens, prompt.image_row[[i for i, _ in members]]))
         return batches
 
     def _pass(self, pixels: Tensor, tokens: Tensor, query: Tensor) -> RelevanceOutput:
@@ -166,20 +172,24 @@ class VLMARRCOC(RelevanceWrapper, nn.Module):
         cell_h, cell_w = self.adapter.cell
         return self.relevance(pixels, tokens, (pixels.shape[-2] // cell_h, pixels.shape[-1] // cell_w), query)
 
-    def grid_logits(self, pixels: Tensor, tokens: Tensor, query: Tensor) -> Tensor:
-        """(G, N) the budget logits of G grids of one shape: what inference runs, compiled whole where
-        :attr:`graphs` says (no host sync, no data-dependent Python branch)."""
-        return self._pass(pixels, tokens, query).logits
+    def grid_logits(self, pixels: Tensor, tokens: Tensor, rows: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                    query: Tensor | None) -> Tensor:
+        """(G, N) the budget logits of G grids of one shape, ``rows`` their prompts: what inference runs, compiled
+        whole where :attr:`graphs` says (no host sync, no data-dependent Python branch). The query is ``query``
+        (B, query_dim), or if None each prompt's own pooled text (of ``input_ids``, ``attention_mask``)."""
+        if query is None:
+            query = self.adapter.pooled_text(input_ids, attention_mask)
+        return self._pass(pixels, tokens, query[rows]).logits
 
     def graph_target(self) -> Callable[..., Tensor]:
         return self.grid_logits
 
-    def _allocation(self, prompt: EncodedPrompt, batches: list[_GridBatch]) -> VLMAllocation:
+    def _allocation(self, prompt: EncodedPrompt, batches: list[_GridBatch], query: Tensor | None) -> VLMAllocation:
         logits = [torch.full((prompt.num_tokens(i),), float("inf"), device=prompt.input_ids.device)
                   for i in range(prompt.num_images)]
         for batch in batches:
             run = self.graphed.run if self.graphs_wanted(batch.tokens) else self.grid_logits
-            scored_logits = run(batch.pixels, batch.tokens, batch.query)
+            scored_logits = run(batch.pixels, batch.tokens, batch.rows, prompt.input_ids, prompt.attention_mask, query)
             for row, ((image, _), grid) in enumerate(zip(batch.members, batch.grids)):
                 logits[image][grid.index] = scored_logits[row].to(logits[image].device)
         keep = []
@@ -196,7 +206,7 @@ class VLMARRCOC(RelevanceWrapper, nn.Module):
     def allocate(self, query: QueryInput = None, **inputs: Any) -> VLMAllocation:
         """Which visual tokens of each image the language model gets, for these processor outputs."""
         prompt = self.adapter.encode(inputs)
-        return self._allocation(prompt, self._grid_batches(prompt, self.prompt_query(prompt, query)))
+        return self._allocation(prompt, self._grid_batches(prompt), self.given_query(prompt, query))
 
     # ---- the model ------------------------------------------------------------------------------
     def forward(self, query: QueryInput = None, **kwargs: Any) -> Any:
@@ -221,10 +231,10 @@ class VLMARRCOC(RelevanceWrapper, nn.Module):
     @torch.no_grad()
     def kept_tokens(self, prompt: EncodedPrompt, query: QueryInput = None) -> list[Tensor] | None:
         """Per image of an encoded prompt, the visual tokens the language model gets (None: all of them)."""
-        q = self.prompt_query(prompt, query)  # validated even when every token is kept
+        given = self.given_query(prompt, query)  # validated even when every token is kept
         if all(self.keeps_all(prompt.num_tokens(i)) for i in range(prompt.num_images)):
             return None  # the identity: every visual token, the model's own computation
-        return self._allocation(prompt, self._grid_batches(prompt, q)).keep
+        return self._allocation(prompt, self._grid_batches(prompt), given).keep
 
     # ---- learning -------------------------------------------------------------------------------
     def _answer_score(self, prompt: EncodedPrompt, keep: Sequence[Tensor] | None) -> Tensor:
@@ -291,8 +301,8 @@ class VLMARRCOC(RelevanceWrapper, nn.Module):
         self.relevance.train()  # feature statistics follow the training stream
         try:
             with torch.no_grad():  # each rule builds its own graph; under autograd the field would build its Hessian
-                batches = self._grid_batches(prompt, q)
-                outs = [self._pass(b.pixels, b.tokens, b.query) for b in batches]
+                batches = self._grid_batches(prompt)
+                outs = [self._pass(b.pixels, b.tokens, q[b.rows]) for b in batches]
         finally:
             self.relevance.train(was_training)
         if target is None:
