@@ -223,7 +223,8 @@ def _adaptation_lines(adapted: dict[str, Any]) -> list[str]:
     runs = ", ".join(f"{r['frozen']['all']:.1f} -> {r['adapted']['all']:.1f}" for r in adapted["seeds"])
     return ["## Online adaptation on the shift split", "",
             f"At {adapted['budget']}/256, {adapted['stream']} shift canvases as a stream (label-free perturbation "
-            f"target, Adam {adapted['lr']}), then {adapted['held_out']} others: all tokens "
+            f"target, Adam {adapted['lr']}, the features' statistics {adapted.get('feature_statistics', 'kept')}), "
+            f"then {adapted['held_out']} others: all tokens "
             f"{adapted['full']['all']:.1f};"
             f" per seed frozen -> adapted {runs}; share of the label-free ceiling "
             f"{', '.join('–' if s is None else f'{s:.0%}' for s in shares)}; "
