@@ -3,6 +3,7 @@ VLM trained on the spot), and its parts measure what they say."""
 
 import json
 
+import pytest
 import torch
 
 from arrcoc.bench import vqa, vqa_report
@@ -66,3 +67,8 @@ def test_a_global_target_against_a_baseline_that_counts_at_chance_gets_no_verdic
     results["methods"]["random"]["8"] = entry(49.0, vqa_report.COUNT_CHANCE + 1)
     passed, text = vqa_report._global_target(results, "8")
     assert passed is None and "random answers count questions at chance" in text
+
+
+def test_timing_repeats_name_one_count_per_timing_batch_size():
+    with pytest.raises(ValueError, match=r"timing_repeats gives the repeats of each timing batch size: 2 sizes"):
+        vqa.VQABenchSettings(timing_repeats=(15,))

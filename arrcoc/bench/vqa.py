@@ -97,6 +97,11 @@ class VQABenchSettings:
     compiled: bool = True
     threads: int = 2
 
+    def __post_init__(self) -> None:
+        if len(self.timing_repeats) != len(self.timing_batches):
+            raise ValueError(f"timing_repeats gives the repeats of each timing batch size: {len(self.timing_batches)} "
+                             f"sizes {self.timing_batches}, got {len(self.timing_repeats)} ({self.timing_repeats})")
+
 
 QUICK = VQABenchSettings(budgets=(16, 8), test_canvases=12, seeds=2, train_canvases=8, epochs=1, learn_batch=4,
                          shift_stream=4, shift_test=6, timing_repeats=(1, 1), chunk=6, compiled=False)
@@ -285,7 +290,7 @@ def adapt_online(wrapped: VLMARRCOC, tokenizer: Any, stream: VQABatch, test: VQA
     method = _arrcoc(wrapped, settings.arrcoc_budget)
     frozen = evaluate(method, tokenizer, test, 0, settings.chunk)["accuracy"]
     saved = {k: v.clone() for k, v in wrapped.state_dict().items()}
-    wrapped.relevance.feature_norm.reset_running_stats()  # learn() passes in training mode: they gather the stream's
+    wrapped.relevance.feature_norm.reset_running_stats()  # learn()'s passes (training mode) gather the stream's
     optimizer = torch.optim.Adam(wrapped.relevance.parameters(), lr=ADAPTATION["lr"])
     start = time.perf_counter()
     for first in range(0, len(stream), settings.learn_batch):
