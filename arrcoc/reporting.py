@@ -100,8 +100,9 @@ def save_results(out: Path, name: str, data: dict[str, Any], markdown: str) -> P
 
 
 def verdict(passed: bool | None) -> str:
-    """A target's verdict in a report: **PASS**, **FAIL**, or not measured (None)."""
-    return "not measured" if passed is None else ("**PASS**" if passed else "**FAIL**")
+    """A target's verdict in a report: **PASS**, **FAIL**, or **NO VERDICT** (None: not measured, or the numbers
+    cannot decide it; the target's text says which)."""
+    return "**NO VERDICT**" if passed is None else ("**PASS**" if passed else "**FAIL**")
 
 
 def target_lines(targets: list[tuple[bool | None, str]]) -> list[str]:
